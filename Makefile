@@ -1,0 +1,40 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each builds .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf outbox
+	$(BIN)/smartmail send examples/recipients.csv \
+		--template examples/welcome.txt \
+		--transport file://outbox --yes
+	@echo "The messages are in ./outbox (one .eml each)."
+
+lint: $(STAMP)
+	$(BIN)/ruff check smartmail tests benchmarks
+	$(BIN)/ruff format --check smartmail tests benchmarks
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint pytest
+
+docs: $(STAMP)
+	$(BIN)/python -m smartmail.docs > docs/cli.md
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_smtp.py
+	$(BIN)/python benchmarks/bench_dryrun.py
+
+clean:
+	rm -rf $(VENV) outbox .pytest_cache .mypy_cache .ruff_cache

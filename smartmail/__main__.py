@@ -1,0 +1,5 @@
+"""`python -m smartmail` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,413 @@
+"""The command line: parses options, calls the library, turns errors into one line and an exit code.
+
+Nothing else in smartmail imports Click. Exit codes: 0 all sent, 1 some rows failed,
+2 usage or pre-flight error, 3 campaign locked by another run, 4 run stopped by the provider
+(quota, paused account), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .engine import (
+    ON_DUPLICATE,
+    ON_INVALID,
+    ON_MALFORMED,
+    PreflightResult,
+    SendOptions,
+    default_campaign_id,
+    dry_run_summary,
+    preflight,
+    send_campaign,
+)
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_STOPPED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    ConfigError,
+    SmartmailError,
+)
+from .progress import LogProgress, NullProgress, ProgressDisplay, RichProgress
+from .ratelimit import Limiter, TokenBucket, Unlimited
+from .report import Summary
+from .retry import RetryPolicy
+from .sources import RecipientSource, SourceSpec
+from .templates import MessageTemplate
+from .transports import Transport, TransportOptions, get_transport
+
+F = TypeVar("F", bound=Callable[..., Any])
+PASSWORD_ENV = "SMARTMAIL_SMTP_PASSWORD"
+DEBUG_ENV = "SMARTMAIL_DEBUG"
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def common_options(func: F) -> F:
+    """Options shared by `send` and `dry-run`: what to read, how to render, how to judge rows."""
+    options = [
+        click.argument("source", required=False),
+        click.option("--bucket", help="S3 bucket of the recipients CSV (with --key)."),
+        click.option("--key", help="S3 key of the recipients CSV (with --bucket)."),
+        click.option(
+            "-t", "--template", "template_path", required=True,
+            type=click.Path(dir_okay=False), help="Message template: header block, blank line, body.",
+        ),
+        click.option(
+            "--html-template", type=click.Path(dir_okay=False),
+            help="HTML part. Default: the template's name with .html, when that file exists.",
+        ),
+        click.option(
+            "--transport", "transport_url", envvar="SMARTMAIL_TRANSPORT", show_envvar=True,
+            help="smtp://HOST:PORT, file://DIR, ses://REGION or ses+smtp://REGION.",
+        ),
+        click.option("--encoding", default="utf-8-sig", show_default=True,
+                     help="CSV encoding (UTF-8 with or without BOM by default)."),
+        click.option("--delimiter", help="CSV delimiter. Default: sniffed from the header (, ; tab)."),
+        click.option("--to-column", default="email", show_default=True,
+                     help="Column holding the recipient address (case-insensitive)."),
+        click.option("--on-invalid", type=click.Choice(ON_INVALID), default="skip", show_default=True,
+                     help="A row with a bad address or header injection: skip it, or abort."),
+        click.option("--on-malformed", type=click.Choice(ON_MALFORMED), default="abort",
+                     show_default=True, help="A ragged row (wrong number of fields): abort, or skip."),
+        click.option("--on-duplicate", type=click.Choice(ON_DUPLICATE), default="once",
+                     show_default=True, help="A recipient in several rows: send once, to all, or abort."),
+        click.option("--campaign", help="Campaign name. Default: derived from the source and template."),
+        click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+                     help="Message tag (SES); may be repeated."),
+        click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def transport_options(func: F) -> F:
+    options = [
+        click.option("--smtp-security", type=click.Choice(["starttls", "tls", "none"]),
+                     default="starttls", show_default=True, help="How to secure SMTP."),
+        click.option("--smtp-user", envvar="SMARTMAIL_SMTP_USER", show_envvar=True,
+                     help=f"SMTP login; the password is read from ${PASSWORD_ENV}."),
+        click.option("--smtp-ca-file", type=click.Path(dir_okay=False, exists=True),
+                     help="CA bundle to verify the server's certificate (default: system store)."),
+        click.option("--timeout", type=float, default=30.0, show_default=True,
+                     help="Seconds before a network operation counts as failed."),
+        click.option("--messages-per-connection", type=int, default=1000, show_default=True,
+                     help="Reopen an SMTP connection after this many messages."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="smartmail")
+def cli() -> None:
+    """Personalised bulk email from a CSV, through SMTP, Amazon SES or a local outbox.
+
+    Start with `smartmail dry-run`, then `smartmail send`.
+    """
+
+
+@cli.command("dry-run")
+@common_options
+@transport_options
+@click.option("--preview", type=int, default=1, show_default=True,
+              help="Show the first N messages as they would be sent.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Also write the summary as JSON to this file.")
+def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
+    """Validate and render every row and show previews; send nothing.
+
+    Exits 0 only if every row is valid.
+    """
+    setup_logging(kw["debug"])
+    source, template, options = _prepare(kw, preview=preview)
+    transport = _transport(kw) if kw["transport_url"] else None
+    allow_utf8 = transport.allow_utf8_local if transport else True
+    checked = preflight(source, template, options, allow_utf8_local=allow_utf8)
+    for message in checked.previews:
+        out_console.rule(f"row {message.row.number}: to {', '.join(message.recipients)}")
+        click.echo(message.data.decode("utf-8", "replace").replace("\r\n", "\n"))
+    out_console.rule()
+    _print_problems(checked)
+    summary = dry_run_summary(checked, options, transport.url if transport else "(none)")
+    _finish_summary(summary, report_path)
+    if not checked.clean:
+        raise SystemExit(EXIT_USAGE)
+
+
+@cli.command("send")
+@common_options
+@transport_options
+@click.option("--workers", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Parallel senders, each with its own connection.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="Messages per second across all workers. Default: the transport's (none for SMTP).")
+@click.option("--burst", type=click.IntRange(1), default=1, show_default=True,
+              help="Sends allowed at once above the steady rate.")
+@click.option("--max-retries", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="Retries of a transient failure (4xx, drop, timeout), with exponential backoff.")
+@click.option("--retry-wait", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="First backoff wait in seconds; doubles each retry, up to 30 s, plus jitter.")
+@click.option("--limit", type=click.IntRange(0), help="Send only the first N sendable rows.")
+@click.option("--test-to", metavar="ADDRESS",
+              help="Send the first N (--limit, default 1) messages to ADDRESS instead; a proof.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Also write the summary as JSON to this file.")
+@click.option("--failed-csv", type=click.Path(dir_okay=False),
+              help="Where to write failed and unsent rows for re-sending. "
+                   "Default: SOURCE-NAME.failed.csv in the current folder.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "live", "log", "none"]),
+              default="auto", show_default=True,
+              help="Live display on a terminal, log lines elsewhere (auto).")
+@click.option("--log-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds between progress lines in log mode.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+def send_cmd(**kw: Any) -> None:
+    """Validate every row, then send one message per row.
+
+    Nothing is sent if pre-flight validation finds a problem that stops the run.
+    """
+    setup_logging(kw["debug"])
+    source, template, options = _prepare(kw, preview=0)
+    options.workers = kw["workers"]
+    options.limit = kw["limit"]
+    options.test_to = kw["test_to"]
+    options.check()
+    options.failed_csv = Path(kw["failed_csv"] or _default_failed_csv(source))
+    transport = _transport(kw)
+    checked = preflight(source, template, options, allow_utf8_local=transport.allow_utf8_local)
+    _print_problems(checked)
+    if not checked.ok:
+        transport.close()
+        from .errors import PreflightError
+
+        raise PreflightError(checked.fatal, checked.fatal_count)
+    _confirm(kw["yes"], checked, options, transport)
+    limiter = _limiter(kw["rate"], kw["burst"], transport)
+    stop = threading.Event()
+    received: list[int] = []
+    retry = RetryPolicy(max_retries=kw["max_retries"], initial=kw["retry_wait"], sleep=stop.wait)
+    with _signals(stop, received):
+        summary = send_campaign(
+            source,
+            template,
+            transport,
+            options=options,
+            limiter=limiter,
+            retry=retry,
+            progress=_progress(kw["progress_mode"], kw["log_interval"]),
+            stop=stop,
+            checked=checked,
+        )
+    _finish_summary(summary, kw["report_path"])
+    raise SystemExit(_exit_code(summary, received))
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _prepare(kw: dict[str, Any], *, preview: int) -> tuple[RecipientSource, MessageTemplate, SendOptions]:
+    location = _source_location(kw["source"], kw["bucket"], kw["key"])
+    spec = SourceSpec(
+        location=location,
+        encoding=kw["encoding"],
+        delimiter=_delimiter(kw["delimiter"]),
+        to_column=kw["to_column"],
+    )
+    source = RecipientSource(spec)
+    template = MessageTemplate.load(kw["template_path"], html_path=kw["html_template"])
+    campaign = kw["campaign"] or default_campaign_id(location, template.source_text)
+    tags = _tags(kw["tags"])
+    tags.setdefault("campaign", campaign)
+    options = SendOptions(
+        on_invalid=kw["on_invalid"],
+        on_malformed=kw["on_malformed"],
+        on_duplicate=kw["on_duplicate"],
+        preview=preview,
+        campaign=campaign,
+        tags=tags,
+    )
+    return source, template, options
+
+
+def _source_location(source: str | None, bucket: str | None, key: str | None) -> str:
+    if bucket or key:
+        if source:
+            raise ConfigError("give the recipients either as SOURCE or as --bucket/--key, not both")
+        if not (bucket and key):
+            raise ConfigError("--bucket and --key go together")
+        return f"s3://{bucket}/{key}"
+    if not source:
+        raise ConfigError("no recipients: give a CSV path, s3://bucket/key, or --bucket and --key")
+    return source
+
+
+def _delimiter(value: str | None) -> str | None:
+    if value in ("\\t", "tab", "TAB"):
+        return "\t"
+    return value
+
+
+def _tags(pairs: tuple[str, ...]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--tag {pair!r}: expected KEY=VALUE")
+        tags[key] = value
+    return tags
+
+
+def _transport(kw: dict[str, Any]) -> Transport:
+    url = kw["transport_url"]
+    if not url:
+        raise ConfigError("no transport: give --transport (e.g. smtp://localhost:587 or file://outbox)")
+    options = TransportOptions(
+        smtp_security=kw["smtp_security"],
+        smtp_user=kw["smtp_user"],
+        smtp_password=os.environ.get(PASSWORD_ENV),
+        timeout=kw["timeout"],
+        messages_per_connection=kw["messages_per_connection"],
+        ca_file=kw["smtp_ca_file"],
+        tags=_tags(kw["tags"]),
+    )
+    return get_transport(url, options)
+
+
+def _limiter(rate: float | None, burst: int, transport: Transport) -> Limiter:
+    rate = rate if rate is not None else transport.default_rate()
+    return TokenBucket(rate, burst) if rate else Unlimited()
+
+
+def _default_failed_csv(source: RecipientSource) -> str:
+    stem = Path(source.name.rstrip("/")).stem or "recipients"
+    return f"{stem}.failed.csv"
+
+
+def _progress(mode: str, interval: float) -> ProgressDisplay:
+    if mode == "auto":
+        mode = "live" if err_console.is_terminal else "log"
+    if mode == "live":
+        return RichProgress(err_console)
+    if mode == "log":
+        return LogProgress(sys.stderr, interval)
+    return NullProgress()
+
+
+def _confirm(yes: bool, checked: PreflightResult, options: SendOptions, transport: Transport) -> None:
+    if yes or not sys.stdin.isatty():
+        return
+    count = checked.valid if options.limit is None else min(options.limit, checked.valid)
+    target = f"to {options.test_to} (test)" if options.test_to else "to their recipients"
+    if options.test_to and options.limit is None:
+        count = min(1, checked.valid)
+    click.confirm(f"Send {count} message(s) {target} via {transport.url}?", abort=True, err=True)
+
+
+class _signals:
+    """SIGINT/SIGTERM stop taking rows and let in-flight sends finish; a second one aborts."""
+
+    def __init__(self, stop: threading.Event, received: list[int]) -> None:
+        self.stop = stop
+        self.received = received
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop.is_set() and self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+        self.stop.set()
+        name = signal.Signals(signum).name
+        err_console.print(
+            f"[yellow]{name}: finishing the messages in flight, then stopping "
+            f"(again to abort at once)[/]"
+        )
+
+    def __enter__(self) -> _signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_code(summary: Summary, received: list[int]) -> int:
+    if received:
+        return EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED
+    if summary.stopped:
+        return EXIT_STOPPED
+    if summary.failed:
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _print_problems(checked: PreflightResult, most: int = 20) -> None:
+    for problem in checked.problems[:most]:
+        err_console.print(f"[yellow]warning:[/] {problem}", markup=True, highlight=False)
+    if checked.problem_count > most:
+        err_console.print(f"... and {checked.problem_count - most} more problem(s)")
+
+
+def _finish_summary(summary: Summary, report_path: str | None) -> None:
+    summary.print(out_console)
+    if report_path:
+        Path(report_path).write_text(summary.to_json() + "\n", encoding="utf-8")
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line per error, documented exit codes, tracebacks only when debugging."""
+    try:
+        cli.main(args=argv, prog_name="smartmail", standalone_mode=False)
+    except SmartmailError as exc:
+        if _debug():
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        err_console.print("Aborted: nothing was sent.")
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("Interrupted.")
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        raise SystemExit(EXIT_SOME_FAILED) from None
+

@@ -1,0 +1,126 @@
+"""One error hierarchy for the whole library.
+
+The CLI turns any `SmartmailError` into one line and its `exit_code`, in one place
+(`cli.main`). Transport errors carry a classification the engine acts on, so the engine
+never needs to know which provider raised them.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+EXIT_STOPPED = 4
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class SmartmailError(Exception):
+    """Base of every error smartmail raises on purpose; the message is shown to the user."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(SmartmailError):
+    """A bad option or option combination."""
+
+
+class Location:
+    """Where in an input a problem is: file, 1-based row (data row, header is row 1), column."""
+
+    __slots__ = ("column", "file", "row")
+
+    def __init__(self, file: str, row: int | None = None, column: str | None = None) -> None:
+        self.file = file
+        self.row = row
+        self.column = column
+
+    def __str__(self) -> str:
+        parts = [self.file]
+        if self.row is not None:
+            parts.append(f"row {self.row}")
+        if self.column is not None:
+            parts.append(f"column {self.column!r}")
+        return ", ".join(parts)
+
+
+class InputError(SmartmailError):
+    """A problem in the recipients file or the template, with where it is."""
+
+    def __init__(self, where: Location | str, message: str, hint: str = "") -> None:
+        self.where = where
+        self.problem = message
+        self.hint = hint
+        text = f"{where}: {message}"
+        if hint:
+            text += f" ({hint})"
+        super().__init__(text)
+
+
+class SourceError(InputError):
+    """The recipients file cannot be read or is malformed."""
+
+
+class TemplateError(InputError):
+    """The message template cannot be parsed or rendered."""
+
+
+class PreflightError(SmartmailError):
+    """Pre-flight validation found problems that stop the run before anything is sent."""
+
+    def __init__(self, problems: list[str], total: int | None = None) -> None:
+        self.problems = problems
+        count = total if total is not None else len(problems)
+        first = problems[0] if problems else "validation failed"
+        more = f" (and {count - 1} more problem(s); run dry-run to list them)" if count > 1 else ""
+        super().__init__(f"{first}{more}; nothing was sent")
+
+
+class LockedError(SmartmailError):
+    """Another run of the same campaign holds the lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+# --- transport outcomes -------------------------------------------------------------------
+
+
+class TransportError(SmartmailError):
+    """A send did not succeed. Subclasses say what the engine must do about it."""
+
+    exit_code = EXIT_SOME_FAILED
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class TransientError(TransportError):
+    """Might succeed if tried again later: retried with backoff (SMTP 4xx, drops, timeouts)."""
+
+
+class ThrottledError(TransientError):
+    """The provider said we are too fast: retried, and the shared rate limiter slows down."""
+
+
+class PermanentError(TransportError):
+    """Will never succeed for this message (SMTP 5xx, rejected recipient): fail the row, no retry."""
+
+
+class StopRunError(TransportError):
+    """Nothing more can be sent in this run (daily quota used, account paused, bad sender).
+
+    The engine stops taking rows; the row in hand and all later ones stay unsent (not failed)
+    so the next run picks them up.
+    """
+
+    exit_code = EXIT_STOPPED
+
+
+class InvalidRowError(InputError):
+    """One row cannot be sent as it is (bad address, header injection, missing attachment).
+
+    Unlike other input errors this is about a single row: by default the row is skipped and
+    reported, and `--on-invalid abort` turns it into a pre-flight failure.
+    """

@@ -1,0 +1,178 @@
+"""MIME building: a rendered message becomes the exact bytes every transport sends.
+
+Built from the standard library's `email` primitives (`email.utils.formataddr`,
+`email.header.Header` for RFC 2047, `binascii` quoted-printable and base64) rather than
+`email.message.EmailMessage`: measured here, `EmailMessage` costs ~0.7 ms a message, which
+alone would cap a 2-core machine near 1,400 messages/s, while this builder costs well under
+0.1 ms. Every output is checked in the tests by parsing it back with `email.policy.SMTP`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import mimetypes
+import os
+import uuid
+from dataclasses import dataclass, field
+from email.header import Header
+from email.utils import formataddr, formatdate
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import quote
+
+from . import addresses
+from .sources import Row
+from .templates import RenderedMessage
+
+CRLF = "\r\n"
+_MAX_LINE = 998
+_FOLD_AT = 78
+_ADDRESS = frozenset({"from", "to", "cc", "reply-to", "sender"})
+_SKIP = frozenset({"bcc"})
+
+
+@dataclass(slots=True)
+class OutgoingMessage:
+    """What a transport needs: the envelope and the finished MIME bytes."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    message_id: str
+    recipient: str
+    row: Row
+    utf8: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def build(
+    rendered: RenderedMessage,
+    *,
+    envelope_to: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> OutgoingMessage:
+    """Encode a rendered message. `envelope_to` overrides where it goes (for --test-to)."""
+    utf8 = not all(a.partition("@")[0].isascii() for a in (*rendered.envelope_to, rendered.sender))
+    sender_domain = rendered.sender.rpartition("@")[2] or "localhost"
+    lines: list[str] = []
+    names = {name.lower() for name, _ in rendered.headers}
+    if "date" not in names:
+        lines.append(f"Date: {formatdate(localtime=False)}")
+    message_id = ""
+    for name, value in rendered.headers:
+        lower = name.lower()
+        if lower in _SKIP:
+            continue
+        if lower == "message-id":
+            message_id = value
+        if lower in _ADDRESS:
+            lines.append(_address_header(name, value, utf8))
+        else:
+            lines.append(_unstructured(name, value, utf8))
+    if not message_id:
+        message_id = f"<{uuid.uuid4().hex}@{sender_domain}>"
+        lines.append(f"Message-ID: {message_id}")
+    lines.append("MIME-Version: 1.0")
+    head = CRLF.join(lines) + CRLF
+    body = _body(rendered)
+    data = (head + body).encode("utf-8" if utf8 else "ascii")
+    return OutgoingMessage(
+        sender=rendered.sender,
+        recipients=envelope_to if envelope_to is not None else rendered.envelope_to,
+        data=data,
+        message_id=message_id,
+        recipient=rendered.recipient,
+        row=rendered.row,
+        utf8=utf8,
+        tags=tags or {},
+    )
+
+
+def _address_header(name: str, value: str, utf8: bool) -> str:
+    parts = []
+    for display, addr in addresses.parse_list(value):
+        local, _, domain = addr.rpartition("@")
+        addr = f"{local}@{addresses.to_idna(domain)}"
+        if utf8:
+            parts.append(formataddr((display, "x@x")).replace("x@x", addr) if display else addr)
+        else:
+            parts.append(formataddr((display, addr), charset="utf-8"))
+    line = f"{name}: {', '.join(parts)}"
+    if len(line) <= _FOLD_AT:
+        return line
+    return f"{name}: " + f",{CRLF} ".join(parts)
+
+
+def _unstructured(name: str, value: str, utf8: bool) -> str:
+    if value.isascii() or utf8:
+        line = f"{name}: {value}"
+        if len(line) <= _FOLD_AT or utf8:
+            return line
+        return f"{name}: " + Header(value, "us-ascii", header_name=name).encode(linesep=CRLF)
+    encoded = Header(value, "utf-8", header_name=name).encode(linesep=CRLF)
+    return f"{name}: {encoded}"
+
+
+def _text_part(text: str, subtype: str) -> str:
+    """A text part: 7bit when it can be, else quoted-printable UTF-8."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n")):
+        return (
+            f'Content-Type: text/{subtype}; charset="us-ascii"{CRLF}'
+            f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)
+        )
+    qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
+        f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + qp.replace("\n", CRLF)
+    )
+
+
+def _boundary() -> str:
+    return f"=_smartmail_{uuid.uuid4().hex}"
+
+
+def _multipart(subtype: str, parts: list[str]) -> str:
+    boundary = _boundary()
+    out = [f'Content-Type: multipart/{subtype}; boundary="{boundary}"{CRLF}{CRLF}']
+    for part in parts:
+        out.append(f"--{boundary}{CRLF}{part}{CRLF}")
+    out.append(f"--{boundary}--{CRLF}")
+    return "".join(out)
+
+
+def _body(rendered: RenderedMessage) -> str:
+    main = _text_part(rendered.text, "plain")
+    if rendered.html is not None:
+        main = _multipart("alternative", [main, _text_part(rendered.html, "html")])
+    if not rendered.attachments:
+        return main
+    return _multipart("mixed", [main, *(_attachment(p) for p in rendered.attachments)])
+
+
+def _attachment(path: Path) -> str:
+    stat = os.stat(path)
+    return _encoded_attachment(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
+    """Encode a file once per run, however many messages attach it (cache keyed by mtime)."""
+    filename = os.path.basename(path)
+    ctype, encoding = mimetypes.guess_type(filename)
+    if ctype is None or encoding is not None:
+        ctype = "application/octet-stream"
+    with open(path, "rb") as fh:
+        payload = base64.encodebytes(fh.read()).decode("ascii").replace("\n", CRLF)
+    if filename.isascii() and '"' not in filename:
+        disposition = f'attachment; filename="{filename}"'
+        type_param = f'; name="{filename}"'
+    else:
+        disposition = f"attachment; filename*=utf-8''{quote(filename)}"
+        type_param = ""
+    return (
+        f"Content-Type: {ctype}{type_param}{CRLF}"
+        f"Content-Transfer-Encoding: base64{CRLF}"
+        f"Content-Disposition: {disposition}{CRLF}{CRLF}{payload}"
+    )

@@ -1,0 +1,216 @@
+"""Run metrics (thread-safe counters the engine updates) and the summary built from them.
+
+The summary is what the user sees at the end (a rich table) and what `--report PATH` writes
+(the same numbers as JSON). The counts always add up: rows = sent + failed + skipped + unsent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from array import array
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from .ratelimit import RateStats
+from .sources import Row
+
+Status = Literal["sent", "failed", "skipped", "unsent"]
+STATUSES: tuple[Status, ...] = ("sent", "failed", "skipped", "unsent")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one row ended. Every row gets exactly one."""
+
+    row: Row
+    recipient: str
+    status: Status
+    reason: str = ""
+    message_id: str | None = None
+    attempts: int = 0
+    latency: float | None = None
+
+
+class Metrics:
+    """Counters shared by every worker; cheap enough to update once per message."""
+
+    def __init__(self, total: int, clock: Any = time.monotonic) -> None:
+        self.total = total
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.reasons: dict[str, Counter[str]] = {"failed": Counter(), "skipped": Counter()}
+        self.retries = 0
+        self.latencies = array("d")
+        self.started = clock()
+        self.finished: float | None = None
+
+    def record(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.counts[outcome.status] += 1
+            if outcome.status in self.reasons:
+                self.reasons[outcome.status][_reason_key(outcome.reason)] += 1
+            if outcome.latency is not None:
+                self.latencies.append(outcome.latency)
+
+    def retried(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def done(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            elapsed = (self.finished or self._clock()) - self.started
+            sent = self.counts["sent"]
+            return {
+                "total": self.total,
+                "sent": sent,
+                "failed": self.counts["failed"],
+                "skipped": self.counts["skipped"],
+                "unsent": self.counts["unsent"],
+                "done": sum(self.counts.values()),
+                "retries": self.retries,
+                "elapsed": elapsed,
+                "rate": sent / elapsed if elapsed > 0 else 0.0,
+            }
+
+    def finish(self) -> None:
+        with self._lock:
+            self.finished = self._clock()
+
+
+def _reason_key(reason: str) -> str:
+    """Group reasons that differ only by address or detail after the first colon-part."""
+    return reason.split(": ", 1)[0][:80] if reason else "unknown"
+
+
+def _percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    index = min(len(values) - 1, max(0, round(pct / 100 * len(values) + 0.5) - 1))
+    return values[index]
+
+
+@dataclass
+class Summary:
+    """Everything a user wants to know after a run; also the JSON report."""
+
+    campaign: str
+    transport: str
+    source: str
+    rows: int
+    sent: int
+    failed: int
+    skipped: int
+    unsent: int
+    retries: int
+    elapsed_seconds: float
+    rate_per_second: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    throttles: int = 0
+    rate_configured: float | None = None
+    rate_lowest: float | None = None
+    rate_final: float | None = None
+    slowdowns: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    stopped: str | None = None
+    interrupted: bool = False
+    dry_run: bool = False
+    test_to: str | None = None
+    failed_csv: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        metrics: Metrics,
+        rate: RateStats,
+        *,
+        campaign: str,
+        transport: str,
+        source: str,
+        **extra: Any,
+    ) -> Summary:
+        snap = metrics.snapshot()
+        lat = sorted(metrics.latencies)
+        p50 = _percentile(lat, 50)
+        p95 = _percentile(lat, 95)
+        return cls(
+            campaign=campaign,
+            transport=transport,
+            source=source,
+            rows=metrics.total,
+            sent=snap["sent"],
+            failed=snap["failed"],
+            skipped=snap["skipped"],
+            unsent=snap["unsent"],
+            retries=snap["retries"],
+            elapsed_seconds=round(snap["elapsed"], 3),
+            rate_per_second=round(snap["rate"], 2),
+            latency_p50_ms=round(p50 * 1000, 2) if p50 is not None else None,
+            latency_p95_ms=round(p95 * 1000, 2) if p95 is not None else None,
+            throttles=rate.throttles,
+            rate_configured=rate.configured,
+            rate_lowest=rate.lowest,
+            rate_final=rate.current,
+            slowdowns=rate.slowdowns,
+            skip_reasons=dict(metrics.reasons["skipped"].most_common()),
+            failure_reasons=dict(metrics.reasons["failed"].most_common()),
+            **extra,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def table(self) -> Table:
+        title = "smartmail dry-run" if self.dry_run else "smartmail summary"
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+        table.add_row("campaign", self.campaign)
+        table.add_row("transport", self.transport)
+        table.add_row("rows", str(self.rows))
+        if self.test_to:
+            table.add_row("test messages", f"{self.sent} to {self.test_to}")
+        else:
+            table.add_row("sent" if not self.dry_run else "valid", str(self.sent))
+        table.add_row("failed", str(self.failed))
+        table.add_row("skipped", str(self.skipped))
+        for reason, count in list(self.skip_reasons.items())[:5]:
+            table.add_row(f"  {reason}", str(count))
+        table.add_row("not sent (left for a later run)", str(self.unsent))
+        if not self.dry_run:
+            table.add_row("retries", str(self.retries))
+            table.add_row("throttled", str(self.throttles))
+            if self.slowdowns:
+                table.add_row(
+                    "rate adapted",
+                    f"{self.slowdowns}x, lowest {self.rate_lowest:.2f}/s, "
+                    f"ended at {self.rate_final:.2f}/s",
+                )
+            table.add_row("elapsed", f"{self.elapsed_seconds:.2f} s")
+            table.add_row("achieved rate", f"{self.rate_per_second:.1f} msg/s")
+            if self.latency_p50_ms is not None:
+                table.add_row("latency p50 / p95", f"{self.latency_p50_ms} / {self.latency_p95_ms} ms")
+        for reason, count in list(self.failure_reasons.items())[:5]:
+            table.add_row(f"failed: {reason}", str(count))
+        if self.stopped:
+            table.add_row("stopped", self.stopped)
+        if self.interrupted:
+            table.add_row("interrupted", "yes: re-run to send the rest")
+        if self.failed_csv:
+            table.add_row("rows to re-drive", self.failed_csv)
+        return table
+
+    def print(self, console: Console) -> None:
+        console.print(self.table())

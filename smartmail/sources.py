@@ -1,0 +1,201 @@
+"""Recipients: a CSV file on local disk or in S3, streamed row by row.
+
+Rows are never all held in memory: a source can be iterated more than once (pre-flight,
+then the send), and each pass streams the file again. An S3 object is read through its
+streaming body, and the second pass asks for the same ETag so the file cannot change
+between validation and sending.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import ConfigError, Location, SourceError
+
+DELIMITERS = (",", ";", "\t")
+DEFAULT_TO_COLUMN = "email"
+
+# A field limit well above any real cell, but low enough that a runaway quote cannot eat memory.
+csv.field_size_limit(1 << 20)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One data row. `number` is the spreadsheet row number: the header is row 1."""
+
+    number: int
+    values: dict[str, str]
+
+
+@dataclass
+class SourceSpec:
+    """Where the recipients are and how to read them."""
+
+    location: str
+    encoding: str = "utf-8-sig"
+    delimiter: str | None = None
+    to_column: str = DEFAULT_TO_COLUMN
+
+    @property
+    def is_s3(self) -> bool:
+        return self.location.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split s3://bucket/key into its parts, with a clear error for anything else."""
+    rest = url[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key:
+        raise ConfigError(f"{url}: an S3 location must look like s3://bucket/key")
+    return bucket, key
+
+
+class RecipientSource:
+    """A re-iterable stream of validated-shape rows from one CSV file.
+
+    Shape problems (no header, duplicate headers, missing recipient column, undecodable
+    bytes) raise `SourceError`; a ragged row is yielded with `ragged=True` information kept in
+    `last_ragged` so the caller's policy decides whether it aborts or skips.
+    """
+
+    def __init__(self, spec: SourceSpec, s3_client: Any = None) -> None:
+        self.spec = spec
+        self.name = spec.location
+        self._s3 = s3_client
+        self._etag: str | None = None
+        self.columns: list[str] = []
+        self.to_column: str = spec.to_column
+        if spec.is_s3:
+            parse_s3_url(spec.location)
+        elif not Path(spec.location).is_file():
+            raise SourceError(spec.location, "no such file")
+        try:
+            "x".encode(spec.encoding)
+        except LookupError:
+            raise ConfigError(f"unknown encoding {spec.encoding!r}") from None
+        if spec.delimiter is not None and len(spec.delimiter) != 1:
+            raise ConfigError("--delimiter must be one character (use $'\\t' for a tab)")
+
+    def _open_binary(self) -> IO[bytes]:
+        if not self.spec.is_s3:
+            return open(self.spec.location, "rb")  # noqa: SIM115 - closed by the caller
+        bucket, key = parse_s3_url(self.spec.location)
+        client = self._s3_client()
+        kwargs: dict[str, str] = {"Bucket": bucket, "Key": key}
+        if self._etag:
+            kwargs["IfMatch"] = self._etag
+        try:
+            response = client.get_object(**kwargs)
+        except Exception as exc:
+            raise SourceError(self.name, f"cannot read from S3: {_aws_message(exc)}") from None
+        self._etag = response.get("ETag")
+        body: IO[bytes] = response["Body"]
+        return body
+
+    def _s3_client(self) -> Any:
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3")
+        return self._s3
+
+    def rows(self) -> Iterator[tuple[Row, bool]]:
+        """Yield (row, ragged) for every non-blank data row, streaming from the start."""
+        raw = self._open_binary()
+        try:
+            text = io.TextIOWrapper(raw, encoding=self.spec.encoding, newline="")  # type: ignore[type-var]
+            yield from self._parse(text)
+        finally:
+            raw.close()
+
+    def _parse(self, text: io.TextIOWrapper) -> Iterator[tuple[Row, bool]]:
+        number = 1
+        try:
+            first = text.readline()
+            if not first.strip():
+                raise SourceError(Location(self.name, 1), "no header row; the first line must name the columns")
+            delimiter = self.spec.delimiter or sniff_delimiter(first)
+            reader = csv.reader(itertools.chain([first], text), delimiter=delimiter, strict=True)
+            header = [h.strip() for h in next(reader)]
+            self._check_header(header)
+            width = len(header)
+            for values in reader:
+                number += 1
+                if not values or (len(values) == 1 and not values[0].strip()):
+                    continue
+                ragged = len(values) != width
+                if ragged:
+                    values = (values + [""] * width)[:width] if len(values) < width else values[:width]
+                yield Row(number, dict(zip(header, values, strict=True))), ragged
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                Location(self.name, number + 1),
+                f"bytes that are not valid {self.spec.encoding} ({exc.reason})",
+                "give the file's encoding with --encoding, e.g. --encoding cp1252",
+            ) from None
+        except csv.Error as exc:
+            raise SourceError(Location(self.name, number + 1), f"malformed CSV: {exc}") from None
+
+    def _check_header(self, header: list[str]) -> None:
+        seen: set[str] = set()
+        for name in header:
+            if not name:
+                raise SourceError(Location(self.name, 1), "a column has an empty name in the header")
+            if name.lower() in seen:
+                raise SourceError(Location(self.name, 1, name), "this column name appears twice")
+            seen.add(name.lower())
+        matches = [h for h in header if h.lower() == self.spec.to_column.lower()]
+        if not matches:
+            raise SourceError(
+                Location(self.name, 1, self.spec.to_column),
+                "no recipient column with this name",
+                f"columns are {', '.join(header)}; choose one with --to-column",
+            )
+        self.to_column = matches[0]
+        self.columns = header
+
+
+def sniff_delimiter(header_line: str) -> str:
+    """Pick the delimiter that splits the header line into the most fields (comma on a tie)."""
+    counts = {d: header_line.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _aws_message(exc: Exception) -> str:
+    """A one-line reason from a botocore error, without request ids or credentials."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        code = err.get("Code", "")
+        msg = err.get("Message", "")
+        return f"{code} {msg}".strip() or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def describe(spec: SourceSpec) -> str:
+    """A stable identity for the source, for campaign ids and reports."""
+    if spec.is_s3:
+        return spec.location
+    return os.path.abspath(spec.location)
+
+
+@dataclass
+class RowProblem:
+    """A problem found in one row, reported with its location."""
+
+    row: int
+    column: str | None
+    message: str
+    file: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{Location(self.file, self.row, self.column)}: {self.message}"
