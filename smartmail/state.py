@@ -1,0 +1,107 @@
+"""The local state database: one SQLite file holding the send ledger, the suppression list and
+the provider feedback (bounces, complaints, deliveries).
+
+Where it lives: `--state PATH`, else $SMARTMAIL_STATE, else
+$XDG_STATE_HOME/smartmail/smartmail.db (~/.local/state/smartmail/smartmail.db). WAL mode
+so readers never block the writer, and a busy timeout so several threads and processes can
+share it. The schema is created on first use; `PRAGMA user_version` records its version.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from .errors import ConfigError
+
+STATE_ENV = "SMARTMAIL_STATE"
+SCHEMA_VERSION = 1
+
+# Statuses of a delivery (one row per campaign and normalised recipient address):
+#   pending -> sending -> sent | failed | skipped
+# `sending` is written (and committed) before the first attempt; a row still `sending` when no
+# run holds the campaign lock was in flight when a process died: it is "in doubt".
+# `feedback` is what the provider said later: delivered | bounced | soft-bounced | complained.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS campaigns (
+    id            TEXT PRIMARY KEY,
+    source        TEXT NOT NULL,
+    template_hash TEXT NOT NULL DEFAULT '',
+    transport     TEXT NOT NULL DEFAULT '',
+    created_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    last_run      TEXT
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    campaign     TEXT NOT NULL REFERENCES campaigns(id),
+    recipient    TEXT NOT NULL,
+    row_number   INTEGER,
+    row_json     TEXT,
+    status       TEXT NOT NULL DEFAULT 'pending'
+                 CHECK (status IN ('pending', 'sending', 'sent', 'failed', 'skipped')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    message_id   TEXT,
+    provider_id  TEXT,
+    last_error   TEXT,
+    feedback     TEXT CHECK (feedback IN ('delivered', 'bounced', 'soft-bounced', 'complained')),
+    feedback_at  TEXT,
+    created_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    sent_at      TEXT,
+    PRIMARY KEY (campaign, recipient)
+);
+CREATE INDEX IF NOT EXISTS deliveries_provider_id ON deliveries(provider_id);
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries(campaign, status);
+CREATE TABLE IF NOT EXISTS suppressions (
+    address    TEXT PRIMARY KEY,
+    reason     TEXT NOT NULL CHECK (reason IN ('bounce', 'complaint', 'unsubscribe', 'manual')),
+    detail     TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY,
+    provider_id TEXT,
+    recipient   TEXT,
+    type        TEXT NOT NULL,
+    subtype     TEXT,
+    detail      TEXT,
+    feedback_id TEXT,
+    received_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (feedback_id, recipient, type)
+);
+"""
+
+
+def default_state_path() -> Path:
+    """$SMARTMAIL_STATE, else the XDG state directory."""
+    env = os.environ.get(STATE_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "smartmail" / "smartmail.db"
+
+
+def connect(path: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
+    """Open (creating if needed) the state database, in WAL mode with the schema in place.
+
+    Each thread must use its own connection: sqlite3 connections are not shared across threads.
+    """
+    db = Path(path) if path is not None else default_state_path()
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=True)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"{db}: cannot open the state database ({exc})") from None
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version < SCHEMA_VERSION:
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    elif version > SCHEMA_VERSION:
+        raise ConfigError(f"{db}: made by a newer smartmail (schema {version}); upgrade smartmail")
+    return conn
