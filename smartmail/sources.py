@@ -101,9 +101,9 @@ class RecipientSource:
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
-            import boto3
+            from . import aws
 
-            self._s3 = boto3.client("s3")
+            self._s3 = aws.client("s3")
         return self._s3
 
     def rows(self) -> Iterator[tuple[Row, bool]]:
