@@ -42,7 +42,8 @@ def client(
     if timeout is not None:
         settings["connect_timeout"] = timeout
         settings["read_timeout"] = timeout
-    made = session().client(service, region_name=region, config=Config(**settings))
+    make: Any = session().client  # boto3's overloads name every service; ours is a str
+    made = make(service, region_name=region, config=Config(**settings))
     for hook in CLIENT_HOOKS:
         hook(made)
     return made

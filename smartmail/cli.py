@@ -65,32 +65,74 @@ def common_options(func: F) -> F:
         click.option("--bucket", help="S3 bucket of the recipients CSV (with --key)."),
         click.option("--key", help="S3 key of the recipients CSV (with --bucket)."),
         click.option(
-            "-t", "--template", "template_path", required=True,
-            type=click.Path(dir_okay=False), help="Message template: header block, blank line, body.",
+            "-t",
+            "--template",
+            "template_path",
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Message template: header block, blank line, body.",
         ),
         click.option(
-            "--html-template", type=click.Path(dir_okay=False),
+            "--html-template",
+            type=click.Path(dir_okay=False),
             help="HTML part. Default: the template's name with .html, when that file exists.",
         ),
         click.option(
-            "--transport", "transport_url", envvar="SMARTMAIL_TRANSPORT", show_envvar=True,
+            "--transport",
+            "transport_url",
+            envvar="SMARTMAIL_TRANSPORT",
+            show_envvar=True,
             help="smtp://HOST:PORT, file://DIR, ses://REGION or ses+smtp://REGION.",
         ),
-        click.option("--encoding", default="utf-8-sig", show_default=True,
-                     help="CSV encoding (UTF-8 with or without BOM by default)."),
-        click.option("--delimiter", help="CSV delimiter. Default: sniffed from the header (, ; tab)."),
-        click.option("--to-column", default="email", show_default=True,
-                     help="Column holding the recipient address (case-insensitive)."),
-        click.option("--on-invalid", type=click.Choice(ON_INVALID), default="skip", show_default=True,
-                     help="A row with a bad address or header injection: skip it, or abort."),
-        click.option("--on-malformed", type=click.Choice(ON_MALFORMED), default="abort",
-                     show_default=True, help="A ragged row (wrong number of fields): abort, or skip."),
-        click.option("--on-duplicate", type=click.Choice(ON_DUPLICATE), default="once",
-                     show_default=True, help="A recipient in several rows: send once, to all, or abort."),
-        click.option("--campaign", help="Campaign name. Default: derived from the source and template."),
-        click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
-                     help="Message tag (SES); may be repeated."),
-        click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs."),
+        click.option(
+            "--encoding",
+            default="utf-8-sig",
+            show_default=True,
+            help="CSV encoding (UTF-8 with or without BOM by default).",
+        ),
+        click.option(
+            "--delimiter", help="CSV delimiter. Default: sniffed from the header (, ; tab)."
+        ),
+        click.option(
+            "--to-column",
+            default="email",
+            show_default=True,
+            help="Column holding the recipient address (case-insensitive).",
+        ),
+        click.option(
+            "--on-invalid",
+            type=click.Choice(ON_INVALID),
+            default="skip",
+            show_default=True,
+            help="A row with a bad address or header injection: skip it, or abort.",
+        ),
+        click.option(
+            "--on-malformed",
+            type=click.Choice(ON_MALFORMED),
+            default="abort",
+            show_default=True,
+            help="A ragged row (wrong number of fields): abort, or skip.",
+        ),
+        click.option(
+            "--on-duplicate",
+            type=click.Choice(ON_DUPLICATE),
+            default="once",
+            show_default=True,
+            help="A recipient in several rows: send once, to all, or abort.",
+        ),
+        click.option(
+            "--campaign", help="Campaign name. Default: derived from the source and template."
+        ),
+        click.option(
+            "--tag",
+            "tags",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Message tag (SES); may be repeated.",
+        ),
+        click.option(
+            "--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs."
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -99,16 +141,38 @@ def common_options(func: F) -> F:
 
 def transport_options(func: F) -> F:
     options = [
-        click.option("--smtp-security", type=click.Choice(["starttls", "tls", "none"]),
-                     default="starttls", show_default=True, help="How to secure SMTP."),
-        click.option("--smtp-user", envvar="SMARTMAIL_SMTP_USER", show_envvar=True,
-                     help=f"SMTP login; the password is read from ${PASSWORD_ENV}."),
-        click.option("--smtp-ca-file", type=click.Path(dir_okay=False, exists=True),
-                     help="CA bundle to verify the server's certificate (default: system store)."),
-        click.option("--timeout", type=float, default=30.0, show_default=True,
-                     help="Seconds before a network operation counts as failed."),
-        click.option("--messages-per-connection", type=int, default=1000, show_default=True,
-                     help="Reopen an SMTP connection after this many messages."),
+        click.option(
+            "--smtp-security",
+            type=click.Choice(["starttls", "tls", "none"]),
+            default="starttls",
+            show_default=True,
+            help="How to secure SMTP.",
+        ),
+        click.option(
+            "--smtp-user",
+            envvar="SMARTMAIL_SMTP_USER",
+            show_envvar=True,
+            help=f"SMTP login; the password is read from ${PASSWORD_ENV}.",
+        ),
+        click.option(
+            "--smtp-ca-file",
+            type=click.Path(dir_okay=False, exists=True),
+            help="CA bundle to verify the server's certificate (default: system store).",
+        ),
+        click.option(
+            "--timeout",
+            type=float,
+            default=30.0,
+            show_default=True,
+            help="Seconds before a network operation counts as failed.",
+        ),
+        click.option(
+            "--messages-per-connection",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Reopen an SMTP connection after this many messages.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -127,10 +191,19 @@ def cli() -> None:
 @cli.command("dry-run")
 @common_options
 @transport_options
-@click.option("--preview", type=int, default=1, show_default=True,
-              help="Show the first N messages as they would be sent.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Also write the summary as JSON to this file.")
+@click.option(
+    "--preview",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Show the first N messages as they would be sent.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the summary as JSON to this file.",
+)
 def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
     """Validate and render every row and show previews; send nothing.
 
@@ -155,29 +228,72 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
 @cli.command("send")
 @common_options
 @transport_options
-@click.option("--workers", type=click.IntRange(1, 256), default=4, show_default=True,
-              help="Parallel senders, each with its own connection.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
-              help="Messages per second across all workers. Default: the transport's (none for SMTP).")
-@click.option("--burst", type=click.IntRange(1), default=1, show_default=True,
-              help="Sends allowed at once above the steady rate.")
-@click.option("--max-retries", type=click.IntRange(0, 20), default=3, show_default=True,
-              help="Retries of a transient failure (4xx, drop, timeout), with exponential backoff.")
-@click.option("--retry-wait", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="First backoff wait in seconds; doubles each retry, up to 30 s, plus jitter.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=4,
+    show_default=True,
+    help="Parallel senders, each with its own connection.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Messages per second across all workers. Default: the transport's (none for SMTP).",
+)
+@click.option(
+    "--burst",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Sends allowed at once above the steady rate.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 20),
+    default=3,
+    show_default=True,
+    help="Retries of a transient failure (4xx, drop, timeout), with exponential backoff.",
+)
+@click.option(
+    "--retry-wait",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="First backoff wait in seconds; doubles each retry, up to 30 s, plus jitter.",
+)
 @click.option("--limit", type=click.IntRange(0), help="Send only the first N sendable rows.")
-@click.option("--test-to", metavar="ADDRESS",
-              help="Send the first N (--limit, default 1) messages to ADDRESS instead; a proof.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Also write the summary as JSON to this file.")
-@click.option("--failed-csv", type=click.Path(dir_okay=False),
-              help="Where to write failed and unsent rows for re-sending. "
-                   "Default: SOURCE-NAME.failed.csv in the current folder.")
-@click.option("--progress", "progress_mode", type=click.Choice(["auto", "live", "log", "none"]),
-              default="auto", show_default=True,
-              help="Live display on a terminal, log lines elsewhere (auto).")
-@click.option("--log-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds between progress lines in log mode.")
+@click.option(
+    "--test-to",
+    metavar="ADDRESS",
+    help="Send the first N (--limit, default 1) messages to ADDRESS instead; a proof.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the summary as JSON to this file.",
+)
+@click.option(
+    "--failed-csv",
+    type=click.Path(dir_okay=False),
+    help="Where to write failed and unsent rows for re-sending. "
+    "Default: SOURCE-NAME.failed.csv in the current folder.",
+)
+@click.option(
+    "--progress",
+    "progress_mode",
+    type=click.Choice(["auto", "live", "log", "none"]),
+    default="auto",
+    show_default=True,
+    help="Live display on a terminal, log lines elsewhere (auto).",
+)
+@click.option(
+    "--log-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines in log mode.",
+)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
 def send_cmd(**kw: Any) -> None:
     """Validate every row, then send one message per row.
@@ -203,7 +319,11 @@ def send_cmd(**kw: Any) -> None:
     limiter = _limiter(kw["rate"], kw["burst"], transport)
     stop = threading.Event()
     received: list[int] = []
-    retry = RetryPolicy(max_retries=kw["max_retries"], initial=kw["retry_wait"], sleep=stop.wait)
+
+    def pause(seconds: float) -> None:
+        stop.wait(seconds)
+
+    retry = RetryPolicy(max_retries=kw["max_retries"], initial=kw["retry_wait"], sleep=pause)
     with _signals(stop, received):
         summary = send_campaign(
             source,
@@ -223,7 +343,9 @@ def send_cmd(**kw: Any) -> None:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _prepare(kw: dict[str, Any], *, preview: int) -> tuple[RecipientSource, MessageTemplate, SendOptions]:
+def _prepare(
+    kw: dict[str, Any], *, preview: int
+) -> tuple[RecipientSource, MessageTemplate, SendOptions]:
     location = _source_location(kw["source"], kw["bucket"], kw["key"])
     spec = SourceSpec(
         location=location,
@@ -278,7 +400,9 @@ def _tags(pairs: tuple[str, ...]) -> dict[str, str]:
 def _transport(kw: dict[str, Any]) -> Transport:
     url = kw["transport_url"]
     if not url:
-        raise ConfigError("no transport: give --transport (e.g. smtp://localhost:587 or file://outbox)")
+        raise ConfigError(
+            "no transport: give --transport (e.g. smtp://localhost:587 or file://outbox)"
+        )
     options = TransportOptions(
         smtp_security=kw["smtp_security"],
         smtp_user=kw["smtp_user"],
@@ -311,7 +435,9 @@ def _progress(mode: str, interval: float) -> ProgressDisplay:
     return NullProgress()
 
 
-def _confirm(yes: bool, checked: PreflightResult, options: SendOptions, transport: Transport) -> None:
+def _confirm(
+    yes: bool, checked: PreflightResult, options: SendOptions, transport: Transport
+) -> None:
     if yes or not sys.stdin.isatty():
         return
     count = checked.valid if options.limit is None else min(options.limit, checked.valid)
@@ -410,4 +536,3 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         raise SystemExit(EXIT_SOME_FAILED) from None
-

@@ -297,13 +297,18 @@ class Run:
 
     def _finish(self, outcome: Outcome) -> None:
         self.metrics.record(outcome)
-        if self.failed_rows is not None and outcome.status in ("failed", "unsent"):
-            if outcome.status == "failed" or self.stop_reason or self.stop.is_set():
-                self.failed_rows.add(outcome)
+        redrive = outcome.status == "failed" or (
+            outcome.status == "unsent" and (self.stop_reason or self.stop.is_set())
+        )
+        if self.failed_rows is not None and redrive:
+            self.failed_rows.add(outcome)
         try:
             self.journal.record(outcome)
-        except Exception:
+        except Exception as exc:
+            # Sending on without a record would risk double sends on the next run: stop.
             log.exception("could not record the outcome of row %s", outcome.row.number)
+            self.stop_reason = self.stop_reason or f"could not record an outcome: {exc}"
+            self.stop.set()
             raise
 
     def _outcome(self, row: Row, recipient: str, status: Status, reason: str = "") -> None:
@@ -327,7 +332,9 @@ class Run:
                 self._outcome(row, recipient, "skipped", skip)
                 continue
             if self.stop.is_set() or (limit is not None and queued >= limit):
-                reason = self.stop_reason or ("interrupted" if self.stop.is_set() else "over --limit")
+                reason = self.stop_reason or (
+                    "interrupted" if self.stop.is_set() else "over --limit"
+                )
                 self._outcome(row, recipient, "unsent", reason)
                 continue
             veto = self.journal.skip_reason(addresses.normalise(recipient), row)
@@ -336,7 +343,9 @@ class Run:
                 continue
             try:
                 rendered = self.template.render(
-                    row, self.source.to_column, source_name=self.source.name,
+                    row,
+                    self.source.to_column,
+                    source_name=self.source.name,
                     allow_utf8_local=allow_utf8,
                 )
             except (InvalidRowError, TemplateError) as exc:
@@ -464,7 +473,9 @@ class Run:
             stopped=self.stop_reason,
             interrupted=self.stop.is_set() and self.stop_reason is None,
             test_to=opts.test_to,
-            failed_csv=str(self.failed_rows.path) if self.failed_rows and self.failed_rows.count else None,
+            failed_csv=str(self.failed_rows.path)
+            if self.failed_rows and self.failed_rows.count
+            else None,
         )
 
 
@@ -492,9 +503,7 @@ def send_campaign(
     options = options or SendOptions()
     options.check()
     if checked is None:
-        checked = preflight(
-            source, template, options, allow_utf8_local=transport.allow_utf8_local
-        )
+        checked = preflight(source, template, options, allow_utf8_local=transport.allow_utf8_local)
     if not checked.ok:
         raise PreflightError(checked.fatal, checked.fatal_count)
     return Run(

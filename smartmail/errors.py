@@ -105,7 +105,7 @@ class ThrottledError(TransientError):
 
 
 class PermanentError(TransportError):
-    """Will never succeed for this message (SMTP 5xx, rejected recipient): fail the row, no retry."""
+    """Never succeeds for this message (SMTP 5xx, rejected recipient): fail the row, no retry."""
 
 
 class StopRunError(TransportError):

@@ -201,7 +201,9 @@ class Summary:
             table.add_row("elapsed", f"{self.elapsed_seconds:.2f} s")
             table.add_row("achieved rate", f"{self.rate_per_second:.1f} msg/s")
             if self.latency_p50_ms is not None:
-                table.add_row("latency p50 / p95", f"{self.latency_p50_ms} / {self.latency_p95_ms} ms")
+                table.add_row(
+                    "latency p50 / p95", f"{self.latency_p50_ms} / {self.latency_p95_ms} ms"
+                )
         for reason, count in list(self.failure_reasons.items())[:5]:
             table.add_row(f"failed: {reason}", str(count))
         if self.stopped:

@@ -79,4 +79,3 @@ class RetryPolicy:
             reraise=True,
         )
         return retrying(counted), attempts
-

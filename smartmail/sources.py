@@ -85,7 +85,7 @@ class RecipientSource:
 
     def _open_binary(self) -> IO[bytes]:
         if not self.spec.is_s3:
-            return open(self.spec.location, "rb")  # noqa: SIM115 - closed by the caller
+            return open(self.spec.location, "rb")
         bucket, key = parse_s3_url(self.spec.location)
         client = self._s3_client()
         kwargs: dict[str, str] = {"Bucket": bucket, "Key": key}
@@ -110,7 +110,7 @@ class RecipientSource:
         """Yield (row, ragged) for every non-blank data row, streaming from the start."""
         raw = self._open_binary()
         try:
-            text = io.TextIOWrapper(raw, encoding=self.spec.encoding, newline="")  # type: ignore[type-var]
+            text = io.TextIOWrapper(raw, encoding=self.spec.encoding, newline="")
             yield from self._parse(text)
         finally:
             raw.close()
@@ -120,7 +120,9 @@ class RecipientSource:
         try:
             first = text.readline()
             if not first.strip():
-                raise SourceError(Location(self.name, 1), "no header row; the first line must name the columns")
+                raise SourceError(
+                    Location(self.name, 1), "no header row; the first line must name the columns"
+                )
             delimiter = self.spec.delimiter or sniff_delimiter(first)
             reader = csv.reader(itertools.chain([first], text), delimiter=delimiter, strict=True)
             header = [h.strip() for h in next(reader)]
@@ -132,7 +134,9 @@ class RecipientSource:
                     continue
                 ragged = len(values) != width
                 if ragged:
-                    values = (values + [""] * width)[:width] if len(values) < width else values[:width]
+                    values = (
+                        (values + [""] * width)[:width] if len(values) < width else values[:width]
+                    )
                 yield Row(number, dict(zip(header, values, strict=True))), ragged
         except UnicodeDecodeError as exc:
             raise SourceError(
@@ -147,7 +151,9 @@ class RecipientSource:
         seen: set[str] = set()
         for name in header:
             if not name:
-                raise SourceError(Location(self.name, 1), "a column has an empty name in the header")
+                raise SourceError(
+                    Location(self.name, 1), "a column has an empty name in the header"
+                )
             if name.lower() in seen:
                 raise SourceError(Location(self.name, 1, name), "this column name appears twice")
             seen.add(name.lower())

@@ -80,7 +80,9 @@ def parse_header_block(text: str, where: str) -> tuple[list[tuple[str, str]], st
             break
         if line[0] in " \t":
             if not headers:
-                raise TemplateError(f"{where}, line {index + 1}", "continuation line before any header")
+                raise TemplateError(
+                    f"{where}, line {index + 1}", "continuation line before any header"
+                )
             name, value = headers[-1]
             headers[-1] = (name, f"{value} {line.strip()}")
             continue
@@ -183,7 +185,9 @@ class MessageTemplate:
                 "use a column of the CSV, or {{ row['Column Name'] }} for one with spaces",
             ) from None
         except jinja2.TemplateError as exc:
-            raise TemplateError(Location(source_name, row.number), f"template {self.name}: {exc}") from None
+            raise TemplateError(
+                Location(source_name, row.number), f"template {self.name}: {exc}"
+            ) from None
         return RenderedMessage(
             row=row,
             recipient=recipient,
@@ -264,10 +268,14 @@ def _check_addresses(
         try:
             ok = addresses.validate(addr, allow_utf8_local=allow_utf8_local)
         except addresses.AddressError as exc:
-            raise InvalidRowError(Location(source_name, row.number), f"{name}: header: {exc}") from None
+            raise InvalidRowError(
+                Location(source_name, row.number), f"{name}: header: {exc}"
+            ) from None
         result.append(ok)
     if name.lower() == "from" and len(result) != 1:
-        raise InvalidRowError(Location(source_name, row.number), "From: must hold exactly one address")
+        raise InvalidRowError(
+            Location(source_name, row.number), "From: must hold exactly one address"
+        )
     return value, result
 
 

@@ -62,7 +62,12 @@ class RecordingHandler:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(
-        self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+        self,
+        server: Any,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
     ) -> str:
         if address.lower() in self.reject_rcpt:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
@@ -75,7 +80,9 @@ class RecordingHandler:
             n = self.data_commands
             if n <= self.throttle_first:
                 return "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
-            if n <= self.temp_fail_first or (self.temp_fail_every and n % self.temp_fail_every == 0):
+            if n <= self.temp_fail_first or (
+                self.temp_fail_every and n % self.temp_fail_every == 0
+            ):
                 return "451 4.3.0 Temporary local problem, try again"
             content = envelope.original_content or b""
             self.received.append(
@@ -103,7 +110,9 @@ class SmtpServer:
         return f"smtp://{self.host}:{self.port}"
 
 
-def _authenticator(server: Any, session: Session, envelope: Envelope, mechanism: str, auth_data: Any) -> AuthResult:
+def _authenticator(
+    server: Any, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
     ok = (
         isinstance(auth_data, LoginPassword)
         and auth_data.login == SMTP_USER.encode()
@@ -143,7 +152,7 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 @pytest.fixture
 def tls_smtp_server(ca: trustme.CA, ca_file: str) -> Iterator[SmtpServer]:
-    """STARTTLS required, AUTH LOGIN/PLAIN required (only after TLS), certificate from the test CA."""
+    """STARTTLS and AUTH required (AUTH only after TLS); certificate from the test CA."""
     handler = RecordingHandler()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -30,7 +30,9 @@ class FileTransport:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"{directory}: cannot create the outbox folder ({exc.strerror})") from None
+            raise ConfigError(
+                f"{directory}: cannot create the outbox folder ({exc.strerror})"
+            ) from None
 
     def open_session(self) -> FileSession:
         return FileSession(self.directory)

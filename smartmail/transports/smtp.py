@@ -10,6 +10,7 @@ through `sendmail()`, so every reply can be classified and the queue id the serv
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import socket
 import ssl
@@ -142,7 +143,9 @@ class SmtpSession:
             raise
         except smtplib.SMTPServerDisconnected as exc:
             self.close()
-            raise TransientError(f"connection to {self.transport.url} lost: {_os_reason(exc)}") from None
+            raise TransientError(
+                f"connection to {self.transport.url} lost: {_os_reason(exc)}"
+            ) from None
         except smtplib.SMTPResponseException as exc:
             error = self.classify(exc.smtp_code, _text(exc.smtp_error), "DATA")
             if exc.smtp_code == 421:
@@ -152,7 +155,9 @@ class SmtpSession:
             raise error from None
         except (OSError, smtplib.SMTPException) as exc:
             self.close()
-            raise TransientError(f"connection to {self.transport.url} lost: {_os_reason(exc)}") from None
+            raise TransientError(
+                f"connection to {self.transport.url} lost: {_os_reason(exc)}"
+            ) from None
         self.sent_on_conn += 1
         return self.message_id_from_reply(reply, message)
 
@@ -195,10 +200,8 @@ class SmtpSession:
 
     @staticmethod
     def _reset(conn: smtplib.SMTP) -> None:
-        try:
+        with contextlib.suppress(OSError, smtplib.SMTPException):
             conn.rset()
-        except (OSError, smtplib.SMTPException):
-            pass
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -207,10 +210,8 @@ class SmtpSession:
         try:
             conn.quit()
         except (OSError, smtplib.SMTPException):
-            try:
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
 
 def classify_reply(code: int, text: str, stage: str) -> TransportError:
@@ -220,7 +221,7 @@ def classify_reply(code: int, text: str, stage: str) -> TransportError:
     if code in (530, 534, 535, 538):
         return StopRunError(f"authentication required or refused ({detail})", code=str(code))
     if 400 <= code < 500:
-        if "throttl" in lowered or "rate" in lowered and "exceed" in lowered:
+        if "throttl" in lowered or ("rate" in lowered and "exceed" in lowered):
             return ThrottledError(detail, code=str(code))
         return TransientError(detail, code=str(code))
     if 500 <= code < 600:
