@@ -31,6 +31,7 @@ from .sources import Row
 
 ADDRESS_HEADERS = ("from", "to", "cc", "bcc", "reply-to")
 ATTACHMENT_HEADER = "attachment"
+_SEP = "\x00"
 _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
 
 Renderer = Callable[[Mapping[str, Any]], str]
@@ -124,7 +125,11 @@ class MessageTemplate:
         if not any(h.lower() == "subject" for h, _ in raw_headers):
             raise TemplateError(name, "no Subject: header in the header block")
         self.has_to = any(h.lower() == "to" for h, _ in raw_headers)
-        self._headers = [(h, _compile(plain_env, v, f"{name}, header {h}")) for h, v in raw_headers]
+        for h, v in raw_headers:
+            _compile(plain_env, v, f"{name}, header {h}")  # a syntax error names its header
+        # All header values render in one Jinja call (NUL-separated, as NUL can never be in a
+        # header): one render per row instead of one per header.
+        self._header_block = _compile(plain_env, _SEP.join(v for _, v in raw_headers), name)
         self._text = _compile(plain_env, body, name)
         self._html: Renderer | None = None
         if html is not None:
@@ -214,9 +219,14 @@ class MessageTemplate:
         if not self.has_to:
             headers.append(("To", recipient))
             envelope.append(recipient)
-        for name, render in self._headers:
-            value = render(ctx).strip()
-            if "\r" in value or "\n" in value or "\x00" in value:
+        values = self._header_block(ctx).split(_SEP)
+        if len(values) != len(self.header_names):
+            raise InvalidRowError(
+                Location(source_name, row.number), "a header value contains a NUL character"
+            )
+        for name, value in zip(self.header_names, values, strict=True):
+            value = value.strip()
+            if "\r" in value or "\n" in value:
                 raise InvalidRowError(
                     Location(source_name, row.number),
                     f"the rendered {name}: header contains a line break (header injection); "
@@ -229,7 +239,7 @@ class MessageTemplate:
             if not value:
                 continue
             if lower in ADDRESS_HEADERS:
-                value, addrs = _check_addresses(name, value, row, source_name, allow_utf8_local)
+                addrs = _check_addresses(name, value, row, source_name, recipient, allow_utf8_local)
                 if lower == "from":
                     sender = addrs[0]
                 elif lower in ("to", "cc", "bcc"):
@@ -257,14 +267,17 @@ class MessageTemplate:
 
 
 def _check_addresses(
-    name: str, value: str, row: Row, source_name: str, allow_utf8_local: bool
-) -> tuple[str, list[str]]:
+    name: str, value: str, row: Row, source_name: str, recipient: str, allow_utf8_local: bool
+) -> list[str]:
     """Validate every address of an address header; return the value and the bare addresses."""
     pairs = addresses.parse_list(value)
     if not pairs:
         raise InvalidRowError(Location(source_name, row.number), f"{name}: header has no address")
     result: list[str] = []
     for _display, addr in pairs:
+        if addr == recipient:
+            result.append(addr)
+            continue
         try:
             ok = addresses.validate(addr, allow_utf8_local=allow_utf8_local)
         except addresses.AddressError as exc:
@@ -276,7 +289,7 @@ def _check_addresses(
         raise InvalidRowError(
             Location(source_name, row.number), "From: must hold exactly one address"
         )
-    return value, result
+    return result
 
 
 def _read(path: Path) -> str:
