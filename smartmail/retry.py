@@ -18,7 +18,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from .errors import TransientError
@@ -71,9 +72,8 @@ class RetryPolicy:
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self.max_retries),
             # Doubling from where the first wait left off: initial, 2x, 4x ... up to maximum.
-            wait=wait_exponential_jitter(
-                initial=self.initial * 2, max=self.maximum, jitter=self.jitter
-            ),
+            wait=wait_exponential(multiplier=self.initial * 2, max=self.maximum)
+            + wait_random(0, self.jitter),
             sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,

@@ -59,7 +59,20 @@ class RecordingHandler:
     throttle_first: int = 0
     reject_rcpt: set[str] = field(default_factory=set)
     data_commands: int = 0
+    peers: set[Any] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_EHLO(
+        self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        with self.lock:  # one peer (client address and port) per TCP connection
+            self.peers.add(session.peer)
+        session.host_name = hostname
+        return responses
+
+    @property
+    def connections(self) -> int:
+        return len(self.peers)
 
     async def handle_RCPT(
         self,
@@ -118,7 +131,7 @@ def _authenticator(
         and auth_data.login == SMTP_USER.encode()
         and auth_data.password == SMTP_PASSWORD.encode()
     )
-    return AuthResult(success=ok)
+    return AuthResult(success=ok, handled=False)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,10 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from smartmail import MessageTemplate, RecipientSource, SendOptions, SourceSpec, preflight
+from smartmail import RecipientSource, SourceSpec
 from smartmail.errors import SourceError
 
-from .conftest import TEMPLATE, free_port
+from .conftest import free_port
 
 CREDS = {
     "AWS_ACCESS_KEY_ID": "testing",
