@@ -56,4 +56,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if RECORDER.calls:
         calls = ", ".join(f"{s}:{op} x{n}" for (s, op), n in sorted(RECORDER.calls.items()))
-        terminalreporter.write_line(f"AWS operations made by smartmail (all checked): {calls}")
+        terminalreporter.write_line(
+            f"AWS operations made by smartmail (checked against IAMpolicy.json): {calls}"
+        )
