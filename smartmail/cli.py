@@ -350,7 +350,7 @@ def _fit_quota(
         quota = transport.send_quota()
     except ConfigError as exc:
         if kw["rate"] is None:
-            raise
+            raise ConfigError(f"{exc}; or give --rate to send without it") from None
         err_console.print(f"[yellow]warning:[/] 24-hour quota not checked: {exc}", highlight=False)
         return
     to_send = rows_to_send(checked.valid, options.limit, options.test_to)
