@@ -28,7 +28,13 @@ from smartmail import RetryPolicy, cli
 from .aws_helpers import REGION, StubPlan, parse, ses_backend, verify_sender
 from .conftest import make_csv
 
-pytestmark = pytest.mark.usefixtures("aws_env")
+pytestmark = pytest.mark.usefixtures("aws_env", "in_tmp_folder")
+
+
+@pytest.fixture
+def in_tmp_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`send` writes SOURCE.failed.csv into the current folder: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
