@@ -179,11 +179,18 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
 @click.option("--log-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds between progress lines in log mode.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
-@click.option("--configuration-set", envvar="SMARTMAIL_CONFIGURATION_SET", show_envvar=True,
-              help="SES configuration set for every message (events, dedicated IPs).")
-@click.option("--allow-partial", is_flag=True,
-              help="SES: when the rows exceed what is left of the 24-hour quota, send what fits "
-                   "and leave the rest for a later run (default: refuse to start).")
+@click.option(
+    "--configuration-set",
+    envvar="SMARTMAIL_CONFIGURATION_SET",
+    show_envvar=True,
+    help="SES configuration set for every message (events, dedicated IPs).",
+)
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="SES: when the rows exceed what is left of the 24-hour quota, send what fits "
+    "and leave the rest for a later run (default: refuse to start).",
+)
 def send_cmd(**kw: Any) -> None:
     """Validate every row, then send one message per row.
 
@@ -227,10 +234,20 @@ def send_cmd(**kw: Any) -> None:
 
 
 @cli.command("quota")
-@click.option("--transport", "transport_url", envvar="SMARTMAIL_TRANSPORT", show_envvar=True,
-              required=True, help="ses://REGION or ses+smtp://REGION.")
-@click.option("--from", "sender", metavar="ADDRESS",
-              help="Also check that SES lets this sender address (or its domain) send.")
+@click.option(
+    "--transport",
+    "transport_url",
+    envvar="SMARTMAIL_TRANSPORT",
+    show_envvar=True,
+    required=True,
+    help="ses://REGION or ses+smtp://REGION.",
+)
+@click.option(
+    "--from",
+    "sender",
+    metavar="ADDRESS",
+    help="Also check that SES lets this sender address (or its domain) send.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs.")
 def quota_cmd(transport_url: str, sender: str | None, as_json: bool, debug: bool) -> None:
