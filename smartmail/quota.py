@@ -157,13 +157,15 @@ class IdentityStatus:
 
 
 def sender_identity(region: str, sender: str) -> IdentityStatus:
-    """Check the address identity, then its domain: SES accepts either when verified."""
+    """Check the address identity, then its domain: SES lets the sender send when either is
+    verified (a pending address identity does not stop a verified domain)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from . import aws
 
     client = aws.client("sesv2", region=region)
     domain = sender.rpartition("@")[2].lower()
+    found: list[IdentityStatus] = []
     for identity in (sender, domain):
         if not identity:
             continue
@@ -179,8 +181,10 @@ def sender_identity(region: str, sender: str) -> IdentityStatus:
             raise ConfigError(f"cannot check the SES identity {identity} ({exc})") from None
         status = str(answer.get("VerificationStatus", "UNKNOWN"))
         verified = bool(answer.get("VerifiedForSendingStatus")) or status == "SUCCESS"
-        return IdentityStatus(sender, identity, verified, status)
-    return IdentityStatus(sender, None, False, "NOT_FOUND")
+        found.append(IdentityStatus(sender, identity, verified, status))
+        if verified:
+            return found[-1]
+    return found[0] if found else IdentityStatus(sender, None, False, "NOT_FOUND")
 
 
 @dataclass(frozen=True)

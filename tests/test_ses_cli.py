@@ -20,10 +20,12 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
-from smartmail import RetryPolicy, cli
+from smartmail import RetryPolicy, aws, cli
+from smartmail.quota import sender_identity
 
 from .aws_helpers import REGION, StubPlan, parse, ses_backend, verify_sender
 from .conftest import make_csv
@@ -284,3 +286,45 @@ def test_quota_command_json_and_an_unverified_sender_exit_2(
 def test_quota_command_refuses_a_non_ses_transport(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["quota", "--transport", "smtp://localhost:587"], capsys)
     assert code == 2 and "not an SES transport" in err
+
+
+def identity_answers(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str | None]) -> None:
+    """SES v2 GetEmailIdentity answers per identity (None: not found), on smartmail's client."""
+
+    def hook(client: Any) -> None:
+        if client.meta.service_model.service_name != "sesv2":
+            return
+        stubber = Stubber(client)
+        for identity, status in answers.items():
+            params = {"EmailIdentity": identity}
+            if status is None:
+                stubber.add_client_error(
+                    "get_email_identity", "NotFoundException", http_status_code=404,
+                    expected_params=params,
+                )  # fmt: skip
+            else:
+                answer = {
+                    "VerificationStatus": status,
+                    "VerifiedForSendingStatus": status == "SUCCESS",
+                }
+                stubber.add_response("get_email_identity", answer, expected_params=params)
+        stubber.activate()
+
+    monkeypatch.setattr(aws, "CLIENT_HOOKS", [*aws.CLIENT_HOOKS, hook])
+
+
+@pytest.mark.parametrize(
+    ("answers", "verified", "via"),
+    [
+        ({"news@acme.example": "PENDING", "acme.example": "SUCCESS"}, True, "acme.example"),
+        ({"news@acme.example": "SUCCESS"}, True, "news@acme.example"),
+        ({"news@acme.example": "PENDING", "acme.example": None}, False, "news@acme.example"),
+        ({"news@acme.example": None, "acme.example": "FAILED"}, False, "acme.example"),
+    ],
+)
+def test_sender_is_verified_by_its_address_or_its_domain(
+    monkeypatch: pytest.MonkeyPatch, answers: dict[str, str | None], verified: bool, via: str
+) -> None:
+    identity_answers(monkeypatch, answers)
+    status = sender_identity(REGION, "news@acme.example")
+    assert (status.verified, status.identity) == (verified, via)
