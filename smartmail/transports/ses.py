@@ -133,7 +133,8 @@ def classify_client_error(exc: BaseException, sender: str = "") -> TransportErro
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return StopRunError(f"no usable AWS credentials ({type(exc).__name__})")
     if isinstance(exc, ParamValidationError):
-        return PermanentError(f"SES request refused before sending: {exc}")
+        reason = " ".join(str(exc).split())[:300]  # one line, never the whole message body
+        return PermanentError(f"SES request refused before sending: {reason}")
     if isinstance(exc, BotoCoreError):
         return TransientError(f"SES connection problem: {aws_reason(exc)}")
     return TransientError(f"SES connection problem: {type(exc).__name__}: {exc}")
