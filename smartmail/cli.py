@@ -295,6 +295,18 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
     help="Seconds between progress lines in log mode.",
 )
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@click.option(
+    "--configuration-set",
+    envvar="SMARTMAIL_CONFIGURATION_SET",
+    show_envvar=True,
+    help="SES configuration set for every message (events, dedicated IPs).",
+)
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="SES: when the rows exceed what is left of the 24-hour quota, send what fits "
+    "and leave the rest for a later run (default: refuse to start).",
+)
 def send_cmd(**kw: Any) -> None:
     """Validate every row, then send one message per row.
 
@@ -315,6 +327,7 @@ def send_cmd(**kw: Any) -> None:
         from .errors import PreflightError
 
         raise PreflightError(checked.fatal, checked.fatal_count)
+    _fit_quota(kw, transport, checked, options)
     _confirm(kw["yes"], checked, options, transport)
     limiter = _limiter(kw["rate"], kw["burst"], transport)
     stop = threading.Event()
@@ -338,6 +351,51 @@ def send_cmd(**kw: Any) -> None:
         )
     _finish_summary(summary, kw["report_path"])
     raise SystemExit(_exit_code(summary, received))
+
+
+@cli.command("quota")
+@click.option(
+    "--transport",
+    "transport_url",
+    envvar="SMARTMAIL_TRANSPORT",
+    show_envvar=True,
+    required=True,
+    help="ses://REGION or ses+smtp://REGION.",
+)
+@click.option(
+    "--from",
+    "sender",
+    metavar="ADDRESS",
+    help="Also check that SES lets this sender address (or its domain) send.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs.")
+def quota_cmd(transport_url: str, sender: str | None, as_json: bool, debug: bool) -> None:
+    """Show the SES account's sending limits and usage, and check a sender identity.
+
+    Exits 2 when the sender given with --from is not verified.
+    """
+    import json
+
+    from rich.table import Table
+
+    from .quota import account_report, region_from_url
+
+    setup_logging(debug)
+    report = account_report(region_from_url(transport_url), sender)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        table = Table(title="SES account", show_header=False, title_justify="left")
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+        for name, value in report.rows():
+            table.add_row(name, value)
+        out_console.print(table)
+        for warning in report.warnings:
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if not report.ok:
+        raise SystemExit(EXIT_USAGE)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -410,6 +468,7 @@ def _transport(kw: dict[str, Any]) -> Transport:
         timeout=kw["timeout"],
         messages_per_connection=kw["messages_per_connection"],
         ca_file=kw["smtp_ca_file"],
+        configuration_set=kw.get("configuration_set"),
         tags=_tags(kw["tags"]),
     )
     return get_transport(url, options)
@@ -418,6 +477,32 @@ def _transport(kw: dict[str, Any]) -> Transport:
 def _limiter(rate: float | None, burst: int, transport: Transport) -> Limiter:
     rate = rate if rate is not None else transport.default_rate()
     return TokenBucket(rate, burst) if rate else Unlimited()
+
+
+def _fit_quota(
+    kw: dict[str, Any], transport: Transport, checked: PreflightResult, options: SendOptions
+) -> None:
+    """SES: refuse a run that does not fit the 24-hour quota, or trim it with --allow-partial."""
+    from .quota import QuotaSource, plan_limit, rows_to_send
+
+    if not isinstance(transport, QuotaSource):
+        return
+    try:
+        quota = transport.send_quota()
+    except ConfigError as exc:
+        if kw["rate"] is None:
+            raise ConfigError(f"{exc}; or give --rate to send without it") from None
+        err_console.print(f"[yellow]warning:[/] 24-hour quota not checked: {exc}", highlight=False)
+        return
+    to_send = rows_to_send(checked.valid, options.limit, options.test_to)
+    limit = plan_limit(to_send, quota, allow_partial=kw["allow_partial"])
+    if limit is not None:
+        options.limit = limit
+        err_console.print(
+            f"--allow-partial: sending {limit} of {to_send} now (what is left of the SES "
+            "24-hour quota); the rest stays unsent for a later run",
+            highlight=False,
+        )
 
 
 def _default_failed_csv(source: RecipientSource) -> str:

@@ -19,6 +19,8 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
+pytest_plugins = ["tests.aws_recorder", "tests.aws_helpers"]
+
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "s3cret-Pa55word"
 
@@ -51,6 +53,8 @@ class RecordingHandler:
     - `reject_rcpt`: these recipients get 550 at RCPT (permanent).
     - `temp_fail_first`: the first N DATA commands answer 451.
     - `throttle_first`: the first N DATA commands answer 454 Throttling failure.
+    - `data_replies`: replies given, in order, to the next DATA commands (then normal).
+    - `ok_reply`: the 250 reply to an accepted DATA; `{n}` is the DATA command's number.
     """
 
     received: list[Received] = field(default_factory=list)
@@ -58,6 +62,8 @@ class RecordingHandler:
     temp_fail_first: int = 0
     throttle_first: int = 0
     reject_rcpt: set[str] = field(default_factory=set)
+    data_replies: list[str] = field(default_factory=list)
+    ok_reply: str = "250 2.0.0 Ok: queued as {n:08d}"
     data_commands: int = 0
     peers: set[Any] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -91,6 +97,8 @@ class RecordingHandler:
         with self.lock:
             self.data_commands += 1
             n = self.data_commands
+            if self.data_replies:
+                return self.data_replies.pop(0)
             if n <= self.throttle_first:
                 return "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
             if n <= self.temp_fail_first or (
@@ -101,7 +109,7 @@ class RecordingHandler:
             self.received.append(
                 Received(str(envelope.mail_from), list(envelope.rcpt_tos), bytes(content))
             )
-            return f"250 2.0.0 Ok: queued as {n:08d}"
+            return self.ok_reply.format(n=n)
 
     def by_recipient(self) -> dict[str, list[Received]]:
         out: dict[str, list[Received]] = {}

@@ -78,7 +78,7 @@ def register(scheme: str, factory: Factory) -> None:
 
 def get_transport(url: str, options: TransportOptions | None = None) -> Transport:
     """Build the transport a URL names, e.g. smtp://host:587, file://outbox, ses://eu-west-1."""
-    from . import file, smtp  # noqa: F401 - built-in transports register themselves
+    from . import file, ses, ses_smtp, smtp  # noqa: F401 - built-in transports register themselves
 
     parts = urlsplit(url)
     factory = _REGISTRY.get(parts.scheme)

@@ -1,0 +1,170 @@
+"""IAMpolicy.json allows exactly what smartmail calls, scoped by resource, and nothing with `*`.
+
+Three checks back each other up:
+- every AWS code path of smartmail is run here under moto and each operation its clients make
+  (recorded through `smartmail.aws.CLIENT_HOOKS`) must be allowed by the policy;
+- the session-wide recorder (tests/aws_recorder.py) does the same for every test in the run,
+  so a new AWS call added anywhere fails the run if the policy lacks its line;
+- a static scan of smartmail/ for boto3 client method names catches calls no test reaches.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.session
+import pytest
+from botocore import xform_name
+from moto import mock_aws
+
+from smartmail import (
+    MessageTemplate,
+    RecipientSource,
+    RetryPolicy,
+    SendOptions,
+    SourceSpec,
+    aws,
+    send_campaign,
+)
+from smartmail.quota import fetch_send_quota, sender_identity
+from smartmail.transports import TransportOptions, get_transport
+
+from .aws_helpers import REGION, verify_sender
+from .aws_recorder import RECORDER, OperationRecorder
+from .conftest import make_csv
+from .iam import allowed_actions, as_list, load_policy, not_allowed, statements
+
+SMARTMAIL = Path(__file__).resolve().parents[1] / "smartmail"
+SERVICES = ("s3", "ses", "sesv2", "sqs", "sns")
+
+
+def test_policy_is_valid_least_privilege_json() -> None:
+    policy = load_policy()
+    assert policy["Version"] == "2012-10-17"
+    for statement in statements(policy):
+        assert statement["Effect"] == "Allow"
+        for action in as_list(statement["Action"]):
+            assert re.fullmatch(r"[a-z0-9]+:[A-Za-z]+", action), action  # no '*' anywhere
+        resources = as_list(statement["Resource"])
+        if as_list(statement["Action"]) == ["ses:GetSendQuota"]:
+            assert resources == ["*"]  # GetSendQuota has no resource-level permissions
+        else:
+            assert all(r.startswith("arn:aws:") and "*" not in r.rstrip("*") for r in resources)
+    assert allowed_actions(policy) == {
+        "ses:SendEmail",
+        "ses:SendRawEmail",
+        "ses:GetSendQuota",
+        "ses:GetEmailIdentity",
+        "s3:GetObject",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes",
+    }
+
+
+def test_policy_scopes_sending_to_the_sender_and_reads_to_one_prefix() -> None:
+    by_sid = {s["Sid"]: s for s in statements(load_policy())}
+    send = by_sid["SendAsTheVerifiedSender"]
+    assert send["Condition"]["StringLike"]["ses:FromAddress"] == "*@SENDER_DOMAIN"
+    assert "arn:aws:ses:REGION:ACCOUNT_ID:identity/SENDER_DOMAIN" in send["Resource"]
+    assert by_sid["ReadTheRecipientLists"]["Resource"] == "arn:aws:s3:::BUCKET/PREFIX*"
+    assert by_sid["ConsumeSesEventsFromTheQueue"]["Resource"] == (
+        "arn:aws:sqs:REGION:ACCOUNT_ID:QUEUE"
+    )
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> OperationRecorder:
+    local = OperationRecorder()
+    monkeypatch.setattr(aws, "CLIENT_HOOKS", [*aws.CLIENT_HOOKS, local.watch])
+    return local
+
+
+@mock_aws
+@pytest.mark.usefixtures("aws_env")
+def test_every_aws_call_smartmail_makes_is_allowed_by_the_policy(
+    recorder: OperationRecorder, tmp_path: Path, template_file: Path
+) -> None:
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="lists")
+    s3.put_object(Bucket="lists", Key="r.csv", Body=make_csv(tmp_path / "r.csv", 2).read_bytes())
+    verify_sender()
+
+    transport = get_transport(f"ses://{REGION}", TransportOptions(configuration_set="cs"))
+    summary = send_campaign(  # S3 source (read twice) and the SES API send
+        RecipientSource(SourceSpec("s3://lists/r.csv")),
+        MessageTemplate.load(template_file),
+        transport,
+        options=SendOptions(workers=1),
+        retry=RetryPolicy(max_retries=0),
+    )
+    assert summary.sent == 2
+    assert transport.default_rate() == 1.0  # the quota, through the transport
+    fetch_send_quota(REGION)
+    assert sender_identity(REGION, "news@acme.example").verified
+    smtp = get_transport("ses+smtp://us-east-1", TransportOptions())
+    assert smtp.default_rate() == 1.0
+
+    assert set(recorder.calls) == {
+        ("s3", "GetObject"),
+        ("ses", "SendEmail"),
+        ("ses", "GetSendQuota"),
+        ("ses", "GetEmailIdentity"),
+    }
+    assert not_allowed(recorder.calls) == []
+
+
+def test_a_call_without_a_policy_line_is_caught() -> None:
+    calls = [("ses", "SendEmail"), ("ses", "ListIdentities"), ("sqs", "PurgeQueue")]
+    assert not_allowed(calls) == [
+        "ses ListIdentities needs ses:ListIdentities",
+        "sqs PurgeQueue needs sqs:PurgeQueue",
+    ]
+    policy = copy.deepcopy(load_policy())
+    for statement in statements(policy):
+        statement["Action"] = [a for a in as_list(statement["Action"]) if a != "ses:GetSendQuota"]
+    assert not_allowed([("ses", "GetSendQuota")], policy) == [
+        "ses GetSendQuota needs ses:GetSendQuota"
+    ]
+
+
+@mock_aws
+@pytest.mark.usefixtures("aws_env")
+def test_only_smartmails_own_clients_are_recorded(recorder: OperationRecorder) -> None:
+    assert RECORDER.watch in aws.CLIENT_HOOKS  # the session-wide check is really installed
+    boto3.client("sqs", region_name=REGION).create_queue(QueueName="set-up-only")
+    assert ("sqs", "CreateQueue") not in RECORDER.calls
+    aws.client("sqs", region=REGION).list_queues()
+    assert recorder.calls[("sqs", "ListQueues")] == 1
+    RECORDER.calls.pop(("sqs", "ListQueues"))  # made on purpose; not smartmail's own call
+
+
+def _operations() -> dict[str, set[tuple[str, str]]]:
+    session = botocore.session.get_session()
+    names: dict[str, set[tuple[str, str]]] = {}
+    for service in SERVICES:
+        model = session.get_service_model(service)
+        for operation in model.operation_names:
+            names.setdefault(xform_name(operation), set()).add((model.signing_name, operation))
+    return names
+
+
+def test_every_client_method_named_in_the_code_is_allowed_by_the_policy() -> None:
+    operations = _operations()
+    found: dict[str, Any] = {}
+    for path in sorted(SMARTMAIL.rglob("*.py")):
+        for match in re.finditer(r"\.([a-z_][a-z0-9_]*)\(", path.read_text(encoding="utf-8")):
+            if match.group(1) in operations:
+                found[match.group(1)] = path.relative_to(SMARTMAIL.parent)
+    assert {"get_object", "send_email", "get_send_quota", "get_email_identity"} <= set(found)
+    refused = {
+        name: str(where)
+        for name, where in found.items()
+        if all(not_allowed([call]) for call in operations[name])
+    }
+    assert refused == {}
