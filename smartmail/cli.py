@@ -170,7 +170,7 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
     summary = dry_run_summary(checked, options, transport.url if transport else "(none)")
     warning = unsubscribe.missing_warning(checked.valid, template.header_names)
     if warning:
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         summary.warnings.append(warning)
     _finish_summary(summary, report_path)
     if not checked.clean:
@@ -349,7 +349,7 @@ def suppress_import_cmd(
         encoding=encoding,
     )
     for problem in result.problems[:20]:
-        err_console.print(f"[yellow]warning:[/] {escape(problem)}")
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}", soft_wrap=True)
     if result.problem_count > 20:
         err_console.print(f"... and {result.problem_count - 20} more bad row(s)")
     click.echo(
@@ -429,7 +429,7 @@ def events_cmd(
         max_messages=max_messages,
         wait_seconds=wait_seconds,
         visibility_timeout=visibility_timeout,
-        on_problem=lambda line: err_console.print(f"[red]error:[/] {escape(line)}"),
+        on_problem=lambda line: err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True),
     )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
@@ -445,7 +445,7 @@ def _valid_addresses(values: tuple[str, ...]) -> list[str]:
         try:
             valid.append(validate_address(value))
         except AddressError as exc:
-            raise ConfigError(f"{value!r}: {exc}") from None
+            raise ConfigError(f"{exc}; nothing was added") from None
     return valid
 
 
