@@ -558,16 +558,17 @@ def _sqs_call(sqs: Any, operation: str, queue_url: str, request: dict[str, Any])
     """Call SQS; turn botocore errors into one line without request ids or credentials."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+    api = "".join(word.title() for word in operation.split("_"))
     try:
         return getattr(sqs, operation)(**request)
     except ClientError as exc:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", "")) or "error"
-        text = f"{queue_url}: SQS {operation}: {code} {err.get('Message', '')}".strip()
+        text = f"{queue_url}: SQS {api}: {code} {err.get('Message', '')}".strip()
         if code in _CONFIG_CODES:
             raise ConfigError(text) from None
         raise QueueError(text) from None
     except NoCredentialsError:
         raise ConfigError("no AWS credentials found (environment, profile or role)") from None
     except BotoCoreError as exc:
-        raise QueueError(f"{queue_url}: SQS {operation}: {exc}") from None
+        raise QueueError(f"{queue_url}: SQS {api}: {exc}") from None

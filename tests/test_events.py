@@ -7,7 +7,10 @@ moto's own SES feedback is not realistic.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from moto import mock_aws
 
 from smartmail import aws
 from smartmail.cli import cli
+from smartmail.errors import ConfigError
 from smartmail.events import (
     MalformedMessage,
     apply,
@@ -482,3 +486,71 @@ def test_region_comes_from_the_queue_url() -> None:
     assert region_from_queue_url("https://sqs.eu-west-1.amazonaws.com/1/q") == "eu-west-1"
     assert region_from_queue_url("https://ap-south-1.queue.amazonaws.com/1/q") == "ap-south-1"
     assert region_from_queue_url("http://localhost:4566/000000000000/q") is None
+
+
+def test_missing_queue_is_a_configuration_error(aws_env: None, state: Path) -> None:
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/no-such-queue"
+    with pytest.raises(ConfigError, match=r"no-such-queue.*ReceiveMessage"):
+        run_events(state, url)
+
+
+def test_queue_must_be_a_url(state: Path) -> None:
+    with pytest.raises(ConfigError, match="queue URL"):
+        run_events(state, "ses-feedback")
+
+
+@pytest.mark.slow
+def test_installed_command_against_a_moto_server(tmp_path: Path) -> None:
+    """The real `smartmail events` process: exit status 1 and one line per malformed message."""
+    from moto.server import ThreadedMotoServer
+
+    from .conftest import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "SMARTMAIL_STATE": str(tmp_path / "state.db"),
+        }
+        env.pop("AWS_PROFILE", None)
+        sqs = boto3.client(
+            "sqs",
+            region_name="us-east-1",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        url = sqs.create_queue(QueueName="feedback")["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(bounce("m-1", ["a@example.org"])))
+        junk = sqs.send_message(QueueUrl=url, MessageBody="<html>")["MessageId"]
+        exe = Path(sys.executable).with_name("smartmail")
+        done = subprocess.run(
+            [
+                str(exe),
+                "events",
+                "--queue",
+                url,
+                "--wait-seconds",
+                "0",
+                "--visibility-timeout",
+                "0",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 1, done.stderr
+        problem_lines = [line for line in done.stderr.splitlines() if junk in line]
+        assert len(problem_lines) == 1 and "malformed" in problem_lines[0]
+        assert SuppressionList(connect(tmp_path / "state.db")).reason("a@example.org") == "bounce"
+        left = sqs.receive_message(QueueUrl=url, VisibilityTimeout=0, WaitTimeSeconds=0)
+        assert [m["MessageId"] for m in left.get("Messages", [])] == [junk]
+    finally:
+        server.stop()
