@@ -312,8 +312,9 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
         click.echo(json.dumps([asdict(e) for e in entries], indent=2))
         return
     table = Table(title=f"suppressed addresses: {len(entries)}", title_justify="left")
-    for column in ("address", "reason", "detail", "since"):
-        table.add_column(column)
+    for column in ("address", "reason", "detail"):
+        table.add_column(column, overflow="fold")
+    table.add_column("since", no_wrap=True)
     for e in entries:
         table.add_row(escape(e.address), e.reason, escape(e.detail), e.created_at)
     out_console.print(table)
@@ -452,7 +453,7 @@ def _valid_addresses(values: tuple[str, ...]) -> list[str]:
 def _events_table(summary: ConsumeSummary) -> Table:
     table = Table(title="smartmail events", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     table.add_row("queue", summary.queue)
     table.add_row("received", str(summary.received))
     for kind, count in sorted(summary.applied.items()):
@@ -484,7 +485,9 @@ def _prepare(kw: dict[str, Any], *, preview: int) -> tuple[RecipientSource, Mess
     template = MessageTemplate.load(
         kw["template_path"],
         html_path=kw["html_template"],
-        extra_headers=unsubscribe.headers(kw["unsubscribe_url"], kw["unsubscribe_mailto"]),
+        extra_headers=unsubscribe.headers(
+            kw.get("unsubscribe_url"), kw.get("unsubscribe_mailto")
+        ),
     )
     campaign = kw["campaign"] or default_campaign_id(location, template.source_text)
     tags = _tags(kw["tags"])
