@@ -20,6 +20,8 @@ from typing import Any
 from .suppression import MAX_DETAIL, key
 
 _VALIDATION_TEXT = "Successfully validated SNS topic"
+# The types smartmail acts on, whose documented shape is required; any other type is recorded.
+ACTED_ON = ("Bounce", "Complaint", "Delivery")
 
 
 class MalformedMessage(ValueError):
@@ -93,7 +95,9 @@ def _feedback(msg: Mapping[str, Any], wrapped: bool) -> Feedback:
         raise MalformedMessage("no notificationType or eventType: not an SES notification")
     mail = msg.get("mail")
     if not isinstance(mail, Mapping):
-        raise MalformedMessage(f"{kind}: no 'mail' object")
+        if kind in ACTED_ON:
+            raise MalformedMessage(f"{kind}: no 'mail' object")
+        mail = {}
     provider_id = mail.get("messageId")
     if provider_id is not None and not isinstance(provider_id, str):
         raise MalformedMessage(f"{kind}: mail.messageId is not a string")
@@ -139,7 +143,7 @@ def _feedback(msg: Mapping[str, Any], wrapped: bool) -> Feedback:
     else:
         recipients, detail_obj = _other(msg, mail, kind)
         fid = None
-    if kind in ("Bounce", "Complaint", "Delivery") and not provider_id:
+    if kind in ACTED_ON and not provider_id:
         raise MalformedMessage(f"{kind}: no mail.messageId")
     if not isinstance(fid, str) or not fid:
         fid = _digest(json.dumps([kind, provider_id, detail_obj], sort_keys=True, default=str))

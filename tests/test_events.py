@@ -475,6 +475,14 @@ def test_unreadable_shapes_are_malformed(body: str, reason: str) -> None:
         parse(body)
 
 
+def test_an_unknown_event_type_is_recorded(state: Path) -> None:
+    conn = connect(state)
+    body = json.dumps({"eventType": "SomethingNew", "somethingNew": {"x": 1}})
+    applied = apply(conn, parse(body))
+    assert applied.recorded == 1 and applied.suppressed == 0
+    assert conn.execute("SELECT type FROM events").fetchone()[0] == "SomethingNew"
+
+
 def test_ses_topic_validation_message_is_not_an_error() -> None:
     text = "Successfully validated SNS topic for Amazon SES event publishing."
     envelope = {"Type": "Notification", "TopicArn": "arn:t", "MessageId": "1", "Message": text}
