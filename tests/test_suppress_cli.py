@@ -143,3 +143,14 @@ def test_state_path_from_the_environment(tmp_path: Path, monkeypatch: pytest.Mon
     result = CliRunner().invoke(cli, ["suppress", "add", "a@example.org"], catch_exceptions=False)
     assert result.exit_code == 0
     assert SuppressionList(connect(db)).reason("a@example.org") == "manual"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["suppress"], ["suppress", "add"], ["suppress", "remove"], ["suppress", "list"],
+     ["suppress", "import"], ["suppress", "export"], ["events"]],
+)  # fmt: skip
+def test_help(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "Usage: cli " + " ".join(command) in result.output

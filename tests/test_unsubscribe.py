@@ -164,8 +164,9 @@ def test_dry_run_warns_for_a_big_campaign_without_unsubscribe(
     )
     assert result.exit_code == 0, result.output
     assert f"warning: {UNSUBSCRIBE_WARN_THRESHOLD + 1} recipients and no List-Unsubscribe" in (
-        result.output
+        result.stderr
     )
+    assert "List-Unsubscribe" in result.stdout, "also a row of the summary table"
     assert any("List-Unsubscribe" in w for w in json.loads(report.read_text())["warnings"])
 
     quiet = invoke(
