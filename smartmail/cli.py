@@ -7,20 +7,26 @@ Nothing else in smartmail imports Click. Exit codes: 0 all sent, 1 some rows fai
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from . import __version__
+from . import __version__, unsubscribe
+from .addresses import AddressError
+from .addresses import validate as validate_address
 from .engine import (
     ON_DUPLICATE,
     ON_INVALID,
@@ -42,11 +48,14 @@ from .errors import (
     ConfigError,
     SmartmailError,
 )
+from .events import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, ConsumeSummary, consume, transaction
 from .progress import LogProgress, NullProgress, ProgressDisplay, RichProgress
 from .ratelimit import Limiter, TokenBucket, Unlimited
 from .report import Summary
 from .retry import RetryPolicy
 from .sources import RecipientSource, SourceSpec
+from .state import STATE_ENV, connect
+from .suppression import REASONS, SuppressionList, import_csv
 from .templates import MessageTemplate
 from .transports import Transport, TransportOptions, get_transport
 
@@ -76,6 +85,18 @@ def common_options(func: F) -> F:
             "--html-template",
             type=click.Path(dir_okay=False),
             help="HTML part. Default: the template's name with .html, when that file exists.",
+        ),
+        click.option(
+            "--unsubscribe-url",
+            metavar="TEMPLATE",
+            help="One-click unsubscribe URL, a Jinja2 template rendered per row, e.g. "
+            "'https://acme.example/u?e={{ email|urlencode }}'. Adds List-Unsubscribe and "
+            "(for https) List-Unsubscribe-Post.",
+        ),
+        click.option(
+            "--unsubscribe-mailto",
+            metavar="ADDRESS",
+            help="Also offer unsubscribing by mail to ADDRESS in List-Unsubscribe.",
         ),
         click.option(
             "--transport",
@@ -220,6 +241,10 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
     out_console.rule()
     _print_problems(checked)
     summary = dry_run_summary(checked, options, transport.url if transport else "(none)")
+    warning = unsubscribe.missing_warning(checked.valid, template.header_names)
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        summary.warnings.append(warning)
     _finish_summary(summary, report_path)
     if not checked.clean:
         raise SystemExit(EXIT_USAGE)
@@ -398,6 +423,231 @@ def quota_cmd(transport_url: str, sender: str | None, as_json: bool, debug: bool
         raise SystemExit(EXIT_USAGE)
 
 
+# --- suppression list and provider feedback ------------------------------------------------------
+
+
+def _feedback_state_option(func: F) -> F:
+    option = click.option(
+        "--state",
+        "state_path",
+        type=click.Path(dir_okay=False),
+        envvar=STATE_ENV,
+        show_envvar=True,
+        help="State database. Default: $XDG_STATE_HOME/smartmail/smartmail.db.",
+    )
+    return option(func)
+
+
+@cli.group("suppress")
+def suppress_group() -> None:
+    """The suppression list: addresses that are never sent to again.
+
+    Bounces and complaints are added by `smartmail events`; `send` and `dry-run` skip every
+    address on the list.
+    """
+
+
+@suppress_group.command("add")
+@click.argument("addresses_", metavar="ADDRESS...", nargs=-1, required=True)
+@click.option(
+    "--reason",
+    type=click.Choice(REASONS),
+    default="manual",
+    show_default=True,
+    help="Why the address is suppressed.",
+)
+@click.option("--detail", default="", help="A note kept with the entry.")
+@_feedback_state_option
+def suppress_add_cmd(
+    addresses_: tuple[str, ...], reason: str, detail: str, state_path: str | None
+) -> None:
+    """Suppress addresses (an address already on the list keeps its first reason)."""
+    valid = _valid_addresses(addresses_)
+    conn = connect(state_path)
+    with transaction(conn):
+        added = sum(SuppressionList(conn).add(a, reason, detail) for a in valid)
+    click.echo(f"suppressed {added} address(es); {len(valid) - added} already on the list")
+
+
+@suppress_group.command("remove")
+@click.argument("addresses_", metavar="ADDRESS...", nargs=-1, required=True)
+@_feedback_state_option
+def suppress_remove_cmd(addresses_: tuple[str, ...], state_path: str | None) -> None:
+    """Take addresses off the list, so they can be sent to again."""
+    conn = connect(state_path)
+    with transaction(conn):
+        removed = sum(SuppressionList(conn).remove(a) for a in addresses_)
+    click.echo(f"removed {removed} address(es); {len(addresses_) - removed} were not on the list")
+
+
+@suppress_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@_feedback_state_option
+def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
+    """Show every suppressed address, its reason and since when."""
+    entries = list(SuppressionList(connect(state_path)))
+    if as_json:
+        click.echo(json.dumps([asdict(e) for e in entries], indent=2))
+        return
+    table = Table(title=f"suppressed addresses: {len(entries)}", title_justify="left")
+    for column in ("address", "reason", "detail"):
+        table.add_column(column, overflow="fold")
+    table.add_column("since", no_wrap=True)
+    for e in entries:
+        table.add_row(escape(e.address), e.reason, escape(e.detail), e.created_at)
+    out_console.print(table)
+
+
+@suppress_group.command("import")
+@click.argument("csv_path", metavar="CSV")
+@click.option(
+    "--column",
+    default="email",
+    show_default=True,
+    help="Column holding the addresses (case-insensitive).",
+)
+@click.option(
+    "--reason",
+    type=click.Choice(REASONS),
+    help="Reason for every row. Default: the file's reason column, else manual.",
+)
+@click.option("--encoding", default="utf-8-sig", show_default=True, help="CSV encoding.")
+@_feedback_state_option
+def suppress_import_cmd(
+    csv_path: str, column: str, reason: str | None, encoding: str, state_path: str | None
+) -> None:
+    """Suppress every address in a CSV (a path or s3://bucket/key); safe to repeat.
+
+    Bad rows are reported with file, row and column and skipped; the exit status is then 1.
+    """
+    result = import_csv(
+        SuppressionList(connect(state_path)),
+        csv_path,
+        column=column,
+        reason=reason,
+        encoding=encoding,
+    )
+    for problem in result.problems[:20]:
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}", soft_wrap=True)
+    if result.problem_count > 20:
+        err_console.print(f"... and {result.problem_count - 20} more bad row(s)")
+    click.echo(
+        f"imported {result.rows} row(s): {result.added} newly suppressed, "
+        f"{result.already} already on the list, {result.problem_count} bad row(s) skipped"
+    )
+    if result.problem_count:
+        raise SystemExit(EXIT_SOME_FAILED)
+
+
+@suppress_group.command("export")
+@click.argument("csv_path", metavar="[CSV|-]", default="-")
+@_feedback_state_option
+def suppress_export_cmd(csv_path: str, state_path: str | None) -> None:
+    """Write the list as CSV (email, reason, detail, created_at) to a file or stdout (-)."""
+    suppressions = SuppressionList(connect(state_path))
+    if csv_path == "-":
+        suppressions.export_csv(sys.stdout)
+        return
+    try:
+        with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+            count = suppressions.export_csv(fh)
+    except OSError as exc:
+        raise ConfigError(f"{csv_path}: cannot write ({exc.strerror})") from None
+    err_console.print(f"exported {count} address(es) to {csv_path}")
+
+
+@cli.command("events")
+@click.option(
+    "--queue",
+    "queue_url",
+    required=True,
+    metavar="SQS_URL",
+    help="The SQS queue subscribed to the SES feedback SNS topic.",
+)
+@click.option(
+    "--max-messages",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="Stop after receiving this many messages.",
+)
+@click.option(
+    "--wait-seconds",
+    type=click.IntRange(0, SQS_MAX_WAIT),
+    default=5,
+    show_default=True,
+    help="Long-poll wait; an empty queue ends the run after it.",
+)
+@click.option(
+    "--visibility-timeout",
+    type=click.IntRange(0, SQS_MAX_VISIBILITY),
+    help="Seconds a received message stays hidden. Default: the queue's setting.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_feedback_state_option
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs.")
+def events_cmd(
+    queue_url: str,
+    max_messages: int,
+    wait_seconds: int,
+    visibility_timeout: int | None,
+    as_json: bool,
+    state_path: str | None,
+    debug: bool,
+) -> None:
+    """Apply SES bounces, complaints and deliveries from an SQS queue; bounded, for cron.
+
+    Permanent bounces and complaints suppress their recipients. Each message is deleted only
+    once applied; one that cannot be read is reported and left on the queue for its
+    dead-letter policy, and the exit status is then 1.
+    """
+    setup_logging(debug)
+    summary = consume(
+        queue_url,
+        connect(state_path),
+        max_messages=max_messages,
+        wait_seconds=wait_seconds,
+        visibility_timeout=visibility_timeout,
+        on_problem=lambda line: err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True),
+    )
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+    else:
+        out_console.print(_events_table(summary))
+    if not summary.ok:
+        raise SystemExit(EXIT_SOME_FAILED)
+
+
+def _valid_addresses(values: tuple[str, ...]) -> list[str]:
+    valid: list[str] = []
+    for value in values:
+        try:
+            valid.append(validate_address(value))
+        except AddressError as exc:
+            raise ConfigError(f"{exc}; nothing was added") from None
+    return valid
+
+
+def _events_table(summary: ConsumeSummary) -> Table:
+    table = Table(title="smartmail events", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_row("queue", summary.queue)
+    table.add_row("received", str(summary.received))
+    for kind, count in sorted(summary.applied.items()):
+        table.add_row(f"  applied: {kind}", str(count))
+    table.add_row("already applied (re-delivered)", str(summary.duplicates))
+    table.add_row("suppressed (new)", str(summary.suppressed))
+    table.add_row("deliveries updated", str(summary.deliveries_marked))
+    table.add_row("deleted from the queue", str(summary.deleted))
+    table.add_row("malformed (left on the queue)", str(len(summary.malformed)))
+    if summary.errors:
+        table.add_row("not applied (left on the queue)", str(len(summary.errors)))
+    if summary.delete_failed:
+        table.add_row("applied, not deleted", str(len(summary.delete_failed)))
+    return table
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -412,7 +662,11 @@ def _prepare(
         to_column=kw["to_column"],
     )
     source = RecipientSource(spec)
-    template = MessageTemplate.load(kw["template_path"], html_path=kw["html_template"])
+    template = MessageTemplate.load(
+        kw["template_path"],
+        html_path=kw["html_template"],
+        extra_headers=unsubscribe.headers(kw.get("unsubscribe_url"), kw.get("unsubscribe_mailto")),
+    )
     campaign = kw["campaign"] or default_campaign_id(location, template.source_text)
     tags = _tags(kw["tags"])
     tags.setdefault("campaign", campaign)

@@ -109,9 +109,29 @@ def _unstructured(name: str, value: str, utf8: bool) -> str:
         line = f"{name}: {value}"
         if len(line) <= _FOLD_AT or utf8:
             return line
-        return f"{name}: " + Header(value, "us-ascii", header_name=name).encode(linesep=CRLF)
+        return _fold(name, value)
     encoded = Header(value, "utf-8", header_name=name).encode(linesep=CRLF)
     return f"{name}: {encoded}"
+
+
+def _fold(name: str, value: str) -> str:
+    """Fold an ASCII value at spaces, keeping the first word on the header's own line.
+
+    `email.header.Header` would move a long first word (a URL in List-Unsubscribe) to a
+    continuation line, and parsers then read the value with a leading space.
+    """
+    lines: list[str] = []
+    current = f"{name}: "
+    first = True
+    for word in value.split(" "):
+        if first or not word or len(current) + 1 + len(word) <= _FOLD_AT:
+            current = current + word if first else f"{current} {word}"
+            first = False
+        else:
+            lines.append(current)
+            current = f" {word}"
+    lines.append(current)
+    return CRLF.join(lines)
 
 
 def _text_part(text: str, subtype: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .ratelimit import RateStats
@@ -129,6 +130,7 @@ class Summary:
     dry_run: bool = False
     test_to: str | None = None
     failed_csv: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -212,6 +214,8 @@ class Summary:
             table.add_row("interrupted", "yes: re-run to send the rest")
         if self.failed_csv:
             table.add_row("rows to re-drive", self.failed_csv)
+        for warning in self.warnings:
+            table.add_row("[yellow]warning[/]", f"[yellow]{escape(warning)}[/]")
         return table
 
     def print(self, console: Console) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from . import addresses
+from . import addresses, unsubscribe
 from .errors import InvalidRowError, Location, TemplateError
 from .sources import Row
 
@@ -238,6 +238,10 @@ class MessageTemplate:
                 continue
             if not value:
                 continue
+            if lower == "list-unsubscribe":
+                problem = unsubscribe.check_header(value)
+                if problem:
+                    raise InvalidRowError(Location(source_name, row.number), f"{name}: {problem}")
             if lower in ADDRESS_HEADERS:
                 addrs = _check_addresses(name, value, row, source_name, recipient, allow_utf8_local)
                 if lower == "from":

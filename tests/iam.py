@@ -1,7 +1,7 @@
 """IAMpolicy.json as the tests see it: which actions it allows, and which AWS calls it would refuse.
 
 An AWS API operation maps to the IAM action `<signing name>:<operation>` (SES v1 and v2 both
-sign as `ses`), except for the few S3 operations IAM names differently.
+sign as `ses`), except for the few S3 and SQS batch operations IAM names differently.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ _RENAMED = {
     ("s3", "HeadObject"): "s3:GetObject",
     ("s3", "ListObjectsV2"): "s3:ListBucket",
     ("s3", "HeadBucket"): "s3:ListBucket",
+    # SQS batch calls are authorised by the single-message action.
+    ("sqs", "DeleteMessageBatch"): "sqs:DeleteMessage",
+    ("sqs", "ChangeMessageVisibilityBatch"): "sqs:ChangeMessageVisibility",
+    ("sqs", "SendMessageBatch"): "sqs:SendMessage",
 }
 
 
