@@ -30,7 +30,7 @@ pytest: $(STAMP)
 test: lint pytest
 
 docs: $(STAMP)
-	$(BIN)/python -m smartmail.docs > docs/cli.md
+	$(BIN)/python -c "from smartmail.cli import reference; print(reference())" > docs/cli.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_smtp.py

@@ -46,6 +46,7 @@ from .errors import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     ConfigError,
+    PreflightError,
     SmartmailError,
 )
 from .events import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, ConsumeSummary, consume, transaction
@@ -63,7 +64,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 PASSWORD_ENV = "SMARTMAIL_SMTP_PASSWORD"
 DEBUG_ENV = "SMARTMAIL_DEBUG"
 
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: an error is one line, however narrow the terminal or log file.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
 
 
@@ -346,12 +348,10 @@ def send_cmd(**kw: Any) -> None:
     options.failed_csv = Path(kw["failed_csv"] or _default_failed_csv(source))
     transport = _transport(kw)
     checked = preflight(source, template, options, allow_utf8_local=transport.allow_utf8_local)
-    _print_problems(checked)
     if not checked.ok:
         transport.close()
-        from .errors import PreflightError
-
         raise PreflightError(checked.fatal, checked.fatal_count)
+    _print_problems(checked)
     _fit_quota(kw, transport, checked, options)
     _confirm(kw["yes"], checked, options, transport)
     limiter = _limiter(kw["rate"], kw["burst"], transport)
@@ -828,7 +828,7 @@ def _exit_code(summary: Summary, received: list[int]) -> int:
 
 def _print_problems(checked: PreflightResult, most: int = 20) -> None:
     for problem in checked.problems[:most]:
-        err_console.print(f"[yellow]warning:[/] {problem}", markup=True, highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(str(problem))}", highlight=False)
     if checked.problem_count > most:
         err_console.print(f"... and {checked.problem_count - most} more problem(s)")
 
@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> None:
     except SmartmailError as exc:
         if _debug():
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise SystemExit(exc.exit_code) from None
     except click.exceptions.Abort:
         err_console.print("Aborted: nothing was sent.")
@@ -875,3 +875,26 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         raise SystemExit(EXIT_SOME_FAILED) from None
+
+
+def reference() -> str:
+    """The CLI reference in Markdown, generated from --help (docs/cli.md; a test keeps it fresh)."""
+    lines = [
+        "# smartmail command reference",
+        "",
+        "Generated from `--help` by `make docs`; a test fails when it drifts.",
+        "",
+    ]
+    commands: list[tuple[str, click.Command]] = [("smartmail", cli)]
+    for name, command in sorted(cli.commands.items()):
+        commands.append((f"smartmail {name}", command))
+        if isinstance(command, click.Group):
+            for sub, subcommand in sorted(command.commands.items()):
+                commands.append((f"smartmail {name} {sub}", subcommand))
+    for full_name, command in commands:
+        with click.Context(
+            command, info_name=full_name, terminal_width=100, help_option_names=["-h", "--help"]
+        ) as ctx:
+            text = command.get_help(ctx)
+        lines += [f"## {full_name}", "", "```", text, "```", ""]
+    return "\n".join(lines)

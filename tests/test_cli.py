@@ -1,0 +1,229 @@
+"""The command line as users call it: help, exit codes, one-line errors, a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from smartmail.cli import cli, main, reference
+
+from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv, write
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def all_commands() -> list[list[str]]:
+    found: list[list[str]] = [[]]
+    for name, command in cli.commands.items():
+        found.append([name])
+        if isinstance(command, click.Group):
+            found += [[name, sub] for sub in command.commands]
+    return found
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=lambda c: " ".join(c) or "smartmail")
+def test_help_for_every_command(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: ")
+
+
+def test_cli_reference_is_up_to_date() -> None:
+    documented = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert documented.strip() == reference().strip(), "run `make docs` and commit docs/cli.md"
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def test_dry_run_of_the_examples_previews_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(
+        [
+            "dry-run",
+            str(EXAMPLES / "recipients.csv"),
+            "-t",
+            str(EXAMPLES / "welcome.txt"),
+            "--preview",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "row 2: to ann@example.org" in out and "row 3: to bjorn@example.org" in out
+    assert "Subject: Ann Lee, your Pro plan renews on 2026-12-01" in out
+    assert "valid" in out and "multipart/alternative" in out
+
+
+def test_dry_run_with_invalid_rows_exits_2_naming_row_and_column(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = write(tmp_path / "r.csv", "email,name,code\na@x.org,A,1\nnope,B,2\n")
+    code, _out, err = run_main(["dry-run", str(csv_path), "-t", str(template_file)], capsys)
+    assert code == 2
+    assert f"{csv_path}, row 3, column 'email': 'nope' is not an address" in err
+    assert "\n" not in err.strip().split("warning: ", 1)[1].split("warning:")[0].strip()
+
+
+def test_send_to_an_outbox_with_a_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outbox, report = tmp_path / "outbox", tmp_path / "report.json"
+    code, out, err = run_main(
+        [
+            "send",
+            str(EXAMPLES / "recipients.csv"),
+            "-t",
+            str(EXAMPLES / "welcome.txt"),
+            "--transport",
+            f"file://{outbox}",
+            "--yes",
+            "--report",
+            str(report),
+            "--progress",
+            "none",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    files = sorted(outbox.glob("*.eml"))
+    assert len(files) == 5 and files[0].name.startswith("000000002-ann@example.org")
+    data = json.loads(report.read_text())
+    assert (data["rows"], data["sent"], data["failed"], data["skipped"]) == (5, 5, 0, 0)
+    assert data["transport"] == f"file://{outbox}"
+    assert "smartmail summary" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["send", "missing.csv", "-t", "T", "--transport", "file://o"],
+            "missing.csv: no such file",
+        ),
+        (["send", "R", "-t", "nope.txt", "--transport", "file://o"], "nope.txt: no such file"),
+        (["send", "R", "-t", "T"], "no transport"),
+        (["send", "R", "-t", "T", "--transport", "smtp://u:pw@h:25"], "do not put a password"),
+        (["send", "R", "-t", "T", "--transport", "gopher://x"], "unknown transport"),
+        (
+            ["send", "-t", "T", "--transport", "file://o", "--bucket", "b"],
+            "--bucket and --key go together",
+        ),
+        (
+            ["send", "R", "-t", "T", "--transport", "file://o", "--tag", "oops"],
+            "expected KEY=VALUE",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(
+    tmp_path: Path,
+    template_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    expected: str,
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    os.chdir(tmp_path)
+    args = [str(csv_path) if a == "R" else str(template_file) if a == "T" else a for a in args]
+    code, _, err = run_main(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_malformed_csv_sends_nothing(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = write(tmp_path / "r.csv", "email,name,code\na@x.org,A,1\nb@x.org,B\n")
+    outbox = tmp_path / "outbox"
+    code, _, err = run_main(
+        [
+            "send",
+            str(csv_path),
+            "-t",
+            str(template_file),
+            "--transport",
+            f"file://{outbox}",
+            "--yes",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert f"{csv_path}, row 3: wrong number of fields" in err and "nothing was sent" in err
+    assert not list(outbox.glob("*.eml"))
+
+
+def installed_smartmail() -> str:
+    script = Path(sys.executable).parent / "smartmail"
+    assert script.exists(), "the package must be installed (make test does it)"
+    return str(script)
+
+
+@pytest.mark.slow
+def test_installed_command_against_a_real_server_without_a_terminal(
+    tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 40)
+    tls_smtp_server.handler.reject_rcpt = {"user5@example.org"}
+    env = {
+        **os.environ,
+        "SMARTMAIL_SMTP_PASSWORD": SMTP_PASSWORD,
+        "SMARTMAIL_STATE": str(tmp_path / "s.db"),
+    }
+    proc = subprocess.run(
+        [
+            installed_smartmail(),
+            "send",
+            str(csv_path),
+            "-t",
+            str(template_file),
+            "--transport",
+            tls_smtp_server.url,
+            "--smtp-user",
+            SMTP_USER,
+            "--smtp-ca-file",
+            str(tls_smtp_server.ca_file),
+            "--workers",
+            "4",
+            "--rate",
+            "40",
+            "--log-interval",
+            "0.2",
+            "--failed-csv",
+            str(tmp_path / "failed.csv"),
+            "--debug",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr  # one row failed for good
+    assert len(tls_smtp_server.handler.received) == 39
+    assert "\x1b" not in proc.stdout + proc.stderr, "no control characters when not on a terminal"
+    assert "rows, sent" in proc.stderr, "plain progress lines when not on a terminal"
+    assert SMTP_PASSWORD not in proc.stdout + proc.stderr
+    assert "user5@example.org" in (tmp_path / "failed.csv").read_text()
+
+
+def test_python_dash_m_works() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartmail", "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0 and "smartmail, version" in proc.stdout
