@@ -380,14 +380,16 @@ class Run:
             return
         send = session.send  # type: ignore[attr-defined]
         self.journal.sending(message)
-        started = time.monotonic()
+        started = 0.0
 
         def attempt() -> str:
+            nonlocal started
             if self.stop.is_set():
                 raise _Interrupted
             self.limiter.acquire()
             if self.stop.is_set():
                 raise _Interrupted
+            started = time.monotonic()  # latency is the provider's, not our rate-limit wait
             result: str = send(message)
             return result
 
