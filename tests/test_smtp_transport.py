@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from smartmail import (
     MessageTemplate,
     RecipientSource,
@@ -12,7 +14,9 @@ from smartmail import (
     SourceSpec,
     send_campaign,
 )
+from smartmail.errors import PermanentError, StopRunError, ThrottledError, TransientError
 from smartmail.transports import TransportOptions, get_transport
+from smartmail.transports.smtp import classify_reply
 
 from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv
 
@@ -58,3 +62,49 @@ def test_starttls_and_auth_with_verified_certificate(
     )
     assert summary.sent == 5
     assert len(tls_smtp_server.handler.received) == 5
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "kind"),
+    [
+        (421, "Service not available, closing channel", TransientError),
+        (451, "Temporary local problem", TransientError),
+        (452, "Insufficient system storage", TransientError),
+        (454, "Throttling failure: Maximum sending rate exceeded.", ThrottledError),
+        (550, "Mailbox unavailable", PermanentError),
+        (552, "Message size exceeds fixed maximum", PermanentError),
+        (554, "Transaction failed", PermanentError),
+        (535, "Authentication credentials invalid", StopRunError),
+    ],
+)
+def test_reply_classification(code: int, text: str, kind: type) -> None:
+    error = classify_reply(code, text, "DATA")
+    assert type(error) is kind
+    assert str(code) in str(error)
+
+
+def test_421_closes_the_connection_and_the_next_attempt_reconnects(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    smtp_server.handler.data_replies = ["421 4.3.2 Service shutting down"]
+    csv = make_csv(tmp_path / "r.csv", 5)
+    source = RecipientSource(SourceSpec(str(csv)))
+    summary = send_campaign(
+        source,
+        MessageTemplate.load(template_file),
+        get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+        options=SendOptions(workers=1),
+        retry=RetryPolicy(max_retries=2, initial=0.0, maximum=0.0, jitter=0.0),
+    )
+    assert summary.sent == 5 and summary.retries == 1
+    assert smtp_server.handler.connections == 2
+    assert len(smtp_server.handler.received) == 5
+
+
+def test_server_without_starttls_is_refused_unless_security_none(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 2)
+    summary = _run(smtp_server.url, csv, template_file)  # default: starttls
+    assert summary.unsent == 2 and summary.stopped and "STARTTLS" in summary.stopped
+    assert smtp_server.handler.received == []
