@@ -58,7 +58,7 @@ def build(
     lines: list[str] = []
     names = {name.lower() for name, _ in rendered.headers}
     if "date" not in names:
-        lines.append(f"Date: {formatdate(localtime=False)}")
+        lines.append(f"Date: {formatdate(localtime=False)[:-5]}+0000")  # UTC, stated as such
     message_id = ""
     for name, value in rendered.headers:
         lower = name.lower()
