@@ -7,6 +7,7 @@ Nothing else in smartmail imports Click. Exit codes: 0 all sent, 1 some rows fai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,11 +21,12 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, unsubscribe
+from . import __version__, campaigns, state, unsubscribe
 from .addresses import AddressError
 from .addresses import validate as validate_address
 from .engine import (
@@ -50,6 +52,7 @@ from .errors import (
     SmartmailError,
 )
 from .events import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, ConsumeSummary, consume, transaction
+from .ledger import CampaignRecord, Ledger
 from .progress import LogProgress, NullProgress, ProgressDisplay, RichProgress
 from .ratelimit import Limiter, TokenBucket, Unlimited
 from .report import Summary
@@ -202,6 +205,30 @@ def transport_options(func: F) -> F:
     return func
 
 
+def state_options(func: F) -> F:
+    """Where the ledger lives (`send`, `dry-run`)."""
+    options = [
+        click.option(
+            "--state",
+            "state_path",
+            type=click.Path(dir_okay=False),
+            envvar=state.STATE_ENV,
+            show_envvar=True,
+            help="State database (ledger, suppression list). "
+            "Default: $XDG_STATE_HOME/smartmail/smartmail.db.",
+        ),
+        click.option(
+            "--no-state",
+            is_flag=True,
+            help="Keep no ledger: no campaign lock, no skipping of addresses already "
+            "sent to or suppressed. For one-off sends only.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="smartmail")
 def cli() -> None:
@@ -214,6 +241,7 @@ def cli() -> None:
 @cli.command("dry-run")
 @common_options
 @transport_options
+@state_options
 @click.option(
     "--preview",
     type=int,
@@ -236,7 +264,8 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
     source, template, options = _prepare(kw, preview=preview)
     transport = _transport(kw) if kw["transport_url"] else None
     allow_utf8 = transport.allow_utf8_local if transport else True
-    checked = preflight(source, template, options, allow_utf8_local=allow_utf8)
+    ledger = _ledger(kw, options, lock=False)
+    checked = preflight(source, template, options, allow_utf8_local=allow_utf8, journal=ledger)
     for message in checked.previews:
         out_console.rule(f"row {message.row.number}: to {', '.join(message.recipients)}")
         click.echo(message.data.decode("utf-8", "replace").replace("\r\n", "\n"))
@@ -248,6 +277,7 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         summary.warnings.append(warning)
     _finish_summary(summary, report_path)
+    _already_sent_note(summary)
     if not checked.clean:
         raise SystemExit(EXIT_USAGE)
 
@@ -255,6 +285,7 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
 @cli.command("send")
 @common_options
 @transport_options
+@state_options
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),
@@ -346,14 +377,19 @@ def send_cmd(**kw: Any) -> None:
     options.test_to = kw["test_to"]
     options.check()
     options.failed_csv = Path(kw["failed_csv"] or _default_failed_csv(source))
+    ledger = _ledger(kw, options, lock=True)
     transport = _transport(kw)
-    checked = preflight(source, template, options, allow_utf8_local=transport.allow_utf8_local)
+    checked = preflight(
+        source, template, options, allow_utf8_local=transport.allow_utf8_local, journal=ledger
+    )
     if not checked.ok:
         transport.close()
         raise PreflightError(checked.fatal, checked.fatal_count)
     _print_problems(checked)
     _fit_quota(kw, transport, checked, options)
     _confirm(kw["yes"], checked, options, transport)
+    if ledger is not None:
+        ledger.begin(_campaign_record(options.campaign, kw, source, template, transport))
     limiter = _limiter(kw["rate"], kw["burst"], transport)
     stop = threading.Event()
     received: list[int] = []
@@ -370,11 +406,15 @@ def send_cmd(**kw: Any) -> None:
             options=options,
             limiter=limiter,
             retry=retry,
+            journal=ledger,
             progress=_progress(kw["progress_mode"], kw["log_interval"]),
             stop=stop,
             checked=checked,
         )
+    if ledger is not None:
+        ledger.close()
     _finish_summary(summary, kw["report_path"])
+    _already_sent_note(summary)
     raise SystemExit(_exit_code(summary, received))
 
 
@@ -652,16 +692,16 @@ def _events_table(summary: ConsumeSummary) -> Table:
 
 
 def _prepare(
-    kw: dict[str, Any], *, preview: int
+    kw: dict[str, Any], *, preview: int, source: RecipientSource | None = None
 ) -> tuple[RecipientSource, MessageTemplate, SendOptions]:
-    location = _source_location(kw["source"], kw["bucket"], kw["key"])
+    location = source.name if source else _source_location(kw["source"], kw["bucket"], kw["key"])
     spec = SourceSpec(
         location=location,
         encoding=kw["encoding"],
         delimiter=_delimiter(kw["delimiter"]),
         to_column=kw["to_column"],
     )
-    source = RecipientSource(spec)
+    source = source or RecipientSource(spec)
     template = MessageTemplate.load(
         kw["template_path"],
         html_path=kw["html_template"],
@@ -898,3 +938,278 @@ def reference() -> str:
             text = command.get_help(ctx)
         lines += [f"## {full_name}", "", "```", text, "```", ""]
     return "\n".join(lines)
+
+
+# --- the ledger: status, retry and their helpers -----------------------------------------------
+
+# Options of `send` that are about one run, not the campaign: never stored for `retry`.
+_PER_RUN = frozenset(
+    {
+        "source",
+        "bucket",
+        "key",
+        "yes",
+        "report_path",
+        "failed_csv",
+        "test_to",
+        "limit",
+        "progress_mode",
+        "log_interval",
+        "debug",
+        "state_path",
+        "no_state",
+        "preview",
+        "campaign",
+    }
+)
+_PATHS = frozenset({"template_path", "html_template", "smtp_ca_file"})
+_SECRET_WORDS = ("password", "secret", "token")
+_STATE_HELP = "State database. Default: $XDG_STATE_HOME/smartmail/smartmail.db."
+
+
+@cli.command("status")
+@click.argument("campaign", required=False)
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False),
+    envvar=state.STATE_ENV,
+    show_envvar=True,
+    help=_STATE_HELP,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> None:
+    """List campaigns and their delivery counts (sent, failed, skipped, pending, in doubt) and
+    the provider's feedback (delivered, bounced, complained)."""
+    path = Path(state_path) if state_path else state.default_state_path()
+    found: list[campaigns.CampaignStatus] = []
+    if path.exists():
+        conn = state.connect(path)
+        try:
+            found = campaigns.statuses(conn, path, campaign)
+        finally:
+            conn.close()
+    if campaign and not found:
+        raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in found], indent=2))
+        return
+    if not found:
+        out_console.print(f"no campaigns in {path}")
+        return
+    table = Table(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("campaign", no_wrap=True)
+    table.add_column("last run (UTC)", no_wrap=True)
+    for name in (
+        "sent",
+        "failed",
+        "skipped",
+        "pending",
+        "in doubt",
+        "delivered",
+        "bounced",
+        "complained",
+    ):
+        table.add_column(name, justify="right")
+    for c in found:
+        doubt = f"{c.in_flight} sending" if c.running else str(c.in_doubt)
+        table.add_row(
+            c.campaign + (" (running)" if c.running else ""),
+            (c.last_run or "")[:16].replace("T", " "),
+            *(str(n) for n in (c.sent, c.failed, c.skipped, c.pending)),
+            doubt,
+            *(str(n) for n in (c.delivered, c.bounced, c.complained)),
+        )
+    # Off a terminal (cron mail, a pipe) there is no width to respect: do not squeeze the table.
+    console = out_console if out_console.is_terminal else Console(width=160, highlight=False)
+    console.print(table)
+
+
+@cli.command("retry")
+@click.argument("campaign")
+@click.option(
+    "--in-doubt",
+    is_flag=True,
+    help="Send the rows left in doubt by a run that died mid-send instead of the failed "
+    "ones. Some of them may already have arrived once.",
+)
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False),
+    envvar=state.STATE_ENV,
+    show_envvar=True,
+    help=_STATE_HELP,
+)
+@click.option("--transport", "transport_url", help="Default: the campaign's transport.")
+@click.option(
+    "--smtp-security",
+    type=click.Choice(["starttls", "tls", "none"]),
+    help="Default: the campaign's.",
+)
+@click.option(
+    "--smtp-user",
+    envvar="SMARTMAIL_SMTP_USER",
+    show_envvar=True,
+    help=f"Default: the campaign's; the password is read from ${PASSWORD_ENV}.",
+)
+@click.option(
+    "--smtp-ca-file", type=click.Path(dir_okay=False, exists=True), help="Default: the campaign's."
+)
+@click.option("--timeout", type=float, help="Default: the campaign's.")
+@click.option("--workers", type=click.IntRange(1, 256), help="Default: the campaign's.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0, min_open=True), help="Default: the campaign's."
+)
+@click.option("--max-retries", type=click.IntRange(0, 20), help="Default: the campaign's.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the summary as JSON to this file.",
+)
+@click.option(
+    "--failed-csv",
+    type=click.Path(dir_okay=False),
+    help="Where to export rows that fail again. Default: SOURCE-NAME.failed.csv.",
+)
+@click.option(
+    "--progress",
+    "progress_mode",
+    type=click.Choice(["auto", "live", "log", "none"]),
+    default="auto",
+    show_default=True,
+    help="As for send.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs.")
+def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: Any) -> None:
+    """Send again the failed rows of CAMPAIGN (or, with --in-doubt, the in-doubt ones).
+
+    The rows come from the ledger (the values each row had when it was attempted), and the
+    template and send options are the campaign's, as stored by its last `send`; secrets come
+    from the environment again. Addresses suppressed since are skipped.
+    """
+    setup_logging(given["debug"])
+    which: campaigns.Which = "in-doubt" if in_doubt else "failed"
+    ledger = Ledger(state_path or state.default_state_path(), campaign, resend=which)
+    click.get_current_context().call_on_close(ledger.close)
+    record = campaigns.load(ledger.conn(), campaign)
+    if record is None:
+        raise ConfigError(
+            f"no campaign {campaign!r} in {ledger.path}; `smartmail status` lists them"
+        )
+    ledger.acquire()
+    rows = campaigns.retry_rows(ledger.conn(), campaign, which)
+    if not rows:
+        out_console.print(f"nothing to retry: campaign {campaign} has no {which} rows")
+        return
+    kw = _send_defaults()
+    kw.update(record.settings)
+    kw.update({k: v for k, v in given.items() if v is not None})
+    kw.update(campaign=campaign, log_interval=10.0)
+    stored = campaigns.LedgerSource(record.source, rows, kw["to_column"])
+    source, template, options = _prepare(kw, preview=0, source=stored)
+    if record.template_hash and record.template_hash != _template_hash(template):
+        err_console.print(
+            "[yellow]warning:[/] the template changed since the campaign was sent; "
+            "the retry uses it as it is now"
+        )
+    options.workers = kw["workers"]
+    options.check()
+    options.failed_csv = Path(kw["failed_csv"] or campaigns.failed_csv_name(record.source))
+    transport = _transport(kw)
+    checked = preflight(
+        source, template, options, allow_utf8_local=transport.allow_utf8_local, journal=ledger
+    )
+    _print_problems(checked)
+    if not checked.ok:
+        transport.close()
+        raise PreflightError(checked.fatal, checked.fatal_count)
+    _confirm(kw["yes"], checked, options, transport)
+    ledger.begin(None)
+    stop = threading.Event()
+    received: list[int] = []
+    retry = RetryPolicy(
+        max_retries=kw["max_retries"], initial=kw["retry_wait"], sleep=lambda s: _wait(stop, s)
+    )
+    with _signals(stop, received):
+        summary = send_campaign(
+            source,
+            template,
+            transport,
+            options=options,
+            limiter=_limiter(kw["rate"], kw["burst"], transport),
+            retry=retry,
+            journal=ledger,
+            progress=_progress(kw["progress_mode"], kw["log_interval"]),
+            stop=stop,
+            checked=checked,
+        )
+    ledger.close()
+    _finish_summary(summary, kw["report_path"])
+    raise SystemExit(_exit_code(summary, received))
+
+
+def _ledger(kw: dict[str, Any], options: SendOptions, *, lock: bool) -> Ledger | None:
+    """The campaign's ledger, locked for a send. None with --no-state, and for --test-to: a
+    proof sent to one address must not count as sending the campaign."""
+    if kw["no_state"] or options.test_to:
+        return None
+    if lock and options.on_duplicate == "all":
+        raise ConfigError(
+            "--on-duplicate all cannot work with the ledger, which keeps one delivery per "
+            "address and campaign; add --no-state to send to every duplicate row"
+        )
+    ledger = Ledger(kw["state_path"] or state.default_state_path(), options.campaign)
+    click.get_current_context().call_on_close(ledger.close)
+    if lock:
+        ledger.acquire()
+    return ledger
+
+
+def _wait(stop: threading.Event, seconds: float) -> None:
+    """A backoff sleep that ends early when the run is stopping."""
+    stop.wait(seconds)
+
+
+def _template_hash(template: MessageTemplate) -> str:
+    return hashlib.sha256(template.source_text.encode()).hexdigest()[:16]
+
+
+def _campaign_record(
+    campaign: str,
+    kw: dict[str, Any],
+    source: RecipientSource,
+    template: MessageTemplate,
+    transport: Transport,
+) -> CampaignRecord:
+    """What `retry` needs to send again the same way: every campaign-wide option of this
+    `send` (paths made absolute), never a secret (those come from the environment)."""
+    settings: dict[str, Any] = {}
+    for name, value in kw.items():
+        if name in _PER_RUN or any(word in name for word in _SECRET_WORDS):
+            continue
+        if name in _PATHS and value:
+            value = os.path.abspath(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, str | int | float | bool | list):
+            settings[name] = value
+    settings["to_column"] = source.to_column
+    where = source.name if source.spec.is_s3 else os.path.abspath(source.name)
+    return CampaignRecord(campaign, where, _template_hash(template), transport.url, settings)
+
+
+def _send_defaults() -> dict[str, Any]:
+    """The defaults of every `send` option, so a retry of an older campaign has them all."""
+    with send_cmd.make_context("send", [], resilient_parsing=True) as ctx:
+        return dict(ctx.params)
+
+
+def _already_sent_note(summary: Summary) -> None:
+    already = summary.skip_reasons.get("already sent", 0)
+    if already:
+        done = not (summary.sent or summary.failed or summary.unsent)
+        rest = "; nothing new to send" if done else ""
+        out_console.print(f"already sent: {already} (campaign {summary.campaign}){rest}")

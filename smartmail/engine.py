@@ -379,16 +379,20 @@ class Run:
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
             return
         send = session.send  # type: ignore[attr-defined]
-        self.journal.sending(message)
         started = 0.0
+        marked = False
 
         def attempt() -> str:
-            nonlocal started
+            nonlocal started, marked
             if self.stop.is_set():
                 raise _Interrupted
             self.limiter.acquire()
             if self.stop.is_set():
                 raise _Interrupted
+            if not marked:
+                # After the rate wait, so a crash while waiting leaves nothing in doubt.
+                self.journal.sending(message)
+                marked = True
             started = time.monotonic()  # latency is the provider's, not our rate-limit wait
             result: str = send(message)
             return result

@@ -131,6 +131,7 @@ class Summary:
     test_to: str | None = None
     failed_csv: str | None = None
     warnings: list[str] = field(default_factory=list)
+    in_doubt: int = 0
 
     @classmethod
     def build(
@@ -144,6 +145,8 @@ class Summary:
         **extra: Any,
     ) -> Summary:
         snap = metrics.snapshot()
+        skipped = metrics.reasons["skipped"]
+        extra.setdefault("in_doubt", sum(n for r, n in skipped.items() if r.startswith("in doubt")))
         lat = sorted(metrics.latencies)
         p50 = _percentile(lat, 50)
         p95 = _percentile(lat, 95)
@@ -191,6 +194,8 @@ class Summary:
         for reason, count in list(self.skip_reasons.items())[:5]:
             table.add_row(f"  {reason}", str(count))
         table.add_row("not sent (left for a later run)", str(self.unsent))
+        if self.in_doubt:
+            table.add_row("in doubt (not sent again)", str(self.in_doubt))
         if not self.dry_run:
             table.add_row("retries", str(self.retries))
             table.add_row("throttled", str(self.throttles))

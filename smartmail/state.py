@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS campaigns (
     source        TEXT NOT NULL,
     template_hash TEXT NOT NULL DEFAULT '',
     transport     TEXT NOT NULL DEFAULT '',
+    settings      TEXT NOT NULL DEFAULT '{}',  -- template paths, non-secret options (JSON)
     created_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     updated_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     last_run      TEXT

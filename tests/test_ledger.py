@@ -1,0 +1,331 @@
+"""The send ledger in-process: real SQLite, real aiosmtpd, the real CLI through CliRunner.
+
+Crash, overlap and signal behaviour with real processes is in test_ledger_processes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from smartmail import (
+    MessageTemplate,
+    RecipientSource,
+    RetryPolicy,
+    SendOptions,
+    SourceSpec,
+    build,
+    send_campaign,
+)
+from smartmail.cli import cli
+from smartmail.errors import LockedError, SmartmailError
+from smartmail.ledger import Ledger
+from smartmail.state import connect
+from smartmail.suppression import SuppressionList
+from smartmail.transports import TransportOptions, get_transport
+
+from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv, write
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Invoke the CLI as a user would; SmartmailError maps to its exit code as in `main`."""
+    result = CliRunner().invoke(cli, args, env=env, catch_exceptions=True)
+    code = result.exit_code
+    if isinstance(result.exception, SmartmailError):
+        code = result.exception.exit_code
+        return code, result.output + str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return code, result.output
+
+
+def send_args(csv: Path, template: Path, server: SmtpServer, db: Path, *extra: str) -> list[str]:
+    return [
+        "send", str(csv), "-t", str(template), "--transport", server.url,
+        "--smtp-security", "none", "--state", str(db), "--yes", "--progress", "none",
+        "--retry-wait", "0", "--failed-csv", str(db.parent / "failed.csv"), *extra,
+    ]  # fmt: skip
+
+
+def counts(db: Path, campaign: str) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM deliveries WHERE campaign = ? GROUP BY status",
+            (campaign,),
+        )
+        return {status: n for status, n in rows}
+    finally:
+        conn.close()
+
+
+def report(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def per_recipient(server: SmtpServer) -> dict[str, int]:
+    return {k: len(v) for k, v in server.handler.by_recipient().items()}
+
+
+# --- the ledger under load -----------------------------------------------------------------
+
+
+def test_sixteen_workers_lose_no_outcome(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    n = 300
+    csv = make_csv(tmp_path / "r.csv", n)
+    with csv.open("a") as fh:  # three rows the pre-flight skips as invalid
+        fh.write("not-an-address,Bad,X\n@nowhere,Bad,Y\nspace @x.org,Bad,Z\n")
+    smtp_server.handler.temp_fail_every = 7
+    smtp_server.handler.reject_rcpt = {f"user{i}@example.org" for i in (3, 50, 299)}
+    db = tmp_path / "state.db"
+    ledger = Ledger(db, "load")
+    ledger.acquire()
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(csv))),
+            MessageTemplate.load(template_file),
+            get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+            options=SendOptions(workers=16, campaign="load"),
+            retry=RetryPolicy(max_retries=10, initial=0.0, maximum=0.0, jitter=0.0),
+            journal=ledger,
+        )
+    finally:
+        ledger.close()
+    assert (summary.sent, summary.failed, summary.skipped) == (n - 3, 3, 3), summary.failure_reasons
+    assert counts(db, "load") == {"sent": n - 3, "failed": 3, "skipped": 3}
+    assert len(smtp_server.handler.received) == n - 3
+    conn = sqlite3.connect(db)
+    ids = [r[0] for r in conn.execute("SELECT provider_id FROM deliveries WHERE status = 'sent'")]
+    errors = [r[0] for r in conn.execute("SELECT last_error FROM deliveries WHERE status='failed'")]
+    conn.close()
+    assert None not in ids and len(set(ids)) == n - 3
+    assert all("550" in e for e in errors)
+
+
+def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
+    db = tmp_path / "state.db"
+    first = Ledger(db, "weekly")
+    first.acquire()
+    other = Ledger(db, "monthly")
+    other.acquire()  # another campaign is independent
+    with pytest.raises(LockedError, match="another smartmail run"):
+        Ledger(db, "weekly").acquire()
+    first.close()
+    again = Ledger(db, "weekly")
+    again.acquire()  # released on close
+    again.close()
+    other.close()
+
+
+# --- re-runs, retry and status through the CLI --------------------------------------------
+
+
+def test_rerun_of_a_finished_campaign_sends_nothing(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = make_csv(tmp_path / "r.csv", 12)
+    db = tmp_path / "state.db"
+    code, _ = run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "news"))
+    assert code == 0 and len(smtp_server.handler.received) == 12
+    code, out = run_cli(
+        send_args(csv, template_file, smtp_server, db, "--campaign", "news",
+                  "--report", str(tmp_path / "again.json"))
+    )  # fmt: skip
+    assert code == 0
+    assert "already sent: 12" in out and "nothing new to send" in out
+    assert len(smtp_server.handler.received) == 12
+    again = report(tmp_path / "again.json")
+    assert (again["sent"], again["skipped"], again["skip_reasons"]) == (0, 12, {"already sent": 12})
+    code, out = run_cli(["dry-run", str(csv), "-t", str(template_file), "--state", str(db),
+                         "--campaign", "news", "--preview", "0"])  # fmt: skip
+    assert code == 0 and "already sent: 12" in out
+
+
+def test_default_campaign_id_is_stable_across_runs(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = make_csv(tmp_path / "r.csv", 5)
+    db = tmp_path / "state.db"
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--limit", "2"))[0] == 0
+    code, out = run_cli(send_args(csv, template_file, smtp_server, db))
+    assert code == 0 and "already sent: 2" in out
+    assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(5)}
+
+
+def test_retry_sends_only_the_failed_rows(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = make_csv(tmp_path / "r.csv", 10)
+    db = tmp_path / "state.db"
+    handler = smtp_server.handler
+    handler.reject_rcpt = {"user2@example.org", "user7@example.org"}
+    handler.temp_fail_first = 1
+    args = send_args(csv, template_file, smtp_server, db, "--campaign", "c", "--workers", "1",
+                     "--max-retries", "0")  # fmt: skip
+    code, _ = run_cli(args)
+    assert code == 1
+    assert counts(db, "c") == {"sent": 7, "failed": 3}
+    assert len(handler.received) == 7
+    # A plain re-run does not hammer the failed addresses: that is what `retry` is for.
+    code, out = run_cli(args)
+    assert code == 0 and len(handler.received) == 7
+    assert "failed before" in out
+    handler.reject_rcpt = set()
+    code, out = run_cli(["retry", "c", "--state", str(db), "--yes", "--progress", "none",
+                         "--report", str(tmp_path / "retry.json")])  # fmt: skip
+    assert code == 0, out
+    assert report(tmp_path / "retry.json")["sent"] == 3
+    assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(10)}
+    assert counts(db, "c") == {"sent": 10}
+    code, out = run_cli(["retry", "c", "--state", str(db), "--yes"])
+    assert code == 0 and "nothing to retry" in out
+
+
+def test_retry_resends_in_doubt_rows_only_on_request(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = make_csv(tmp_path / "r.csv", 6)
+    db = tmp_path / "state.db"
+    args = send_args(csv, template_file, smtp_server, db, "--campaign", "d")
+    assert run_cli([*args, "--limit", "2"])[0] == 0
+    # A run that dies after committing `sending` for two rows and before their outcome:
+    # exactly what SIGKILL leaves (the process tests do it for real).
+    source = RecipientSource(SourceSpec(str(csv)))
+    template = MessageTemplate.load(template_file)
+    dying = Ledger(db, "d")
+    dying.acquire()
+    for row, _ in list(source.rows())[3:5]:
+        dying.sending(build(template.render(row, "email")))
+    dying.close()
+    code, out = run_cli([*args, "--report", str(tmp_path / "r2.json")])
+    assert code == 0
+    again = report(tmp_path / "r2.json")
+    assert (again["sent"], again["in_doubt"]) == (2, 2)
+    assert "in doubt (not sent again)" in out
+    assert sorted(per_recipient(smtp_server)) == [f"user{i}@example.org" for i in (0, 1, 2, 5)]
+    code, out = run_cli(["status", "d", "--state", str(db), "--json"])
+    assert json.loads(out)[0]["in_doubt"] == 2
+    code, out = run_cli(["retry", "d", "--in-doubt", "--state", str(db), "--yes",
+                         "--progress", "none"])  # fmt: skip
+    assert code == 0, out
+    assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(6)}
+    assert counts(db, "d") == {"sent": 6}
+
+
+def test_suppressed_addresses_are_skipped_by_send_and_dry_run(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = make_csv(tmp_path / "r.csv", 4)
+    db = tmp_path / "state.db"
+    conn = connect(db)
+    SuppressionList(conn).add("User1@Example.org", "bounce")
+    SuppressionList(conn).add("user3@example.org", "complaint")
+    conn.close()
+    code, _ = run_cli(["dry-run", str(csv), "-t", str(template_file), "--state", str(db),
+                       "--preview", "0", "--report", str(tmp_path / "dry.json")])  # fmt: skip
+    assert code == 0
+    assert report(tmp_path / "dry.json")["skip_reasons"] == {"suppressed": 2}
+    code, _ = run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "s",
+                                "--report", str(tmp_path / "send.json")))  # fmt: skip
+    assert code == 0
+    assert sorted(per_recipient(smtp_server)) == ["user0@example.org", "user2@example.org"]
+    assert report(tmp_path / "send.json")["skipped"] == 2
+    conn = sqlite3.connect(db)
+    why = dict(conn.execute("SELECT recipient, last_error FROM deliveries WHERE status='skipped'"))
+    conn.close()
+    assert why == {
+        "user1@example.org": "suppressed: bounce",
+        "user3@example.org": "suppressed: complaint",
+    }
+
+
+def test_test_to_runs_leave_the_ledger_alone(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = make_csv(tmp_path / "r.csv", 3)
+    db = tmp_path / "state.db"
+    args = send_args(csv, template_file, smtp_server, db, "--campaign", "t")
+    assert run_cli([*args, "--test-to", "me@example.net"])[0] == 0
+    assert per_recipient(smtp_server) == {"me@example.net": 1}
+    assert not db.exists()
+    assert run_cli(args)[0] == 0
+    assert per_recipient(smtp_server)["user0@example.org"] == 1
+    assert counts(db, "t") == {"sent": 3}
+
+
+def test_status_lists_campaigns_with_counts_and_feedback(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    db = tmp_path / "state.db"
+    csv = make_csv(tmp_path / "r.csv", 5)
+    smtp_server.handler.reject_rcpt = {"user4@example.org"}
+    run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "spring"))
+    run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "autumn", "--limit", "3"))
+    conn = sqlite3.connect(db)
+    for who, what in (("user0", "delivered"), ("user1", "bounced"), ("user2", "complained")):
+        conn.execute(
+            "UPDATE deliveries SET feedback = ? WHERE campaign = 'spring' AND recipient = ?",
+            (what, f"{who}@example.org"),
+        )
+    conn.commit()
+    conn.close()
+    code, out = run_cli(["status", "--state", str(db), "--json"])
+    assert code == 0
+    by_id = {c["campaign"]: c for c in json.loads(out)}
+    spring, autumn = by_id["spring"], by_id["autumn"]
+    assert (spring["sent"], spring["failed"], spring["pending"]) == (4, 1, 0)
+    assert (spring["delivered"], spring["bounced"], spring["complained"]) == (1, 1, 1)
+    assert (autumn["sent"], autumn["pending"], autumn["in_doubt"]) == (3, 2, 0)
+    code, out = run_cli(["status", "--state", str(db)])
+    assert code == 0
+    assert "spring" in out and "autumn" in out and "in doubt" in out and "complained" in out
+    code, out = run_cli(["status", "nosuch", "--state", str(db)])
+    assert code == 2 and "no campaign 'nosuch'" in out
+    code, out = run_cli(["retry", "nosuch", "--state", str(db)])
+    assert code == 2 and "no campaign 'nosuch'" in out
+
+
+def test_retry_uses_stored_settings_and_the_password_from_the_environment_only(
+    tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    assert tls_smtp_server.ca_file is not None
+    csv = make_csv(tmp_path / "r.csv", 4)
+    db = tmp_path / "state.db"
+    tls_smtp_server.handler.reject_rcpt = {"user1@example.org"}
+    env = {"SMARTMAIL_SMTP_PASSWORD": SMTP_PASSWORD}
+    code, _ = run_cli(
+        ["send", str(csv), "-t", str(template_file), "--transport", tls_smtp_server.url,
+         "--smtp-user", SMTP_USER, "--smtp-ca-file", tls_smtp_server.ca_file, "--state", str(db),
+         "--campaign", "tls", "--yes", "--progress", "none",
+         "--failed-csv", str(tmp_path / "f.csv")],
+        env=env,
+    )  # fmt: skip
+    assert code == 1
+    tls_smtp_server.handler.reject_rcpt = set()
+    code, out = run_cli(["retry", "tls", "--state", str(db), "--yes"], env={})
+    assert code == 2  # no password in the environment: refused by the server, nothing sent
+    assert len(tls_smtp_server.handler.received) == 3
+    code, out = run_cli(["retry", "tls", "--state", str(db), "--yes"], env=env)
+    assert code == 0, out
+    assert len(tls_smtp_server.handler.received) == 4
+    assert SMTP_PASSWORD.encode() not in db.read_bytes()
+
+
+def test_on_duplicate_all_needs_no_state(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = write(tmp_path / "r.csv", "email,name,code\na@x.org,A,1\na@x.org,A,2\n")
+    db = tmp_path / "state.db"
+    code, out = run_cli(send_args(csv, template_file, smtp_server, db, "--on-duplicate", "all"))
+    assert code == 2 and "--no-state" in out and not smtp_server.handler.received
+    code, _ = run_cli(send_args(csv, template_file, smtp_server, db, "--on-duplicate", "all",
+                                "--no-state"))  # fmt: skip
+    assert code == 0 and len(smtp_server.handler.received) == 2
