@@ -277,7 +277,7 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         summary.warnings.append(warning)
     _finish_summary(summary, report_path)
-    _already_sent_note(summary)
+    _ledger_notes(summary)
     if not checked.clean:
         raise SystemExit(EXIT_USAGE)
 
@@ -414,7 +414,7 @@ def send_cmd(**kw: Any) -> None:
     if ledger is not None:
         ledger.close()
     _finish_summary(summary, kw["report_path"])
-    _already_sent_note(summary)
+    _ledger_notes(summary)
     raise SystemExit(_exit_code(summary, received))
 
 
@@ -1207,9 +1207,15 @@ def _send_defaults() -> dict[str, Any]:
         return dict(ctx.params)
 
 
-def _already_sent_note(summary: Summary) -> None:
+def _ledger_notes(summary: Summary) -> None:
+    """One line each for what the ledger held back, so a cron mail says it plainly."""
     already = summary.skip_reasons.get("already sent", 0)
     if already:
-        done = not (summary.sent or summary.failed or summary.unsent)
+        done = not (summary.sent or summary.failed or summary.unsent or summary.in_doubt)
         rest = "; nothing new to send" if done else ""
         out_console.print(f"already sent: {already} (campaign {summary.campaign}){rest}")
+    if summary.in_doubt:
+        out_console.print(
+            f"in doubt: {summary.in_doubt} (in flight when an earlier run died; they may have "
+            f"arrived: `smartmail retry {summary.campaign} --in-doubt` sends them again)"
+        )

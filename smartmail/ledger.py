@@ -8,10 +8,11 @@ left. It is *in doubt* and, by default, not sent again (at most once); `smartmai
 CAMPAIGN --in-doubt` sends those on purpose.
 
 Writes go through one writer thread with its own connection that commits whatever is queued in
-one transaction (group commit): a worker waits for its own `sending` and outcome commits, so
-at most one row per worker can be left in doubt, yet a 16-worker run pays one fsync per batch,
-not one per message. Writes that nothing waits on (skips, rows left unsent) are not waited for.
-Reads (`skip_reason`) use a connection per calling thread.
+one transaction (group commit), so a 16-worker run pays one fsync per batch, not one per
+message. A worker waits only for its `sending` commit. Outcomes are queued without waiting: the
+writer takes the queue in order, so a worker's outcome is committed no later than its next
+`sending`, and at most one row per worker can be left in doubt by a crash. `close()` commits
+the rest. Reads (`skip_reason`) use a connection per calling thread.
 """
 
 from __future__ import annotations
@@ -207,7 +208,9 @@ class Ledger:
         self._guard = threading.Lock()
         self._in_flight: set[str] = set()
         self._writer: _Writer | None = None
-        self.in_doubt: frozenset[str] = self._sending_rows()
+        # Unlocked (dry-run): rows `sending` under a live run are in flight, not in doubt.
+        live = self.lock.held_elsewhere()
+        self.in_doubt: frozenset[str] = frozenset() if live else self._sending_rows()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -306,15 +309,15 @@ class Ledger:
         row = outcome.row
         base = (self.campaign, key, row.number, _row_json(row))
         if outcome.status == "sent":
-            self._write(_SENT, (*base, outcome.message_id), wait=True)
+            self._write(_SENT, (*base, outcome.message_id))
         elif outcome.status == "failed":
-            self._write(_FAILED, (*base, outcome.reason), wait=mine)
+            self._write(_FAILED, (*base, outcome.reason))
         elif outcome.status == "skipped":
-            self._write(_SKIPPED, (*base, outcome.reason), wait=False)
+            self._write(_SKIPPED, (*base, outcome.reason))
         elif mine:
-            self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key), wait=True)
+            self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key))
         else:
-            self._write(_PENDING, (*base, outcome.reason), wait=False)
+            self._write(_PENDING, (*base, outcome.reason))
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -340,7 +343,7 @@ class Ledger:
         )
         return frozenset(r[0] for r in rows)
 
-    def _write(self, sql: str, params: tuple[Any, ...], *, wait: bool) -> None:
+    def _write(self, sql: str, params: tuple[Any, ...], *, wait: bool = False) -> None:
         writer = self._writer
         if writer is None:
             raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")

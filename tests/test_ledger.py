@@ -287,6 +287,19 @@ def test_status_lists_campaigns_with_counts_and_feedback(
     code, out = run_cli(["status", "--state", str(db)])
     assert code == 0
     assert "spring" in out and "autumn" in out and "in doubt" in out and "complained" in out
+    # While a run holds the campaign, its `sending` rows are in flight, not in doubt.
+    live = Ledger(db, "autumn")
+    live.acquire()
+    row = next(RecipientSource(SourceSpec(str(csv))).rows())[0]
+    live.sending(build(MessageTemplate.load(template_file).render(row, "email")))
+    code, out = run_cli(["status", "autumn", "--state", str(db), "--json"])
+    (autumn,) = json.loads(out)
+    assert (autumn["running"], autumn["in_flight"], autumn["in_doubt"]) == (True, 1, 0)
+    code, out = run_cli(["status", "--state", str(db)])
+    assert "autumn (running)" in out and "1 sending" in out
+    live.close()
+    code, out = run_cli(["status", "autumn", "--state", str(db), "--json"])
+    assert json.loads(out)[0]["in_doubt"] == 1
     code, out = run_cli(["status", "nosuch", "--state", str(db)])
     assert code == 2 and "no campaign 'nosuch'" in out
     code, out = run_cli(["retry", "nosuch", "--state", str(db)])
