@@ -979,8 +979,11 @@ _STATE_HELP = "State database. Default: $XDG_STATE_HOME/smartmail/smartmail.db."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> None:
-    """List campaigns and their delivery counts (sent, failed, skipped, pending, in doubt) and
-    the provider's feedback (delivered, bounced, complained)."""
+    """List campaigns and their delivery counts.
+
+    Sent, failed, skipped, pending and in doubt from the ledger; delivered, bounced and
+    complained from the provider's feedback (`smartmail events`).
+    """
     path = Path(state_path) if state_path else state.default_state_path()
     found: list[campaigns.CampaignStatus] = []
     if path.exists():
@@ -1084,7 +1087,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs.")
 def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: Any) -> None:
-    """Send again the failed rows of CAMPAIGN (or, with --in-doubt, the in-doubt ones).
+    """Re-send the failed rows of a campaign (or, with --in-doubt, the in-doubt ones).
 
     The rows come from the ledger (the values each row had when it was attempted), and the
     template and send options are the campaign's, as stored by its last `send`; secrets come
@@ -1098,6 +1101,11 @@ def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: An
     if record is None:
         raise ConfigError(
             f"no campaign {campaign!r} in {ledger.path}; `smartmail status` lists them"
+        )
+    if not record.settings.get("template_path"):
+        raise ConfigError(
+            f"campaign {campaign!r} has no stored template and options (it was not sent by "
+            "`smartmail send`); send it again with `smartmail send`"
         )
     ledger.acquire()
     rows = campaigns.retry_rows(ledger.conn(), campaign, which)

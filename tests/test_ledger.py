@@ -108,6 +108,9 @@ def test_sixteen_workers_lose_no_outcome(
     conn.close()
     assert None not in ids and len(set(ids)) == n - 3
     assert all("550" in e for e in errors)
+    # A campaign driven from Python has no stored template: retry says so instead of guessing.
+    code, out = run_cli(["retry", "load", "--state", str(db), "--yes"])
+    assert code == 2 and "no stored template" in out
 
 
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
