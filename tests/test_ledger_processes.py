@@ -45,7 +45,7 @@ class SlowHandler(RecordingHandler):
 
 @pytest.fixture
 def slow_server() -> Iterator[SmtpServer]:
-    handler = SlowHandler(delay=0.2)
+    handler = SlowHandler(delay=0.4)
     controller = Controller(handler, hostname="127.0.0.1", port=free_port())
     controller.start()
     try:
@@ -121,11 +121,11 @@ def finish(proc: subprocess.Popen[bytes]) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [(1,), (4, 11)], ids=["early", "twice"])
+@pytest.mark.parametrize("kill_after", [(1,), (4, 9), (14,)], ids=["early", "twice", "late"])
 def test_sigkill_at_any_point_never_double_sends(
     slow_server: SmtpServer, tmp_path: Path, kill_after: tuple[int, ...]
 ):
-    n = 20
+    n = 16
     run = Runner(tmp_path, slow_server, n, rate=12)
     handler = slow_server.handler
     in_doubt: set[str] = set()
@@ -137,8 +137,9 @@ def test_sigkill_at_any_point_never_double_sends(
         left = {r for r, status in run.statuses().items() if status == "sending"}
         assert len(left - in_doubt) <= WORKERS  # at most one row per worker
         in_doubt |= left
-    # The message just accepted when the kill landed was still waiting for its reply.
-    assert in_doubt
+    # The message just accepted when the kill landed was still waiting for its reply: the
+    # worst case, delivered but not acknowledged.
+    assert in_doubt and any(run.received().get(a) for a in in_doubt)
     sent_before = sum(1 for s in run.statuses().values() if s == "sent")
 
     final = run.send()
