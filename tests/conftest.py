@@ -214,3 +214,13 @@ def template_file(tmp_path: Path) -> Path:
 def make_csv(path: Path, n: int, *, domain: str = "example.org") -> Path:
     lines = ["email,name,code"] + [f"user{i}@{domain},User {i},C{i:05d}" for i in range(n)]
     return write(path, "\n".join(lines) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def private_state(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No test (or subprocess it starts) reads or writes the user's real state database: the
+    ledger would remember every test campaign and skip it as already sent next time."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+    monkeypatch.delenv("SMARTMAIL_STATE", raising=False)
