@@ -1134,6 +1134,7 @@ def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: An
     if not checked.ok:
         transport.close()
         raise PreflightError(checked.fatal, checked.fatal_count)
+    _fit_quota(kw, transport, checked, options)
     _confirm(kw["yes"], checked, options, transport)
     ledger.begin(None)
     stop = threading.Event()
