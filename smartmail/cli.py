@@ -57,7 +57,7 @@ from .progress import LogProgress, NullProgress, ProgressDisplay, RichProgress
 from .ratelimit import Limiter, TokenBucket, Unlimited
 from .report import Summary
 from .retry import RetryPolicy
-from .sources import RecipientSource, SourceSpec
+from .sources import RecipientSource, SourceSpec, describe
 from .state import STATE_ENV, connect
 from .suppression import REASONS, SuppressionList, import_csv
 from .templates import MessageTemplate
@@ -707,7 +707,7 @@ def _prepare(
         html_path=kw["html_template"],
         extra_headers=unsubscribe.headers(kw.get("unsubscribe_url"), kw.get("unsubscribe_mailto")),
     )
-    campaign = kw["campaign"] or default_campaign_id(location, template.source_text)
+    campaign = kw["campaign"] or default_campaign_id(describe(spec), template.source_text)
     tags = _tags(kw["tags"])
     tags.setdefault("campaign", campaign)
     options = SendOptions(

@@ -153,12 +153,14 @@ def test_rerun_of_a_finished_campaign_sends_nothing(
 
 
 def test_default_campaign_id_is_stable_across_runs(
-    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):
     csv = make_csv(tmp_path / "r.csv", 5)
     db = tmp_path / "state.db"
     assert run_cli(send_args(csv, template_file, smtp_server, db, "--limit", "2"))[0] == 0
-    code, out = run_cli(send_args(csv, template_file, smtp_server, db))
+    # The same file named another way (relative, from its folder) is the same campaign.
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(send_args(Path("r.csv"), template_file, smtp_server, db))
     assert code == 0 and "already sent: 2" in out
     assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(5)}
 
