@@ -509,7 +509,13 @@ def send_campaign(
     options = options or SendOptions()
     options.check()
     if checked is None:
-        checked = preflight(source, template, options, allow_utf8_local=transport.allow_utf8_local)
+        checked = preflight(
+            source,
+            template,
+            options,
+            allow_utf8_local=transport.allow_utf8_local,
+            journal=None if options.test_to else journal,  # a test send ignores the ledger
+        )
     if not checked.ok:
         raise PreflightError(checked.fatal, checked.fatal_count)
     return Run(
