@@ -272,10 +272,14 @@ class Ledger:
     def skip_reason(self, recipient: str, row: Row) -> str | None:
         key = recipient_key(recipient)
         conn = self.conn()
-        found = conn.execute(
-            "SELECT status FROM deliveries WHERE campaign = ? AND recipient = ?",
-            (self.campaign, key),
-        ).fetchone()
+        try:
+            found = conn.execute(
+                "SELECT status FROM deliveries WHERE campaign = ? AND recipient = ?",
+                (self.campaign, key),
+            ).fetchone()
+            suppressed = SuppressionList(conn).reason(key)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: cannot read the ledger ({exc})") from None
         status = found[0] if found else None
         if status == "sent":
             return "already sent"
@@ -286,7 +290,6 @@ class Ledger:
                 return in_doubt_reason(self.campaign)
         if status == "failed" and self.resend != "failed":
             return f"failed before (smartmail retry {self.campaign} sends it again)"
-        suppressed = SuppressionList(conn).reason(key)
         if suppressed is not None:
             return f"suppressed: {suppressed}"
         return None
