@@ -211,6 +211,7 @@ class Ledger:
         # Unlocked (dry-run): rows `sending` under a live run are in flight, not in doubt.
         live = self.lock.held_elsewhere()
         self.in_doubt: frozenset[str] = frozenset() if live else self._sending_rows()
+        self._fresh = self._is_fresh()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -218,6 +219,7 @@ class Ledger:
         """Lock the campaign for this process; rows still `sending` now are in doubt."""
         self.lock.acquire()
         self.in_doubt = self._sending_rows()
+        self._fresh = self._is_fresh()
         writer = _Writer(self.path)
         writer.start()
         try:
@@ -273,10 +275,14 @@ class Ledger:
         key = recipient_key(recipient)
         conn = self.conn()
         try:
-            found = conn.execute(
-                "SELECT status FROM deliveries WHERE campaign = ? AND recipient = ?",
-                (self.campaign, key),
-            ).fetchone()
+            # A campaign with no deliveries when this run began has nothing to look up: the
+            # only rows it gains are this run's own, and pre-flight already dropped duplicates.
+            found = None
+            if not self._fresh:
+                found = conn.execute(
+                    "SELECT status FROM deliveries WHERE campaign = ? AND recipient = ?",
+                    (self.campaign, key),
+                ).fetchone()
             suppressed = SuppressionList(conn).reason(key)
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: cannot read the ledger ({exc})") from None
@@ -338,6 +344,12 @@ class Ledger:
         """Wait until every write queued so far is committed."""
         if self._writer is not None:
             self._wait(_Op(None, (), Future()))
+
+    def _is_fresh(self) -> bool:
+        found = self.conn().execute(
+            "SELECT 1 FROM deliveries WHERE campaign = ? LIMIT 1", (self.campaign,)
+        )
+        return found.fetchone() is None
 
     def _sending_rows(self) -> frozenset[str]:
         rows = self.conn().execute(

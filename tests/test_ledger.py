@@ -152,6 +152,24 @@ def test_rerun_of_a_finished_campaign_sends_nothing(
     assert code == 0 and "already sent: 12" in out
 
 
+def test_an_address_in_several_rows_gets_one_message_now_and_none_later(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,code\na@x.org,A,1\nb@x.org,B,2\nA@X.org,A again,3\nb@x.org,B again,4\n",
+    )
+    db = tmp_path / "state.db"
+    args = send_args(csv, template_file, smtp_server, db, "--report", str(tmp_path / "r.json"))
+    assert run_cli(args)[0] == 0
+    assert per_recipient(smtp_server) == {"a@x.org": 1, "b@x.org": 1}
+    assert report(tmp_path / "r.json")["skip_reasons"] == {"duplicate recipient": 2}
+    code, _ = run_cli(args)
+    assert code == 0
+    assert report(tmp_path / "r.json")["skip_reasons"] == {"already sent": 4}  # rows, not addresses
+    assert per_recipient(smtp_server) == {"a@x.org": 1, "b@x.org": 1}
+
+
 def test_default_campaign_id_is_stable_across_runs(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):
