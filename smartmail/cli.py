@@ -1115,7 +1115,7 @@ def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: An
     kw = _send_defaults()
     kw.update(record.settings)
     kw.update({k: v for k, v in given.items() if v is not None})
-    kw.update(campaign=campaign, log_interval=10.0)
+    kw["campaign"] = campaign
     stored = campaigns.LedgerSource(record.source, rows, kw["to_column"])
     source, template, options = _prepare(kw, preview=0, source=stored)
     if record.template_hash and record.template_hash != _template_hash(template):
