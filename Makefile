@@ -16,8 +16,10 @@ demo: $(STAMP)
 	rm -rf outbox
 	$(BIN)/smartmail send examples/recipients.csv \
 		--template examples/welcome.txt \
-		--transport file://outbox --yes
-	@echo "The messages are in ./outbox (one .eml each)."
+		--transport file://outbox --state outbox/smartmail.db --yes
+	@echo "The messages are in ./outbox (one .eml each). The same send again: the ledger sends nothing twice."
+	$(BIN)/smartmail send examples/recipients.csv --template examples/welcome.txt \
+		--transport file://outbox --state outbox/smartmail.db --yes --progress none | grep -E "sent|skipped|already"
 
 lint: $(STAMP)
 	$(BIN)/ruff check smartmail tests benchmarks
