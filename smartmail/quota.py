@@ -14,6 +14,7 @@ IAMpolicy.json, unlike v1's identity calls which only take `*`).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -250,3 +251,24 @@ def account_report(region: str, sender: str | None = None) -> AccountReport:
     quota = fetch_send_quota(region)
     identity = sender_identity(region, sender) if sender else None
     return AccountReport(region, quota, identity)
+
+
+class QuotaAware:
+    """What both SES transports share: the account quota read once per run, and the rate it sets.
+
+    A subclass sets `region`; the lock makes the first read safe from several threads.
+    """
+
+    region: str
+    _quota: SendQuota | None = None
+    _quota_lock = threading.Lock()
+
+    def send_quota(self) -> SendQuota:
+        with self._quota_lock:
+            if self._quota is None:
+                self._quota = fetch_send_quota(self.region)
+            return self._quota
+
+    def default_rate(self) -> float | None:
+        rate = self.send_quota().max_send_rate
+        return rate if rate > 0 else None

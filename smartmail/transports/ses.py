@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from functools import lru_cache
 from typing import Any
 from urllib.parse import SplitResult
@@ -28,7 +27,7 @@ from ..errors import (
     TransportError,
 )
 from ..message import OutgoingMessage
-from ..quota import SendQuota, aws_reason, check_region, fetch_send_quota
+from ..quota import QuotaAware, aws_reason, check_region
 from .base import TransportOptions, register
 
 THROTTLE_CODES = frozenset(
@@ -151,7 +150,7 @@ def sanitise_tag(value: str) -> str:
     return _TAG_UNSAFE.sub("_", value)[:256] or "_"
 
 
-class SesTransport:
+class SesTransport(QuotaAware):
     """Settings shared by every worker; the quota is read once per run."""
 
     allow_utf8_local = False
@@ -167,21 +166,9 @@ class SesTransport:
         self.configuration_set = configuration_set or None
         self.timeout = timeout
         self.url = f"ses://{self.region}"
-        self._quota: SendQuota | None = None
-        self._lock = threading.Lock()
 
     def open_session(self) -> SesSession:
         return SesSession(self)
-
-    def send_quota(self) -> SendQuota:
-        with self._lock:
-            if self._quota is None:
-                self._quota = fetch_send_quota(self.region)
-            return self._quota
-
-    def default_rate(self) -> float | None:
-        rate = self.send_quota().max_send_rate
-        return rate if rate > 0 else None
 
     def make_client(self) -> Any:
         from .. import aws

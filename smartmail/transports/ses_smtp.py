@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, parse_qs
 
 from ..errors import ConfigError, PermanentError, StopRunError, ThrottledError, TransportError
 from ..message import OutgoingMessage
-from ..quota import SendQuota, check_region, fetch_send_quota
+from ..quota import QuotaAware, check_region
 from .base import TransportOptions, register
 from .ses import daily_quota_exceeded, sender_not_verified
 from .smtp import SmtpSession, SmtpTransport, classify_reply
@@ -68,7 +68,7 @@ def _credentials_from_aws(region: str) -> tuple[str, str]:
     return frozen.access_key, smtp_password(frozen.secret_key, region)
 
 
-class SesSmtpTransport(SmtpTransport):
+class SesSmtpTransport(QuotaAware, SmtpTransport):
     """The SMTP transport pointed at SES, with SES's reply wording classified."""
 
     allow_utf8_local = False
@@ -114,20 +114,9 @@ class SesSmtpTransport(SmtpTransport):
         self.url = f"ses+smtp://{self.region}:{port}" + (
             f"?endpoint={host}:{port}" if endpoint else ""
         )
-        self._quota: SendQuota | None = None
 
     def open_session(self) -> SesSmtpSession:
         return SesSmtpSession(self)
-
-    def send_quota(self) -> SendQuota:
-        """The account quota over the API (needs AWS credentials besides the SMTP login)."""
-        if self._quota is None:
-            self._quota = fetch_send_quota(self.region)
-        return self._quota
-
-    def default_rate(self) -> float | None:
-        rate = self.send_quota().max_send_rate
-        return rate if rate > 0 else None
 
 
 class SesSmtpSession(SmtpSession):
