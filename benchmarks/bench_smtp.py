@@ -168,8 +168,15 @@ def run_bare(port: int, data: bytes, recipients: list[str], workers: int) -> flo
     return elapsed
 
 
-def run_smartmail(port: int, csv_path: Path, template_path: Path, workers: int) -> float:
-    """(b) send_campaign() end to end (pre-flight included); returns seconds."""
+def run_smartmail(
+    port: int, csv_path: Path, template_path: Path, workers: int
+) -> tuple[float, float]:
+    """(b) send_campaign(); returns (seconds end to end, seconds of the send pass alone).
+
+    End to end is what a user waits for: reading the template, pre-flight of every row, then
+    the send pass. The send pass is what smartmail's own summary times ("elapsed", "achieved
+    rate"): from the first row rendered for sending to the last outcome.
+    """
     began = time.perf_counter()
     source = RecipientSource(SourceSpec(str(csv_path)))
     template = MessageTemplate.load(template_path)
@@ -180,7 +187,41 @@ def run_smartmail(port: int, csv_path: Path, template_path: Path, workers: int) 
     elapsed = time.perf_counter() - began
     if summary.sent != summary.rows or summary.failed or summary.unsent:
         raise RuntimeError(f"smartmail did not send every row: {summary.to_json()}")
-    return elapsed
+    return elapsed, summary.elapsed_seconds
+
+
+class Measured:
+    """Rates and client CPU per message of one contender over the rounds."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.name = name
+        self.n = n
+        self.rates: list[float] = []
+        self.pass_rates: list[float] = []
+        self.cpu_ms: list[float] = []
+
+    def add(self, seconds: float, cpu_seconds: float, pass_seconds: float | None = None) -> str:
+        self.rates.append(self.n / seconds)
+        self.cpu_ms.append(cpu_seconds / self.n * 1000)
+        line = (
+            f"{self.name:<13} {self.n} messages in {seconds:6.2f} s {self.n / seconds:8.1f} msg/s"
+        )
+        if pass_seconds is not None:
+            self.pass_rates.append(self.n / pass_seconds)
+            line += f" (send pass {self.n / pass_seconds:7.1f} msg/s)"
+        return line + f"  client CPU {self.cpu_ms[-1]:.3f} ms/msg"
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def pass_rate(self) -> float:
+        return statistics.median(self.pass_rates or self.rates)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpu_ms)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     n, workers = args.messages, args.workers
     logging.getLogger("smartmail").setLevel(logging.WARNING)
+    bare, smart = Measured("bare smtplib", n), Measured("smartmail", n)
+    delivered: list[int] = []
 
     sink = SinkProcess()
     try:
@@ -201,52 +244,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             first_row, _ = next(source.rows())
             data = build(template.render(first_row, source.to_column)).data
             recipients = [f"user{i}@example.org" for i in range(n)]
-            bare: list[float] = []
-            smart: list[float] = []
-            delivered: list[int] = []
-            cpus: dict[str, list[float]] = {"bare smtplib": [], "smartmail": []}
             for round_no in range(1, args.rounds + 1):
-                for name, rates in (("bare smtplib", bare), ("smartmail", smart)):
-                    before = sink.count()
-                    cpu = time.process_time()
-                    if name == "bare smtplib":
-                        seconds = run_bare(sink.port, data, recipients, workers)
-                    else:
-                        seconds = run_smartmail(sink.port, csv_path, template_path, workers)
-                    cpu = time.process_time() - cpu
-                    got = sink.count() - before
-                    if got != n:
-                        raise RuntimeError(f"{name}: the sink received {got} of {n} messages")
-                    if name == "smartmail":
-                        delivered.append(got)
-                    rates.append(n / seconds)
-                    cpus[name].append(cpu / n * 1000)
-                    print(
-                        f"round {round_no}  {name:<13} {n} messages in {seconds:6.2f} s  "
-                        f"{n / seconds:8.1f} msg/s  client CPU {cpu / n * 1000:.3f} ms/msg",
-                        flush=True,
-                    )
+                before, cpu = sink.count(), time.process_time()
+                seconds = run_bare(sink.port, data, recipients, workers)
+                cpu = time.process_time() - cpu
+                got = sink.count() - before
+                if got != n:
+                    raise RuntimeError(f"bare smtplib: the sink received {got} of {n} messages")
+                print(f"round {round_no}  {bare.add(seconds, cpu)}", flush=True)
+
+                before, cpu = sink.count(), time.process_time()
+                seconds, pass_seconds = run_smartmail(sink.port, csv_path, template_path, workers)
+                cpu = time.process_time() - cpu
+                got = sink.count() - before
+                delivered.append(got)
+                if got != n:
+                    raise RuntimeError(f"smartmail: the sink received {got} of {n} messages")
+                print(f"round {round_no}  {smart.add(seconds, cpu, pass_seconds)}", flush=True)
     finally:
         sink.stop()
-    result = {
+    result: dict[str, Any] = {
         "messages": n,
         "workers": workers,
         "message_bytes": len(data),
-        "bare_rate": statistics.median(bare),
-        "smartmail_rate": statistics.median(smart),
-        "bare_rates": bare,
-        "smartmail_rates": smart,
+        "bare_rate": bare.rate,
+        "smartmail_rate": smart.rate,
+        "smartmail_send_pass_rate": smart.pass_rate,
+        "ratio": smart.rate / bare.rate,
+        "send_pass_ratio": smart.pass_rate / bare.rate,
+        "bare_rates": bare.rates,
+        "smartmail_rates": smart.rates,
+        "smartmail_send_pass_rates": smart.pass_rates,
         "smartmail_delivered": delivered,
-        "bare_cpu_ms": statistics.median(cpus["bare smtplib"]),
-        "smartmail_cpu_ms": statistics.median(cpus["smartmail"]),
+        "bare_cpu_ms": bare.cpu,
+        "smartmail_cpu_ms": smart.cpu,
     }
-    result["ratio"] = result["smartmail_rate"] / result["bare_rate"]
     print(
-        f"median of {args.rounds}: bare {result['bare_rate']:.1f} msg/s, smartmail "
-        f"{result['smartmail_rate']:.1f} msg/s, smartmail/bare = {result['ratio']:.1%} "
-        f"({workers} workers, {len(data)}-byte messages, {os.cpu_count()} CPUs)\n"
-        f"client CPU per message (this process, not the sink): bare "
-        f"{result['bare_cpu_ms']:.3f} ms, smartmail {result['smartmail_cpu_ms']:.3f} ms"
+        f"median of {args.rounds} rounds ({workers} workers, {len(data)}-byte messages, "
+        f"{os.cpu_count()} CPUs):\n"
+        f"  bare smtplib          {bare.rate:8.1f} msg/s\n"
+        f"  smartmail end to end  {smart.rate:8.1f} msg/s  = {result['ratio']:.1%} of bare "
+        "(pre-flight of every row included)\n"
+        f"  smartmail send pass   {smart.pass_rate:8.1f} msg/s  = {result['send_pass_ratio']:.1%}"
+        " of bare (the rate its summary reports)\n"
+        f"  client CPU per message (this process, not the sink): bare {bare.cpu:.3f} ms, "
+        f"smartmail {smart.cpu:.3f} ms"
     )
     return result
 
