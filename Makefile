@@ -37,6 +37,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_smtp.py
 	$(BIN)/python benchmarks/bench_dryrun.py
+	$(BIN)/python benchmarks/bench_ses.py
 
 clean:
 	rm -rf $(VENV) outbox .pytest_cache .mypy_cache .ruff_cache

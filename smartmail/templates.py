@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,10 @@ def _compile(env: SandboxedEnvironment, source: str, where: str) -> Renderer:
         template = env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(where, f"line {exc.lineno}: {exc.message}") from None
+    # Jinja keeps a template's globals as a ChainMap over the environment's, and copies it
+    # (slowly, key by key) into every render's context: ~1/3 of a render's cost here. The
+    # environment never changes after compiling, so a flat copy renders the same, faster.
+    template.globals = dict(template.globals)
     return template.render
 
 
@@ -283,7 +288,7 @@ def _check_addresses(
             result.append(addr)
             continue
         try:
-            ok = addresses.validate(addr, allow_utf8_local=allow_utf8_local)
+            ok = _validate_header_address(addr, allow_utf8_local)
         except addresses.AddressError as exc:
             raise InvalidRowError(
                 Location(source_name, row.number), f"{name}: header: {exc}"
@@ -294,6 +299,12 @@ def _check_addresses(
             Location(source_name, row.number), "From: must hold exactly one address"
         )
     return result
+
+
+@lru_cache(maxsize=256)
+def _validate_header_address(addr: str, allow_utf8_local: bool) -> str:
+    """`addresses.validate`, cached: From and Reply-To are usually the same on every row."""
+    return addresses.validate(addr, allow_utf8_local=allow_utf8_local)
 
 
 def _read(path: Path) -> str:
