@@ -380,7 +380,12 @@ def send_cmd(**kw: Any) -> None:
     ledger = _ledger(kw, options, lock=True)
     transport = _transport(kw)
     checked = preflight(
-        source, template, options, allow_utf8_local=transport.allow_utf8_local, journal=ledger
+        source,
+        template,
+        options,
+        allow_utf8_local=transport.allow_utf8_local,
+        journal=ledger,
+        keep_rendered=options.render_cache_chars,
     )
     if not checked.ok:
         transport.close()
@@ -1128,7 +1133,12 @@ def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: An
     options.failed_csv = Path(kw["failed_csv"] or campaigns.failed_csv_name(record.source))
     transport = _transport(kw)
     checked = preflight(
-        source, template, options, allow_utf8_local=transport.allow_utf8_local, journal=ledger
+        source,
+        template,
+        options,
+        allow_utf8_local=transport.allow_utf8_local,
+        journal=ledger,
+        keep_rendered=options.render_cache_chars,
     )
     _print_problems(checked)
     if not checked.ok:

@@ -44,7 +44,7 @@ from .ratelimit import Limiter, Unlimited
 from .report import Metrics, Outcome, Status, Summary
 from .retry import RetryPolicy
 from .sources import RecipientSource, Row, RowProblem
-from .templates import MessageTemplate
+from .templates import MessageTemplate, RenderedMessage
 from .transports.base import Transport
 
 log = logging.getLogger("smartmail")
@@ -69,6 +69,9 @@ class SendOptions:
     campaign: str = "adhoc"
     tags: dict[str, str] = field(default_factory=dict)
     failed_csv: Path | None = None
+    # Pre-flight keeps rendered messages up to this many characters, so the send pass does not
+    # render those rows a second time (most lists fit; a huge one is re-rendered past it).
+    render_cache_chars: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
 
     def check(self) -> None:
@@ -132,6 +135,7 @@ class PreflightResult:
     invalid: int = 0
     duplicates: int = 0
     previews: list[OutgoingMessage] = field(default_factory=list)
+    rendered: dict[int, RenderedMessage] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -166,9 +170,15 @@ def preflight(
     *,
     allow_utf8_local: bool = True,
     journal: Journal | None = None,
+    keep_rendered: int = 0,
 ) -> PreflightResult:
-    """Render and validate every row; send nothing. Shape errors of the file raise SourceError."""
+    """Render and validate every row; send nothing. Shape errors of the file raise SourceError.
+
+    `keep_rendered` is a budget in characters: rendered messages are kept (by row number) until
+    it is spent, for a send pass that follows; a dry run keeps none.
+    """
     result = PreflightResult(source=source.name)
+    budget = keep_rendered
     seen: set[int] = set()
     for row, ragged in source.rows():
         result.rows += 1
@@ -211,6 +221,9 @@ def preflight(
                 continue
         seen.add(key)
         result.valid += 1
+        if budget > 0:
+            budget -= len(rendered.text) + len(rendered.html or "") + 200
+            result.rendered[row.number] = rendered
         if len(result.previews) < options.preview:
             envelope = [options.test_to] if options.test_to else None
             result.previews.append(build(rendered, envelope_to=envelope, tags=options.tags))
@@ -342,7 +355,7 @@ class Run:
                 self._outcome(row, recipient, "skipped", veto)
                 continue
             try:
-                rendered = self.template.render(
+                rendered = self.checked.rendered.pop(row.number, None) or self.template.render(
                     row,
                     self.source.to_column,
                     source_name=self.source.name,
@@ -515,6 +528,7 @@ def send_campaign(
             options,
             allow_utf8_local=transport.allow_utf8_local,
             journal=None if options.test_to else journal,  # a test send ignores the ledger
+            keep_rendered=options.render_cache_chars,
         )
     if not checked.ok:
         raise PreflightError(checked.fatal, checked.fatal_count)

@@ -12,8 +12,8 @@ Every output is checked in the tests by parsing it back with `email.policy.SMTP`
 from __future__ import annotations
 
 import base64
-import itertools
 import binascii
+import itertools
 import mimetypes
 import os
 import string

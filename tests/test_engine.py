@@ -201,3 +201,15 @@ def test_invalid_rows_skipped_duplicates_once(
     summary = run(smtp_server, csv_path, template_file, on_malformed="skip")
     assert (summary.sent, summary.skipped) == (2, 3) and adds_up(summary)
     assert set(smtp_server.handler.by_recipient()) == {"a@x.org", "d@x.org"}
+
+
+def test_rows_past_the_render_cache_are_rendered_again_correctly(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 12)
+    summary = run(smtp_server, csv_path, template_file, workers=3, render_cache_chars=200)
+    assert summary.sent == 12
+    for address, (received,) in smtp_server.handler.by_recipient().items():
+        number = int(address.removeprefix("user").split("@")[0])
+        assert f"your code is C{number:05d}" in received.message.get_content()
+        assert received.message["Subject"] == f"Hello User {number}"
