@@ -866,7 +866,7 @@ def _exit_code(summary: Summary, received: list[int]) -> int:
         return EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED
     if summary.stopped:
         return EXIT_STOPPED
-    if summary.failed:
+    if summary.failed or summary.lost_replies:
         return EXIT_SOME_FAILED
     return EXIT_OK
 
@@ -1235,6 +1235,7 @@ def _ledger_notes(summary: Summary) -> None:
         out_console.print(f"already sent: {already} (campaign {summary.campaign}){rest}")
     if summary.in_doubt:
         out_console.print(
-            f"in doubt: {summary.in_doubt} (in flight when an earlier run died; they may have "
-            f"arrived: `smartmail retry {summary.campaign} --in-doubt` sends them again)"
+            f"in doubt: {summary.in_doubt} (the answer was lost after sending, or a run died "
+            f"mid-send; they may have arrived: `smartmail retry {summary.campaign} --in-doubt` "
+            "sends them again)"
         )

@@ -10,6 +10,13 @@ bounded by the queue, whatever the file size.
 The engine knows nothing of which transport it drives: it acts on the error classes of
 `smartmail.errors` alone. A `Journal` (the ledger, when there is one) is told before each send
 and after each outcome, and can veto a row (suppressed, already sent).
+
+Two rules keep a run honest when the provider misbehaves. A lost answer after the whole
+message was handed over (`InDoubtError`) is never retried: the row is *in doubt*, left for
+`retry --in-doubt`. And an outage is not the rows' fault: a circuit breaker counts consecutive
+sends that could not reach the provider (`ConnectionFailedError`) or lost its answer, across
+all workers, resets on any success, and at `max_connect_failures` stops the run with the rest
+left unsent (exit 4), as a `StopRunError` from the transport does.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from typing import IO, Protocol
 from . import addresses
 from .errors import (
     ConfigError,
+    ConnectionFailedError,
+    InDoubtError,
     InvalidRowError,
     PermanentError,
     PreflightError,
@@ -45,7 +54,7 @@ from .report import Metrics, Outcome, Status, Summary
 from .retry import RetryPolicy
 from .sources import RecipientSource, Row, RowProblem
 from .templates import MessageTemplate, RenderedMessage
-from .transports.base import Transport
+from .transports.base import Delivery, Session, Transport
 
 log = logging.getLogger("smartmail")
 
@@ -73,10 +82,15 @@ class SendOptions:
     # render those rows a second time (most lists fit; a huge one is re-rendered past it).
     render_cache_chars: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
+    # Consecutive sends, across workers, that could not reach the provider (or lost its answer)
+    # before the run stops as an outage, leaving the rest unsent. Any success resets the count.
+    max_connect_failures: int = 5
 
     def check(self) -> None:
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if self.max_connect_failures < 1:
+            raise ConfigError("--max-connect-failures must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be zero or more")
         for name, value, allowed in (
@@ -236,6 +250,27 @@ class _Interrupted(Exception):
     """Raised inside an attempt when the run is stopping: the row stays unsent."""
 
 
+class CircuitBreaker:
+    """Counts consecutive outage signals across workers; any success resets the count."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.successes = 0  # ever, so a row can tell whether anyone got through meanwhile
+        self._lock = threading.Lock()
+
+    def failure(self) -> int | None:
+        """Note one failure; the count when it reaches the limit (trip), else None."""
+        with self._lock:
+            self.count += 1
+            return self.count if self.count >= self.limit else None
+
+    def success(self) -> None:
+        with self._lock:
+            self.count = 0
+            self.successes += 1
+
+
 @dataclass
 class _Job:
     message: OutgoingMessage
@@ -297,6 +332,7 @@ class Run:
             self.journal = NullJournal()
         self.progress = progress or NullProgress()
         self.metrics = Metrics(checked.rows)
+        self.breaker = CircuitBreaker(options.max_connect_failures)
         self.stop_reason: str | None = None
         self.failed_rows = (
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
@@ -386,16 +422,33 @@ class Run:
         finally:
             session.close()
 
-    def _send_one(self, session: object, message: OutgoingMessage) -> None:
+    def _stop_run(self, reason: str) -> None:
+        """Stop taking rows; the first reason given is the one the summary shows."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+    def _outage(self, exc: Exception, what: str) -> bool:
+        """Count an outage signal; stop the run when the breaker trips. True if it did."""
+        count = self.breaker.failure()
+        if count is None:
+            return False
+        self._stop_run(
+            f"{count} {what} in a row (last: {exc}); the provider looks unreachable, so the "
+            "run stopped and the rest is left unsent for a later run"
+        )
+        return True
+
+    def _send_one(self, session: Session, message: OutgoingMessage) -> None:
         row, recipient = message.row, message.recipient
         if self.stop.is_set():
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
             return
-        send = session.send  # type: ignore[attr-defined]
+        send = session.send
         started = 0.0
         marked = False
 
-        def attempt() -> str:
+        def attempt() -> str | Delivery:
             nonlocal started, marked
             if self.stop.is_set():
                 raise _Interrupted
@@ -407,7 +460,13 @@ class Run:
                 self.journal.sending(message)
                 marked = True
             started = time.monotonic()  # latency is the provider's, not our rate-limit wait
-            result: str = send(message)
+            try:
+                result = send(message)
+            except ConnectionFailedError as exc:
+                if self._outage(exc, "sends could not reach the provider"):
+                    raise _Interrupted from exc
+                raise
+            self.breaker.success()
             return result
 
         def before_retry(exc: TransientError, wait: float) -> None:
@@ -416,15 +475,29 @@ class Run:
                 self.limiter.throttled()
             log.debug("row %s: %s; retrying in %.1fs", row.number, exc, wait)
 
+        successes_before = self.breaker.successes
         try:
-            provider_id, attempts = self.retry.call(attempt, before_retry=before_retry)
+            result, attempts = self.retry.call(attempt, before_retry=before_retry)
         except _Interrupted:
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
         except StopRunError as exc:
-            if self.stop_reason is None:
-                self.stop_reason = str(exc)
-            self.stop.set()
+            self._stop_run(str(exc))
             self._outcome(row, recipient, "unsent", str(exc))
+        except InDoubtError as exc:
+            # Never retried: the provider may hold the message. Left for `retry --in-doubt`.
+            self._outage(exc, "sends lost the provider's answer")
+            self._outcome(row, recipient, "in-doubt", f"in doubt: {exc}")
+        except ConnectionFailedError as exc:
+            if self.breaker.successes != successes_before:
+                # Others got through meanwhile: the provider is up, this row had bad luck.
+                self._outcome(row, recipient, "failed", f"gave up after retries: {exc}")
+            else:
+                # No send got through during all of this row's attempts: an outage.
+                self._stop_run(
+                    f"could not reach the provider in {self.retry.max_retries + 1} attempts "
+                    f"(last: {exc}); the run stopped and the rest is left unsent for a later run"
+                )
+                self._outcome(row, recipient, "unsent", str(exc))
         except (PermanentError, TransientError) as exc:
             if isinstance(exc, ThrottledError):
                 self.limiter.throttled()
@@ -434,14 +507,23 @@ class Run:
             log.exception("row %s: unexpected error", row.number)
             self._outcome(row, recipient, "failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
+            provider_id, refused = (
+                (result.provider_id, result.refused)
+                if isinstance(result, Delivery)
+                else (result, ())
+            )
             self._finish(
                 Outcome(
                     row=row,
                     recipient=recipient,
                     status="sent",
+                    reason=f"sent without refused recipient(s): {'; '.join(refused)}"
+                    if refused
+                    else "",
                     message_id=provider_id,
                     attempts=attempts,
                     latency=time.monotonic() - started,
+                    refused=refused,
                 )
             )
 
