@@ -210,3 +210,13 @@ def test_a_row_whose_retries_run_out_while_the_server_takes_others_is_failed(
     summary = report(tmp_path / "r.json")
     assert (summary["sent"], summary["failed"], summary["unsent"]) == (ROWS - 1, 1, 0)
     assert summary["stopped"] is None
+
+
+def test_max_connect_failures_option(scripted: Any, tmp_path: Path, template_file: Path) -> None:
+    mute = scripted(None)
+    csv, db = make_csv(tmp_path / "r.csv", ROWS), tmp_path / "state.db"
+    code, out = cli_send(mute.url, csv, template_file, db, "--smtp-security", "none",
+                         "--max-connect-failures", "2", "--max-retries", "10",
+                         "--workers", "1")  # fmt: skip
+    assert_stopped_all_unsent(code, out, db, "2 sends could not reach the provider in a row")
+    assert mute.accepted == 2

@@ -135,6 +135,13 @@ def get_transport(url: str, options: TransportOptions | None = None) -> Transpor
     from . import file, ses, ses_smtp, smtp  # noqa: F401 - built-in transports register themselves
 
     shown = redact(url)
+    scheme = url.partition(":")[0].lower() if ":" in url else ""
+    factory = _REGISTRY.get(scheme)
+    if factory is None:
+        known = ", ".join(f"{s}://" for s in sorted(_REGISTRY))
+        raise ConfigError(f"unknown transport {shown!r}; use one of {known}")
+    if shown != url and scheme != "file":
+        raise ConfigError(_NO_PASSWORD)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - parsed now, so a bad port is a clear error, not a traceback
@@ -142,10 +149,6 @@ def get_transport(url: str, options: TransportOptions | None = None) -> Transpor
         raise ConfigError(
             f"transport URL {shown!r} is not valid (check the host and port)"
         ) from None
-    if parts.password or (shown != url and parts.scheme != "file"):
+    if parts.password:
         raise ConfigError(_NO_PASSWORD)
-    factory = _REGISTRY.get(parts.scheme)
-    if factory is None:
-        known = ", ".join(f"{s}://" for s in sorted(_REGISTRY))
-        raise ConfigError(f"unknown transport {shown!r}; use one of {known}")
     return factory(parts, options or TransportOptions())
