@@ -15,8 +15,8 @@ Two rules keep a run honest when the provider misbehaves. A lost answer after th
 message was handed over (`InDoubtError`) is never retried: the row is *in doubt*, left for
 `retry --in-doubt`. And an outage is not the rows' fault: a circuit breaker counts consecutive
 sends that could not reach the provider (`ConnectionFailedError`) or lost its answer, across
-all workers, resets on any success, and at `max_connect_failures` stops the run with the rest
-left unsent (exit 4), as a `StopRunError` from the transport does.
+all workers, resets whenever the provider answers, and at `max_connect_failures` stops the
+run with the rest left unsent (exit 4), as a `StopRunError` from the transport does.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from .errors import (
     TemplateError,
     ThrottledError,
     TransientError,
+    TransportError,
 )
 from .message import OutgoingMessage, build
 from .progress import NullProgress, ProgressDisplay
@@ -83,7 +84,7 @@ class SendOptions:
     render_cache_chars: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
     # Consecutive sends, across workers, that could not reach the provider (or lost its answer)
-    # before the run stops as an outage, leaving the rest unsent. Any success resets the count.
+    # before the run stops as an outage, leaving the rest unsent. Any answer resets the count.
     max_connect_failures: int = 5
 
     def check(self) -> None:
@@ -251,12 +252,12 @@ class _Interrupted(Exception):
 
 
 class CircuitBreaker:
-    """Counts consecutive outage signals across workers; any success resets the count."""
+    """Counts consecutive outage signals across workers; any answer of the provider resets it."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
-        self.successes = 0  # ever, so a row can tell whether anyone got through meanwhile
+        self.answers = 0  # ever, so a row can tell whether anyone got through meanwhile
         self._lock = threading.Lock()
 
     def failure(self) -> int | None:
@@ -265,10 +266,11 @@ class CircuitBreaker:
             self.count += 1
             return self.count if self.count >= self.limit else None
 
-    def success(self) -> None:
+    def answered(self) -> None:
+        """The provider answered (accepted, or refused with a reply): it is reachable."""
         with self._lock:
             self.count = 0
-            self.successes += 1
+            self.answers += 1
 
 
 @dataclass
@@ -466,7 +468,12 @@ class Run:
                 if self._outage(exc, "sends could not reach the provider"):
                     raise _Interrupted from exc
                 raise
-            self.breaker.success()
+            except InDoubtError:
+                raise
+            except TransportError:
+                self.breaker.answered()  # a refusal is still an answer: the provider is up
+                raise
+            self.breaker.answered()
             return result
 
         def before_retry(exc: TransientError, wait: float) -> None:
@@ -475,7 +482,7 @@ class Run:
                 self.limiter.throttled()
             log.debug("row %s: %s; retrying in %.1fs", row.number, exc, wait)
 
-        successes_before = self.breaker.successes
+        answers_before = self.breaker.answers
         try:
             result, attempts = self.retry.call(attempt, before_retry=before_retry)
         except _Interrupted:
@@ -488,7 +495,7 @@ class Run:
             self._outage(exc, "sends lost the provider's answer")
             self._outcome(row, recipient, "in-doubt", f"in doubt: {exc}")
         except ConnectionFailedError as exc:
-            if self.breaker.successes != successes_before:
+            if self.breaker.answers != answers_before:
                 # Others got through meanwhile: the provider is up, this row had bad luck.
                 self._outcome(row, recipient, "failed", f"gave up after retries: {exc}")
             else:

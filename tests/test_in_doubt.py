@@ -7,6 +7,7 @@ retried; it stays `sending` in the ledger (as a crash leaves it) until `retry --
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,32 @@ class DropAfterData(RecordingHandler):
         return reply
 
 
+@dataclass
+class SlowAfterData(RecordingHandler):
+    """Keeps the message, then answers only after the client's timeout has passed."""
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        if len(self.received) == 1:
+            await asyncio.sleep(1.0)
+        return reply
+
+
+@dataclass
+class DropAtRcpt(RecordingHandler):
+    """Drops the connection at the first RCPT: before the dot, so nothing was handed over."""
+
+    dropped: bool = False
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self.dropped:
+            self.dropped = True
+            server.transport.abort()
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
 @pytest.fixture
 def dropping_server() -> Iterator[SmtpServer]:
     handler = DropAfterData(drop_for={"user1@example.org"})
@@ -78,6 +105,53 @@ def test_lost_reply_after_the_dot_is_in_doubt_and_never_retried(
     [row] = summary.in_doubt_rows
     assert row["recipient"] == "user1@example.org" and row["row"] == 3
     assert "after the whole message" in row["reason"]
+
+
+def test_a_reply_that_times_out_after_the_dot_is_in_doubt(
+    tmp_path: Path, template_file: Path
+) -> None:
+    handler = SlowAfterData()
+    controller = _start(handler)
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(make_csv(tmp_path / "r.csv", 3)))),
+            MessageTemplate.load(template_file),
+            get_transport(
+                f"smtp://127.0.0.1:{controller.port}",
+                TransportOptions(smtp_security="none", timeout=0.3),
+            ),
+            options=SendOptions(workers=1),
+            retry=NO_WAIT,
+        )
+        assert {k: len(v) for k, v in handler.by_recipient().items()} == {
+            f"user{i}@example.org": 1 for i in range(3)
+        }
+    finally:
+        controller.stop()
+    assert (summary.sent, summary.lost_replies, summary.retries) == (2, 1, 0)
+    assert "timed out" in summary.in_doubt_rows[0]["reason"]
+
+
+def test_a_drop_before_the_dot_is_retried_and_delivered_once(
+    tmp_path: Path, template_file: Path
+) -> None:
+    handler = DropAtRcpt()
+    controller = _start(handler)
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(make_csv(tmp_path / "r.csv", 3)))),
+            MessageTemplate.load(template_file),
+            get_transport(
+                f"smtp://127.0.0.1:{controller.port}", TransportOptions(smtp_security="none")
+            ),
+            options=SendOptions(workers=1),
+            retry=NO_WAIT,
+        )
+        got = {k: len(v) for k, v in handler.by_recipient().items()}
+    finally:
+        controller.stop()
+    assert got == {f"user{i}@example.org": 1 for i in range(3)}
+    assert (summary.sent, summary.lost_replies, summary.in_doubt, summary.retries) == (3, 0, 0, 1)
 
 
 def test_in_doubt_row_stays_sending_until_retry_in_doubt(
