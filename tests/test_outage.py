@@ -220,3 +220,42 @@ def test_max_connect_failures_option(scripted: Any, tmp_path: Path, template_fil
                          "--workers", "1")  # fmt: skip
     assert_stopped_all_unsent(code, out, db, "2 sends could not reach the provider in a row")
     assert mute.accepted == 2
+
+
+@dataclass
+class HangUpAtEhlo(RecordingHandler):
+    """Hangs up at EHLO on the connections numbered in `hang_up` (counted from 1)."""
+
+    hang_up: set[int] = field(default_factory=set)
+    ehlos: int = 0
+
+    async def handle_EHLO(
+        self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self.ehlos += 1
+        if self.ehlos in self.hang_up:
+            server.transport.abort()
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
+
+
+def test_a_row_that_cannot_connect_while_others_get_through_is_failed_not_a_stop(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """Connection trouble of one worker while another keeps sending is not an outage."""
+    handler = HangUpAtEhlo(hang_up={2, 3, 4})  # the second worker's three attempts
+    controller = _start(handler)
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(make_csv(tmp_path / "r.csv", 300)))),
+            MessageTemplate.load(template_file),
+            get_transport(
+                f"smtp://127.0.0.1:{controller.port}", TransportOptions(smtp_security="none")
+            ),
+            options=SendOptions(workers=2, max_connect_failures=10),
+            retry=RetryPolicy(max_retries=2, initial=0.05, maximum=0.05, jitter=0.0),
+        )
+    finally:
+        controller.stop()
+    assert summary.stopped is None
+    assert (summary.sent, summary.failed, summary.unsent) == (299, 1, 0)
+    assert list(summary.failure_reasons) == ["gave up after retries"]

@@ -214,7 +214,7 @@ class SmtpSession:
         try:
             reply, refused = self._transaction(self.conn, message)
         except InDoubtError:
-            self.close()
+            self.drop()
             raise
         except TransportError as exc:
             if isinstance(exc, TransientError) and exc.code in (None, "421"):
@@ -222,7 +222,7 @@ class SmtpSession:
             raise
         except (OSError, smtplib.SMTPException) as exc:
             # Before the end-of-data dot: the server cannot have taken the message.
-            self.close()
+            self.drop()
             raise TransientError(
                 f"connection to {self.transport.url} lost: {_os_reason(exc)}"
             ) from None
@@ -312,6 +312,13 @@ class SmtpSession:
     def _reset(conn: smtplib.SMTP) -> None:
         with contextlib.suppress(OSError, smtplib.SMTPException):
             conn.rset()
+
+    def drop(self) -> None:
+        """Close a connection that failed, without a QUIT that could wait out the timeout."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
