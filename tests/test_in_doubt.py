@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiosmtpd.smtp import Envelope, Session
 
 from smartmail import (
@@ -25,9 +27,18 @@ from smartmail import (
     SourceSpec,
     send_campaign,
 )
+from smartmail.errors import InDoubtError
 from smartmail.transports import TransportOptions, get_transport
 
-from .conftest import RecordingHandler, SmtpServer, _start, make_csv
+from .conftest import (
+    SMTP_PASSWORD,
+    SMTP_USER,
+    RecordingHandler,
+    SmtpServer,
+    _authenticator,
+    _start,
+    make_csv,
+)
 from .test_ledger import counts, per_recipient, report, run_cli, send_args
 
 NO_WAIT = RetryPolicy(max_retries=3, initial=0.0, maximum=0.0, jitter=0.0)
@@ -86,6 +97,18 @@ def dropping_server() -> Iterator[SmtpServer]:
         yield SmtpServer(controller.hostname, controller.port, handler)
     finally:
         controller.stop()
+
+
+def test_no_retry_policy_retries_an_in_doubt_error() -> None:
+    calls: list[int] = []
+
+    def attempt() -> str:
+        calls.append(1)
+        raise InDoubtError("answer lost")
+
+    with pytest.raises(InDoubtError):
+        RetryPolicy(max_retries=5, initial=0.0, maximum=0.0, jitter=0.0).call(attempt)
+    assert len(calls) == 1
 
 
 def test_lost_reply_after_the_dot_is_in_doubt_and_never_retried(
@@ -194,3 +217,35 @@ def test_in_doubt_row_stays_sending_until_retry_in_doubt(
         "user3@example.org": 1,
     }
     assert counts(db, "c") == {"sent": 4}
+
+
+def test_ses_smtp_follows_the_same_rule_over_starttls(
+    ca: trustme.CA, ca_file: str, tmp_path: Path, template_file: Path
+) -> None:
+    """ses+smtp:// is the SMTP transport underneath: a lost 250 over TLS is in doubt too."""
+    handler = DropAfterData(drop_for={"user0@example.org"})
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    controller = _start(
+        handler,
+        tls_context=context,
+        require_starttls=True,
+        authenticator=_authenticator,
+        auth_required=True,
+        auth_require_tls=True,
+    )
+    try:
+        url = f"ses+smtp://us-east-1?endpoint=127.0.0.1:{controller.port}"
+        login = TransportOptions(smtp_user=SMTP_USER, smtp_password=SMTP_PASSWORD, ca_file=ca_file)
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(make_csv(tmp_path / "r.csv", 2)))),
+            MessageTemplate.load(template_file),
+            get_transport(url, login),
+            options=SendOptions(workers=1),
+            retry=NO_WAIT,
+        )
+        got = {k: len(v) for k, v in handler.by_recipient().items()}
+    finally:
+        controller.stop()
+    assert got == {"user0@example.org": 1, "user1@example.org": 1}
+    assert (summary.sent, summary.lost_replies, summary.retries) == (1, 1, 0)
