@@ -1,17 +1,22 @@
 """Recipients: a CSV file on local disk or in S3, streamed row by row.
 
 Rows are never all held in memory: a source can be iterated more than once (pre-flight,
-then the send), and each pass streams the file again. An S3 object is read through its
-streaming body, and the second pass asks for the same ETag so the file cannot change
-between validation and sending.
+then the send), and each pass streams the file again. A send reads its rows from a
+`Snapshot`: a private copy taken once, before pre-flight, so the send pass reads exactly the
+bytes pre-flight judged (an edit while the confirmation prompt waits changes nothing) and an
+S3 object is downloaded once instead of being read twice over the hours a campaign runs.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +88,28 @@ class RecipientSource:
         if spec.delimiter is not None and len(spec.delimiter) != 1:
             raise ConfigError("--delimiter must be one character (use $'\\t' for a tab)")
 
+    def __enter__(self) -> RecipientSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the source holds (a snapshot's private copy); nothing for a plain one."""
+
+    def snapshot(self) -> RecipientSource:
+        """A private copy of the rows, read once now; pre-flight and the send pass read it.
+
+        Use it as a context manager (or call `close()`): the copy is removed at the end.
+        """
+        return Snapshot(self)
+
     def _open_binary(self) -> IO[bytes]:
         if not self.spec.is_s3:
-            return open(self.spec.location, "rb")
+            try:
+                return open(self.spec.location, "rb")
+            except OSError as exc:
+                raise SourceError(self.name, f"cannot read: {exc.strerror or exc}") from None
         bucket, key = parse_s3_url(self.spec.location)
         client = self._s3_client()
         kwargs: dict[str, str] = {"Bucket": bucket, "Key": key}
@@ -166,6 +190,87 @@ class RecipientSource:
             )
         self.to_column = matches[0]
         self.columns = header
+
+
+_CHUNK = 1 << 20
+
+
+class Snapshot(RecipientSource):
+    """The recipients as they were when the run began: a private copy read by every pass.
+
+    The copy lives in a directory only this user can enter (mode 0700; the file 0600) under
+    the system temporary folder (`TMPDIR` moves it), and is removed by `close()`, by leaving
+    the `with` block, or at the latest when the process exits. Errors and reports still name
+    the original location, with the original row numbers. `sha256` and `size` identify the
+    bytes that were judged and sent.
+    """
+
+    def __init__(self, original: RecipientSource) -> None:
+        self.spec = original.spec
+        self.name = original.name
+        self._s3 = None
+        self._etag = None
+        self.columns = list(original.columns)
+        self.to_column = original.to_column
+        try:
+            directory = tempfile.mkdtemp(prefix="smartmail-snapshot-")
+        except OSError as exc:
+            raise SourceError(
+                self.name,
+                f"cannot make a private copy: {exc}",
+                "set TMPDIR to a writable folder with room for a copy of the list",
+            ) from None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        self.path = Path(directory) / "recipients.csv"
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                raw = original._open_binary()
+                try:
+                    self.sha256, self.size = self._copy(raw, out)
+                finally:
+                    raw.close()
+        except SourceError:
+            self._cleanup()
+            raise
+        except OSError as exc:
+            self._cleanup()
+            raise SourceError(
+                self.name,
+                f"cannot make a private copy in {directory}: {exc.strerror or exc}",
+                "set TMPDIR to a folder with room for a copy of the list",
+            ) from None
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def _copy(self, raw: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
+        """Stream `raw` into `out` once, hashing on the way; a failed read is a SourceError."""
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            try:
+                chunk = raw.read(_CHUNK)
+            except Exception as exc:  # botocore's streaming errors are not OSErrors
+                why = _aws_message(exc) if self.spec.is_s3 else str(exc)
+                raise SourceError(self.name, f"reading failed part-way: {why}") from None
+            if not chunk:
+                return digest.hexdigest(), size
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+
+    def snapshot(self) -> RecipientSource:
+        return self
+
+    def close(self) -> None:
+        """Remove the private copy. Safe to call twice."""
+        self._cleanup()
+
+    def _open_binary(self) -> IO[bytes]:
+        if not self._cleanup.alive:
+            raise SourceError(self.name, "the private copy of this list was already closed")
+        return open(self.path, "rb")
 
 
 def sniff_delimiter(header_line: str) -> str:
