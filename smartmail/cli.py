@@ -372,6 +372,10 @@ def send_cmd(**kw: Any) -> None:
     """
     setup_logging(kw["debug"])
     source, template, options = _prepare(kw, preview=0)
+    # Pre-flight and the send pass read one private copy, taken now: an edit while the
+    # prompt waits changes nothing, and an S3 object is downloaded once.
+    source = source.snapshot()
+    click.get_current_context().call_on_close(source.close)
     options.workers = kw["workers"]
     options.limit = kw["limit"]
     options.test_to = kw["test_to"]
