@@ -372,16 +372,16 @@ def send_cmd(**kw: Any) -> None:
     """
     setup_logging(kw["debug"])
     source, template, options = _prepare(kw, preview=0)
-    # Pre-flight and the send pass read one private copy, taken now: an edit while the
-    # prompt waits changes nothing, and an S3 object is downloaded once.
-    source = source.snapshot()
-    click.get_current_context().call_on_close(source.close)
     options.workers = kw["workers"]
     options.limit = kw["limit"]
     options.test_to = kw["test_to"]
     options.check()
     options.failed_csv = Path(kw["failed_csv"] or _default_failed_csv(source))
     ledger = _ledger(kw, options, lock=True)
+    # Pre-flight and the send pass read one private copy, taken now: an edit while the
+    # prompt waits changes nothing, and an S3 object is downloaded once.
+    source = source.snapshot()
+    click.get_current_context().call_on_close(source.close)
     transport = _transport(kw)
     checked = preflight(
         source,

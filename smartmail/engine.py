@@ -146,8 +146,9 @@ class PreflightResult:
 
     `built` holds the finished messages (by row number) within the cache budget, for the send
     pass to send as they are; `suppressed_copies` counts the Cc/Bcc addresses left out because
-    they are suppressed (each is also a warning in `problems`); `source_sha256` is the
-    snapshot's digest, which the send pass checks it is reading.
+    they are suppressed (each is also a warning in `problems`); `envelope_recipients` counts
+    the envelope addresses (To + Cc + Bcc) of the valid rows, which is what SES counts against
+    its quota; `source_sha256` is the snapshot's digest, which the send pass checks it reads.
     """
 
     source: str
@@ -163,6 +164,7 @@ class PreflightResult:
     previews: list[OutgoingMessage] = field(default_factory=list)
     built: dict[int, OutgoingMessage] = field(default_factory=dict)
     suppressed_copies: int = 0
+    envelope_recipients: int = 0
     source_sha256: str | None = None
 
     @property
@@ -278,6 +280,7 @@ def preflight(
             continue
         seen.add(seen_key)
         result.valid += 1
+        result.envelope_recipients += len(message.recipients)
         if budget > 0:
             budget -= len(message.data) + 300
             result.built[row.number] = message
@@ -747,7 +750,7 @@ def _send_checked(
 ) -> Summary:
     if not checked.ok:
         raise PreflightError(checked.fatal, checked.fatal_count)
-    return Run(
+    summary = Run(
         source,
         template,
         transport,
@@ -759,6 +762,17 @@ def _send_checked(
         progress=progress,
         stop=stop,
     ).run()
+    _note_copies(summary, checked)
+    return summary
+
+
+def _note_copies(summary: Summary, checked: PreflightResult) -> None:
+    """Suppressed Cc/Bcc addresses left out are not skips (the row went): say so in the summary."""
+    if checked.suppressed_copies:
+        summary.warnings.append(
+            f"{checked.suppressed_copies} suppressed Cc/Bcc address(es) left out of their "
+            "messages (pre-flight listed them)"
+        )
 
 
 def dry_run_summary(checked: PreflightResult, options: SendOptions, transport: str) -> Summary:
@@ -769,7 +783,7 @@ def dry_run_summary(checked: PreflightResult, options: SendOptions, transport: s
     for reason in checked.skipped.values():
         metrics.reasons["skipped"][reason.split(": ", 1)[0]] += 1
     metrics.finish()
-    return Summary.build(
+    summary = Summary.build(
         metrics,
         Unlimited().stats(),
         campaign=options.campaign,
@@ -777,3 +791,5 @@ def dry_run_summary(checked: PreflightResult, options: SendOptions, transport: s
         source=checked.source,
         dry_run=True,
     )
+    _note_copies(summary, checked)
+    return summary

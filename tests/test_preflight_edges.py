@@ -429,7 +429,11 @@ def test_suppressed_copies_are_left_out_and_the_rest_is_sent(
     notes = [str(p) for p in checked.problems]
     assert any("row 3" in n and "gone@acme.example is suppressed (bounce)" in n for n in notes)
     assert checked.skipped == {5: "suppressed: complaint"}  # dora, the recipient, as before
+    assert checked.envelope_recipients == 8  # what SES would count: 3 + 2 + 3
     assert (summary.sent, summary.skipped) == (3, 1)
+    assert summary.warnings == [
+        "4 suppressed Cc/Bcc address(es) left out of their messages (pre-flight listed them)"
+    ]
     by = {r.rcpt_tos[0]: r for r in smtp_server.handler.received}
     assert sorted(by) == ["ann@example.org", "bob@example.org", "carl@example.org"]
     for received in by.values():
@@ -477,6 +481,7 @@ def test_dry_run_warns_about_suppressed_copies(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "row 3: Cc: gone@acme.example is suppressed (bounce)" in result.output
+    assert "4 suppressed Cc/Bcc address(es) left out" in result.output
 
 
 def test_a_message_left_with_no_address_is_skipped(smtp_server: SmtpServer, tmp_path: Path) -> None:
