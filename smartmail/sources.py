@@ -9,13 +9,16 @@ S3 object is downloaded once instead of being read twice over the hours a campai
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import itertools
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -193,6 +196,9 @@ class RecipientSource:
 
 
 _CHUNK = 1 << 20
+_SNAPSHOT_PREFIX = "smartmail-snapshot-"
+_SNAPSHOT_FILE = "recipients.csv"
+_STALE_AFTER = 60.0  # seconds: never a copy still being made
 
 
 class Snapshot(RecipientSource):
@@ -200,9 +206,11 @@ class Snapshot(RecipientSource):
 
     The copy lives in a directory only this user can enter (mode 0700; the file 0600) under
     the system temporary folder (`TMPDIR` moves it), and is removed by `close()`, by leaving
-    the `with` block, or at the latest when the process exits. Errors and reports still name
-    the original location, with the original row numbers. `sha256` and `size` identify the
-    bytes that were judged and sent.
+    the `with` block, or at the latest when the process exits. A copy left by a process that
+    was killed (SIGKILL, power cut) is removed by the next snapshot: the live process holds a
+    lock on its copy, which the kernel drops when it dies. Errors and reports still name the
+    original location, with the original row numbers. `sha256` and `size` identify the bytes
+    that were judged and sent.
     """
 
     def __init__(self, original: RecipientSource) -> None:
@@ -212,8 +220,9 @@ class Snapshot(RecipientSource):
         self._etag = None
         self.columns = list(original.columns)
         self.to_column = original.to_column
+        _remove_stale(tempfile.gettempdir())
         try:
-            directory = tempfile.mkdtemp(prefix="smartmail-snapshot-")
+            directory = tempfile.mkdtemp(prefix=_SNAPSHOT_PREFIX)
         except OSError as exc:
             raise SourceError(
                 self.name,
@@ -221,9 +230,14 @@ class Snapshot(RecipientSource):
                 "set TMPDIR to a writable folder with room for a copy of the list",
             ) from None
         self._cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
-        self.path = Path(directory) / "recipients.csv"
+        self.path = Path(directory) / _SNAPSHOT_FILE
+        self._unlock: weakref.finalize[Any, Any] | None = None
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Held until close (a second descriptor: closing the writer keeps the lock).
+            lock_fd = os.open(self.path, os.O_RDONLY)
+            self._unlock = weakref.finalize(self, os.close, lock_fd)
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
             with os.fdopen(fd, "wb") as out:
                 raw = original._open_binary()
                 try:
@@ -231,17 +245,17 @@ class Snapshot(RecipientSource):
                 finally:
                     raw.close()
         except SourceError:
-            self._cleanup()
+            self.close()
             raise
         except OSError as exc:
-            self._cleanup()
+            self.close()
             raise SourceError(
                 self.name,
                 f"cannot make a private copy in {directory}: {exc.strerror or exc}",
                 "set TMPDIR to a folder with room for a copy of the list",
             ) from None
         except BaseException:
-            self._cleanup()
+            self.close()
             raise
 
     def _copy(self, raw: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
@@ -266,11 +280,45 @@ class Snapshot(RecipientSource):
     def close(self) -> None:
         """Remove the private copy. Safe to call twice."""
         self._cleanup()
+        if self._unlock is not None:
+            self._unlock()
 
     def _open_binary(self) -> IO[bytes]:
         if not self._cleanup.alive:
             raise SourceError(self.name, "the private copy of this list was already closed")
         return open(self.path, "rb")
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove this user's private copies whose process is gone (nobody holds their lock).
+
+    A copy younger than a minute is left alone, so one being made right now is never taken.
+    """
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(_SNAPSHOT_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
+                continue
+            if now - info.st_mtime < _STALE_AFTER:
+                continue
+            fd = os.open(os.path.join(entry.path, _SNAPSHOT_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a live run's copy
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry.path)
+        os.close(fd)
 
 
 def sniff_delimiter(header_line: str) -> str:

@@ -79,6 +79,29 @@ def test_snapshot_is_private_and_removed_at_the_end(tmp_path: Path) -> None:
         list(snap.rows())
 
 
+def test_a_copy_left_by_a_killed_run_is_removed_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    path = make_csv(tmp_path / "r.csv", 2)
+    # What a SIGKILLed run leaves: a copy nobody holds, from more than a minute ago.
+    killed = private / "smartmail-snapshot-killed"
+    killed.mkdir(mode=0o700)
+    (killed / "recipients.csv").write_text("email\nsecret@example.org\n")
+    os.utime(killed, (1_000_000_000, 1_000_000_000))
+    live = RecipientSource(SourceSpec(str(path))).snapshot()
+    assert isinstance(live, Snapshot)
+    os.utime(live.path.parent, (1_000_000_000, 1_000_000_000))  # old, but its run is alive
+    with RecipientSource(SourceSpec(str(path))).snapshot() as other:
+        assert not killed.exists()
+        assert live.path.exists() and len(list(live.rows())) == 2
+        assert len(list(other.rows())) == 2
+    live.close()
+    assert not list(private.iterdir())
+
+
 def test_snapshot_errors_name_the_original_file_and_row(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
     path.write_bytes(b"email,name\nann@x.org,Ann\nbad@x.org,\xff\n")
