@@ -40,6 +40,7 @@ from .errors import (
     InvalidRowError,
     PermanentError,
     PreflightError,
+    SmartmailError,
     SourceError,
     StopRunError,
     TemplateError,
@@ -504,6 +505,8 @@ class Run:
             except (OSError, ValueError) as exc:
                 self._outcome(row, recipient, "failed", _build_problem(exc))
                 continue
+            except SmartmailError:
+                raise  # the ledger cannot be read: the run stops, as for skip_reason
             except Exception as exc:
                 # A bug, not the row's fault: this row fails, the run goes on.
                 log.exception("row %s: unexpected error preparing the message", row.number)

@@ -10,6 +10,7 @@ import csv
 import os
 import stat
 import tempfile
+from collections.abc import Sequence
 from email.utils import getaddresses, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from smartmail import (
 )
 from smartmail import cli as cli_module
 from smartmail.cli import cli
+from smartmail.engine import NullJournal
 from smartmail.errors import SourceError
-from smartmail.ledger import Ledger
+from smartmail.ledger import Ledger, LedgerError
 from smartmail.sources import Row, Snapshot
 from smartmail.state import connect
 from smartmail.suppression import SuppressionList
@@ -494,6 +496,35 @@ def test_a_copy_suppressed_after_preflight_is_left_out_too(
     for received in smtp_server.handler.received:
         assert "boss@acme.example" not in received.rcpt_tos
         assert "boss@acme.example" not in str(received.message["Cc"])
+
+
+def test_a_suppression_list_that_cannot_be_read_stops_the_run(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    csv_path, template_path, _ = copied_campaign(tmp_path)
+
+    class Unreadable(NullJournal):
+        """Readable through pre-flight (4 rows), then the disk fails in the send pass."""
+
+        calls = 0
+
+        def suppressed(self, addresses: Sequence[str]) -> dict[str, str]:
+            self.calls += 1
+            if self.calls > 4:
+                raise LedgerError("state.db: cannot read the suppression list (disk I/O error)")
+            return {}
+
+    journal = Unreadable()
+    with pytest.raises(LedgerError):
+        send_campaign(
+            RecipientSource(SourceSpec(str(csv_path))),
+            MessageTemplate.load(template_path),
+            transport(smtp_server),
+            journal=journal,
+            options=SendOptions(render_cache_chars=0),
+        )
+    assert journal.calls == 5  # failed in the send pass, not as a row's failure
+    assert smtp_server.handler.received == []
 
 
 def test_dry_run_warns_about_suppressed_copies(tmp_path: Path) -> None:
