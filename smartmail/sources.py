@@ -16,6 +16,7 @@ import hashlib
 import io
 import itertools
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ from typing import IO, Any
 from .errors import ConfigError, Location, SourceError
 
 DELIMITERS = (",", ";", "\t")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 DEFAULT_TO_COLUMN = "email"
 
 # A field limit well above any real cell, but low enough that a runaway quote cannot eat memory.
@@ -167,12 +169,46 @@ class RecipientSource:
                 yield Row(number, dict(zip(header, values, strict=True))), ragged
         except UnicodeDecodeError as exc:
             raise SourceError(
-                Location(self.name, number + 1),
+                self._locate_undecodable() or Location(self.name, number + 1),
                 f"bytes that are not valid {self.spec.encoding} ({exc.reason})",
                 "give the file's encoding with --encoding, e.g. --encoding cp1252",
             ) from None
         except csv.Error as exc:
             raise SourceError(Location(self.name, number + 1), f"malformed CSV: {exc}") from None
+
+    def _locate_undecodable(self) -> Location | None:
+        """The row and column of the first byte that does not decode (on the error path only).
+
+        The strict pass decodes 8 KB ahead of the CSV reader, so its row number can be
+        hundreds of rows early. This pass reads again with undecodable bytes kept as lone
+        surrogates, which a strict decode never yields, and finds the cell holding one.
+        """
+        try:
+            raw = self._open_binary()
+        except SourceError:
+            return None
+        try:
+            text = io.TextIOWrapper(
+                raw, encoding=self.spec.encoding, errors="surrogateescape", newline=""
+            )
+            first = text.readline()
+            if _UNDECODABLE.search(first):
+                return Location(self.name, 1)
+            delimiter = self.spec.delimiter or sniff_delimiter(first)
+            reader = csv.reader(itertools.chain([first], text), delimiter=delimiter, strict=True)
+            header = [h.strip() for h in next(reader)]
+            number = 1
+            for values in reader:
+                number += 1
+                for index, value in enumerate(values):
+                    if _UNDECODABLE.search(value):
+                        column = header[index] if index < len(header) else None
+                        return Location(self.name, number, column)
+        except (csv.Error, OSError, UnicodeError, StopIteration):
+            return None
+        finally:
+            raw.close()
+        return None
 
     def _check_header(self, header: list[str]) -> None:
         seen: set[str] = set()

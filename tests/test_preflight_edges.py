@@ -112,7 +112,8 @@ def test_snapshot_errors_name_the_original_file_and_row(tmp_path: Path) -> None:
         pytest.raises(SourceError) as err,
     ):
         list(snap.rows())
-    assert str(err.value).startswith(f"{path}, row ")  # the user's file, not the private copy
+    # The user's file, not the private copy, and the cell that holds the bad byte.
+    assert str(err.value).startswith(f"{path}, row 3, column 'name': bytes that are not valid")
 
 
 def test_unreadable_list_is_one_line(tmp_path: Path) -> None:
