@@ -136,6 +136,10 @@ class LedgerSource(RecipientSource):
         for row in self._rows:
             yield row, False
 
+    def snapshot(self) -> RecipientSource:
+        """The rows are already a private copy, taken from the ledger."""
+        return self
+
 
 def failed_csv_name(source: str) -> str:
     """Where a re-drive export goes by default: SOURCE-STEM.failed.csv in the current folder."""

@@ -393,6 +393,10 @@ def send_cmd(**kw: Any) -> None:
     options.check()
     options.failed_csv = Path(kw["failed_csv"] or _default_failed_csv(source))
     ledger = _ledger(kw, options, lock=True)
+    # Pre-flight and the send pass read one private copy, taken now: an edit while the
+    # prompt waits changes nothing, and an S3 object is downloaded once.
+    source = source.snapshot()
+    click.get_current_context().call_on_close(source.close)
     transport = _transport(kw)
     checked = preflight(
         source,

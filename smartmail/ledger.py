@@ -24,6 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,18 @@ class Ledger:
         if suppressed is not None:
             return f"suppressed: {suppressed}"
         return None
+
+    def suppressed(self, addresses: Sequence[str]) -> dict[str, str]:
+        """Which of a message's other envelope addresses (Cc, Bcc) are suppressed, and why.
+
+        Only the suppression list applies to them, never this campaign's deliveries: the
+        ledger keys one delivery per row recipient, and a Cc (an account manager, an archive
+        box) may rightly be copied on many rows' messages of one campaign.
+        """
+        try:
+            return SuppressionList(self.conn()).reasons(addresses)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: cannot read the suppression list ({exc})") from None
 
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)

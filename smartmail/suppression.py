@@ -72,6 +72,24 @@ class SuppressionList:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    def reasons(self, addresses: Iterable[str]) -> dict[str, str]:
+        """{address as given: reason} for those of `addresses` that are suppressed; one query."""
+        wanted: dict[str, list[str]] = {}
+        for address in addresses:
+            wanted.setdefault(key(address), []).append(address)
+        if not wanted:
+            return {}
+        found: dict[str, str] = {}
+        keys = list(wanted)
+        for start in range(0, len(keys), _BATCH):  # SQLite caps the number of parameters
+            chunk = keys[start : start + _BATCH]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT address, reason FROM suppressions WHERE address IN ({marks})"
+            for stored, why in self.conn.execute(sql, chunk):
+                for given in wanted[stored]:
+                    found[given] = str(why)
+        return found
+
     def get(self, address: str) -> Suppression | None:
         row = self.conn.execute(
             "SELECT address, reason, detail, created_at FROM suppressions WHERE address = ?",

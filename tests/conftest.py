@@ -223,4 +223,6 @@ def private_state(
     """No test (or subprocess it starts) reads or writes the user's real state database: the
     ledger would remember every test campaign and skip it as already sent next time."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+    # A subprocess killed by a test leaves its private copy of the list here, not in /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
     monkeypatch.delenv("SMARTMAIL_STATE", raising=False)

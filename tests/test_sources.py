@@ -54,6 +54,16 @@ def test_undecodable_bytes_name_the_row(tmp_path: Path) -> None:
     assert str(path) in str(err.value)
 
 
+def test_undecodable_bytes_far_down_name_the_exact_row_and_column(tmp_path: Path) -> None:
+    # The decoder reads ahead of the CSV reader; the error must still point at the cell.
+    good = b"".join(b"u%d@x.org,User %d\n" % (i, i) for i in range(500))
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"email,name\n" + good + b"bad@x.org,Bj\xf6rn\n" + good)
+    with pytest.raises(SourceError) as err:
+        rows(path)
+    assert str(err.value).startswith(f"{path}, row 502, column 'name': bytes that are not valid")
+
+
 def test_missing_recipient_column_is_named(tmp_path: Path) -> None:
     path = write(tmp_path / "r.csv", "mail,name\nann@x.org,Ann\n")
     with pytest.raises(SourceError) as err:
