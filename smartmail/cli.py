@@ -186,6 +186,12 @@ def transport_options(func: F) -> F:
             help="CA bundle to verify the server's certificate (default: system store).",
         ),
         click.option(
+            "--allow-plaintext-auth",
+            is_flag=True,
+            help="Allow --smtp-user with --smtp-security none to a host other than localhost "
+            "(the password crosses the network in clear).",
+        ),
+        click.option(
             "--timeout",
             type=float,
             default=30.0,
@@ -319,6 +325,14 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
     show_default=True,
     help="First backoff wait in seconds; doubles each retry, up to 30 s, plus jitter.",
 )
+@click.option(
+    "--max-connect-failures",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="Stop the run, rows left unsent, after this many sends in a row (across workers) "
+    "could not reach the server or lost its answer.",
+)
 @click.option("--limit", type=click.IntRange(0), help="Send only the first N sendable rows.")
 @click.option(
     "--test-to",
@@ -373,6 +387,7 @@ def send_cmd(**kw: Any) -> None:
     setup_logging(kw["debug"])
     source, template, options = _prepare(kw, preview=0)
     options.workers = kw["workers"]
+    options.max_connect_failures = kw["max_connect_failures"]
     options.limit = kw["limit"]
     options.test_to = kw["test_to"]
     options.check()
@@ -772,6 +787,7 @@ def _transport(kw: dict[str, Any]) -> Transport:
         messages_per_connection=kw["messages_per_connection"],
         ca_file=kw["smtp_ca_file"],
         configuration_set=kw.get("configuration_set"),
+        allow_plaintext_auth=bool(kw.get("allow_plaintext_auth")),
         tags=_tags(kw["tags"]),
     )
     return get_transport(url, options)
@@ -870,7 +886,7 @@ def _exit_code(summary: Summary, received: list[int]) -> int:
         return EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED
     if summary.stopped:
         return EXIT_STOPPED
-    if summary.failed:
+    if summary.failed or summary.lost_replies:
         return EXIT_SOME_FAILED
     return EXIT_OK
 
@@ -1075,6 +1091,15 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
 )
 @click.option("--max-retries", type=click.IntRange(0, 20), help="Default: the campaign's.")
 @click.option(
+    "--max-connect-failures", type=click.IntRange(1, 1000), help="Default: the campaign's."
+)
+@click.option(
+    "--allow-plaintext-auth",
+    is_flag=True,
+    default=None,
+    help="Default: the campaign's. See send.",
+)
+@click.option(
     "--report",
     "report_path",
     type=click.Path(dir_okay=False),
@@ -1133,6 +1158,7 @@ def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: An
             "the retry uses it as it is now"
         )
     options.workers = kw["workers"]
+    options.max_connect_failures = kw["max_connect_failures"]
     options.check()
     options.failed_csv = Path(kw["failed_csv"] or campaigns.failed_csv_name(record.source))
     transport = _transport(kw)
@@ -1239,6 +1265,7 @@ def _ledger_notes(summary: Summary) -> None:
         out_console.print(f"already sent: {already} (campaign {summary.campaign}){rest}")
     if summary.in_doubt:
         out_console.print(
-            f"in doubt: {summary.in_doubt} (in flight when an earlier run died; they may have "
-            f"arrived: `smartmail retry {summary.campaign} --in-doubt` sends them again)"
+            f"in doubt: {summary.in_doubt} (the answer was lost after sending, or a run died "
+            f"mid-send; they may have arrived: `smartmail retry {summary.campaign} --in-doubt` "
+            "sends them again)"
         )

@@ -17,6 +17,13 @@ is left out of that message, envelope and visible header alike, and the row stil
 rest. The ledger's "already sent" applies to the row's recipient only: its key is the
 campaign's delivery (one per recipient), while a Cc such as an account manager or an archive
 box legitimately receives many rows' messages in one campaign.
+
+Two rules keep a run honest when the provider misbehaves. A lost answer after the whole
+message was handed over (`InDoubtError`) is never retried: the row is *in doubt*, left for
+`retry --in-doubt`. And an outage is not the rows' fault: a circuit breaker counts consecutive
+sends that could not reach the provider (`ConnectionFailedError`) or lost its answer, across
+all workers, resets whenever the provider answers, and at `max_connect_failures` stops the
+run with the rest left unsent (exit 4), as a `StopRunError` from the transport does.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import IO, Protocol
 from . import addresses
 from .errors import (
     ConfigError,
+    ConnectionFailedError,
+    InDoubtError,
     InvalidRowError,
     PermanentError,
     PreflightError,
@@ -46,6 +55,7 @@ from .errors import (
     TemplateError,
     ThrottledError,
     TransientError,
+    TransportError,
 )
 from .message import OutgoingMessage, build
 from .progress import NullProgress, ProgressDisplay
@@ -55,7 +65,7 @@ from .retry import RetryPolicy
 from .sources import RecipientSource, Row, RowProblem
 from .suppression import key as address_key
 from .templates import MessageTemplate, RenderedMessage
-from .transports.base import Transport
+from .transports.base import Delivery, Session, Transport
 
 log = logging.getLogger("smartmail")
 
@@ -83,10 +93,15 @@ class SendOptions:
     # nor builds those rows a second time (most lists fit; a huge one is rebuilt past it).
     render_cache_chars: int = 32 * 1024 * 1024
     shutdown_grace: float = 30.0
+    # Consecutive sends, across workers, that could not reach the provider (or lost its answer)
+    # before the run stops as an outage, leaving the rest unsent. Any answer resets the count.
+    max_connect_failures: int = 5
 
     def check(self) -> None:
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if self.max_connect_failures < 1:
+            raise ConfigError("--max-connect-failures must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be zero or more")
         for name, value, allowed in (
@@ -371,6 +386,28 @@ class _Interrupted(Exception):
     """Raised inside an attempt when the run is stopping: the row stays unsent."""
 
 
+class CircuitBreaker:
+    """Counts consecutive outage signals across workers; any answer of the provider resets it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.answers = 0  # ever, so a row can tell whether anyone got through meanwhile
+        self._lock = threading.Lock()
+
+    def failure(self) -> int | None:
+        """Note one failure; the count when it reaches the limit (trip), else None."""
+        with self._lock:
+            self.count += 1
+            return self.count if self.count >= self.limit else None
+
+    def answered(self) -> None:
+        """The provider answered (accepted, or refused with a reply): it is reachable."""
+        with self._lock:
+            self.count = 0
+            self.answers += 1
+
+
 @dataclass
 class _Job:
     message: OutgoingMessage
@@ -432,6 +469,7 @@ class Run:
             self.journal = NullJournal()
         self.progress = progress or NullProgress()
         self.metrics = Metrics(checked.rows)
+        self.breaker = CircuitBreaker(options.max_connect_failures)
         self.stop_reason: str | None = None
         self.failed_rows = (
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
@@ -566,16 +604,33 @@ class Run:
         finally:
             session.close()
 
-    def _send_one(self, session: object, message: OutgoingMessage) -> None:
+    def _stop_run(self, reason: str) -> None:
+        """Stop taking rows; the first reason given is the one the summary shows."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+    def _outage(self, exc: Exception, what: str) -> bool:
+        """Count an outage signal; stop the run when the breaker trips. True if it did."""
+        count = self.breaker.failure()
+        if count is None:
+            return False
+        self._stop_run(
+            f"{count} {what} in a row (last: {exc}); the provider looks unreachable, so the "
+            "run stopped and the rest is left unsent for a later run"
+        )
+        return True
+
+    def _send_one(self, session: Session, message: OutgoingMessage) -> None:
         row, recipient = message.row, message.recipient
         if self.stop.is_set():
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
             return
-        send = session.send  # type: ignore[attr-defined]
+        send = session.send
         started = 0.0
         marked = False
 
-        def attempt() -> str:
+        def attempt() -> str | Delivery:
             nonlocal started, marked
             if self.stop.is_set():
                 raise _Interrupted
@@ -587,7 +642,18 @@ class Run:
                 self.journal.sending(message)
                 marked = True
             started = time.monotonic()  # latency is the provider's, not our rate-limit wait
-            result: str = send(message)
+            try:
+                result = send(message)
+            except ConnectionFailedError as exc:
+                if self._outage(exc, "sends could not reach the provider"):
+                    raise _Interrupted from exc
+                raise
+            except InDoubtError:
+                raise
+            except TransportError:
+                self.breaker.answered()  # a refusal is still an answer: the provider is up
+                raise
+            self.breaker.answered()
             return result
 
         def before_retry(exc: TransientError, wait: float) -> None:
@@ -596,15 +662,29 @@ class Run:
                 self.limiter.throttled()
             log.debug("row %s: %s; retrying in %.1fs", row.number, exc, wait)
 
+        answers_before = self.breaker.answers
         try:
-            provider_id, attempts = self.retry.call(attempt, before_retry=before_retry)
+            result, attempts = self.retry.call(attempt, before_retry=before_retry)
         except _Interrupted:
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
         except StopRunError as exc:
-            if self.stop_reason is None:
-                self.stop_reason = str(exc)
-            self.stop.set()
+            self._stop_run(str(exc))
             self._outcome(row, recipient, "unsent", str(exc))
+        except InDoubtError as exc:
+            # Never retried: the provider may hold the message. Left for `retry --in-doubt`.
+            self._outage(exc, "sends lost the provider's answer")
+            self._outcome(row, recipient, "in-doubt", f"in doubt: {exc}")
+        except ConnectionFailedError as exc:
+            if self.breaker.answers != answers_before:
+                # Others got through meanwhile: the provider is up, this row had bad luck.
+                self._outcome(row, recipient, "failed", f"gave up after retries: {exc}")
+            else:
+                # No send got through during all of this row's attempts: an outage.
+                self._stop_run(
+                    f"could not reach the provider in {self.retry.max_retries + 1} attempts "
+                    f"(last: {exc}); the run stopped and the rest is left unsent for a later run"
+                )
+                self._outcome(row, recipient, "unsent", str(exc))
         except (PermanentError, TransientError) as exc:
             if isinstance(exc, ThrottledError):
                 self.limiter.throttled()
@@ -614,14 +694,23 @@ class Run:
             log.exception("row %s: unexpected error", row.number)
             self._outcome(row, recipient, "failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
+            provider_id, refused = (
+                (result.provider_id, result.refused)
+                if isinstance(result, Delivery)
+                else (result, ())
+            )
             self._finish(
                 Outcome(
                     row=row,
                     recipient=recipient,
                     status="sent",
+                    reason=f"sent without refused recipient(s): {'; '.join(refused)}"
+                    if refused
+                    else "",
                     message_id=provider_id,
                     attempts=attempts,
                     latency=time.monotonic() - started,
+                    refused=refused,
                 )
             )
 

@@ -104,6 +104,24 @@ class ThrottledError(TransientError):
     """The provider said we are too fast: retried, and the shared rate limiter slows down."""
 
 
+class ConnectionFailedError(TransientError):
+    """The provider could not be reached at all (refused, DNS, connect timeout, no greeting).
+
+    Retried like any transient error, and also counted by the engine's circuit breaker: many in
+    a row, with no success between them, mean an outage, and the run stops (rows left unsent)
+    instead of spending every row's retries on a server that is not there.
+    """
+
+
+class InDoubtError(TransportError):
+    """The whole message was handed over, and then the answer was lost (timeout, drop, reset).
+
+    The provider may have accepted it, so it is never retried: sending again could deliver it
+    twice. The row is left *in doubt* in the ledger, and only `smartmail retry --in-doubt` sends
+    it again. Deliberately not a `TransientError`, so no retry policy can catch it by accident.
+    """
+
+
 class PermanentError(TransportError):
     """Never succeeds for this message (SMTP 5xx, rejected recipient): fail the row, no retry."""
 

@@ -3,9 +3,10 @@
 A `Ledger` is the engine's `Journal`. Before the first attempt of a message it commits
 `sending` (durably: `synchronous=FULL`); after the outcome it commits `sent`, `failed`,
 `skipped`, or puts an unsent row back to `pending`. A row still `sending` when a new run takes
-the campaign lock was in flight when an earlier process died: the message may or may not have
-left. It is *in doubt* and, by default, not sent again (at most once); `smartmail retry
-CAMPAIGN --in-doubt` sends those on purpose.
+the campaign lock was in flight when an earlier process died, or its provider's answer was lost
+after the whole message was handed over (an `in-doubt` outcome leaves it `sending` on purpose):
+the message may or may not have left. It is *in doubt* and, by default, not sent again (at
+most once); `smartmail retry CAMPAIGN --in-doubt` sends those on purpose.
 
 Writes go through one writer thread with its own connection that commits whatever is queued in
 one transaction (group commit), so a 16-worker run pays one fsync per batch, not one per
@@ -77,6 +78,12 @@ WHERE deliveries.status IN ('pending', 'skipped')
 """
 _BACK_TO_PENDING = f"""
 UPDATE deliveries SET status = 'pending', last_error = ?, updated_at = {NOW}
+WHERE campaign = ? AND recipient = ? AND status = 'sending'
+"""
+# A lost answer after the whole message was handed over: the row stays `sending` (in doubt, as
+# a crash leaves it), with the reason kept for `status` and `retry --in-doubt`.
+_IN_DOUBT = f"""
+UPDATE deliveries SET last_error = ?, updated_at = {NOW}
 WHERE campaign = ? AND recipient = ? AND status = 'sending'
 """
 _PENDING = """
@@ -336,6 +343,8 @@ class Ledger:
             self._write(_FAILED, (*base, outcome.reason))
         elif outcome.status == "skipped":
             self._write(_SKIPPED, (*base, outcome.reason))
+        elif outcome.status == "in-doubt":
+            self._write(_IN_DOUBT, (outcome.reason, self.campaign, key))
         elif mine:
             self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key))
         else:

@@ -1,7 +1,11 @@
 """Run metrics (thread-safe counters the engine updates) and the summary built from them.
 
 The summary is what the user sees at the end (a rich table) and what `--report PATH` writes
-(the same numbers as JSON). The counts always add up: rows = sent + failed + skipped + unsent.
+(the same numbers as JSON). The counts always add up:
+rows = sent + failed + skipped + unsent + lost_replies, where `lost_replies` are this run's
+rows in doubt (the provider's answer was lost after the whole message was handed over).
+`in_doubt` counts every row in doubt the run left alone: those plus the rows skipped because an
+earlier run left them in doubt; `in_doubt_rows` lists them, for `retry --in-doubt`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from rich.table import Table
 from .ratelimit import RateStats
 from .sources import Row
 
-Status = Literal["sent", "failed", "skipped", "unsent"]
-STATUSES: tuple[Status, ...] = ("sent", "failed", "skipped", "unsent")
+Status = Literal["sent", "failed", "skipped", "unsent", "in-doubt"]
+STATUSES: tuple[Status, ...] = ("sent", "failed", "skipped", "unsent", "in-doubt")
+IN_DOUBT_PREFIX = "in doubt"  # the reason of every in-doubt row, this run's or an earlier one's
+MAX_LISTED = 1000  # rows listed by name in the report (in doubt, sent without some Cc/Bcc)
 
 
 @dataclass(slots=True)
@@ -36,6 +42,8 @@ class Outcome:
     message_id: str | None = None
     attempts: int = 0
     latency: float | None = None
+    refused: tuple[str, ...] = ()
+    """For a sent row: other envelope recipients (Cc, Bcc) the provider refused."""
 
 
 class Metrics:
@@ -48,6 +56,9 @@ class Metrics:
         self.counts: Counter[str] = Counter()
         self.reasons: dict[str, Counter[str]] = {"failed": Counter(), "skipped": Counter()}
         self.retries = 0
+        self.in_doubt_rows: list[dict[str, Any]] = []
+        self.refused_rows: list[dict[str, Any]] = []
+        self.refused_count = 0
         self.latencies = array("d")
         self.started = clock()
         self.finished: float | None = None
@@ -59,6 +70,14 @@ class Metrics:
                 self.reasons[outcome.status][_reason_key(outcome.reason)] += 1
             if outcome.latency is not None:
                 self.latencies.append(outcome.latency)
+            listed = len(self.in_doubt_rows) < MAX_LISTED
+            doubt = outcome.status == "in-doubt" or outcome.status == "skipped"
+            if listed and doubt and outcome.reason.startswith(IN_DOUBT_PREFIX):
+                self.in_doubt_rows.append(_listed(outcome))
+            if outcome.refused:
+                self.refused_count += 1
+                if len(self.refused_rows) < MAX_LISTED:
+                    self.refused_rows.append({**_listed(outcome), "refused": list(outcome.refused)})
 
     def retried(self) -> None:
         with self._lock:
@@ -78,6 +97,7 @@ class Metrics:
                 "failed": self.counts["failed"],
                 "skipped": self.counts["skipped"],
                 "unsent": self.counts["unsent"],
+                "in_doubt": self.counts["in-doubt"],
                 "done": sum(self.counts.values()),
                 "retries": self.retries,
                 "elapsed": elapsed,
@@ -87,6 +107,10 @@ class Metrics:
     def finish(self) -> None:
         with self._lock:
             self.finished = self._clock()
+
+
+def _listed(outcome: Outcome) -> dict[str, Any]:
+    return {"row": outcome.row.number, "recipient": outcome.recipient, "reason": outcome.reason}
 
 
 def _reason_key(reason: str) -> str:
@@ -132,6 +156,9 @@ class Summary:
     failed_csv: str | None = None
     warnings: list[str] = field(default_factory=list)
     in_doubt: int = 0
+    lost_replies: int = 0
+    in_doubt_rows: list[dict[str, Any]] = field(default_factory=list)
+    sent_without: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -146,7 +173,16 @@ class Summary:
     ) -> Summary:
         snap = metrics.snapshot()
         skipped = metrics.reasons["skipped"]
-        extra.setdefault("in_doubt", sum(n for r, n in skipped.items() if r.startswith("in doubt")))
+        earlier = sum(n for r, n in skipped.items() if r.startswith(IN_DOUBT_PREFIX))
+        extra.setdefault("in_doubt", earlier + snap["in_doubt"])
+        extra.setdefault("lost_replies", snap["in_doubt"])
+        extra.setdefault("in_doubt_rows", list(metrics.in_doubt_rows))
+        extra.setdefault("sent_without", list(metrics.refused_rows))
+        if metrics.refused_count:
+            extra.setdefault("warnings", []).append(
+                f"{metrics.refused_count} message(s) went without some Cc/Bcc recipients the "
+                "server refused (listed under sent_without in --report)"
+            )
         lat = sorted(metrics.latencies)
         p50 = _percentile(lat, 50)
         p95 = _percentile(lat, 95)
@@ -196,6 +232,8 @@ class Summary:
         table.add_row("not sent (left for a later run)", str(self.unsent))
         if self.in_doubt:
             table.add_row("in doubt (not sent again)", str(self.in_doubt))
+        if self.lost_replies:
+            table.add_row("  answer lost after sending (this run)", str(self.lost_replies))
         if not self.dry_run:
             table.add_row("retries", str(self.retries))
             table.add_row("throttled", str(self.throttles))

@@ -1,7 +1,9 @@
 """Which failures are retried, and how: tenacity exponential backoff with jitter.
 
-Only `TransientError` (and its `ThrottledError`) is retried; `PermanentError` and
-`StopRunError` go straight back to the engine. The first attempt runs outside tenacity so
+Only `TransientError` (and its `ThrottledError` and `ConnectionFailedError`) is retried;
+`PermanentError`, `StopRunError` and `InDoubtError` go straight back to the engine. An
+`InDoubtError` is deliberately outside the `TransientError` branch: the provider may already
+hold that message, and a retry could deliver it twice. The first attempt runs outside tenacity so
 the common case (success first time) costs nothing extra on the hot path.
 """
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import (
     ClientError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
     NoCredentialsError,
@@ -36,6 +37,8 @@ from smartmail import (
 )
 from smartmail.errors import (
     ConfigError,
+    ConnectionFailedError,
+    InDoubtError,
     PermanentError,
     StopRunError,
     ThrottledError,
@@ -302,12 +305,21 @@ def test_ses_api_errors_are_classified_by_code(
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
+        # No connection: the request never left; retried, and counted by the circuit breaker.
         (
             EndpointConnectionError(endpoint_url="https://email.us-east-1.amazonaws.com"),
-            TransientError,
+            ConnectionFailedError,
         ),
-        (ConnectTimeoutError(endpoint_url="https://email.us-east-1.amazonaws.com"), TransientError),
-        (ReadTimeoutError(endpoint_url="https://email.us-east-1.amazonaws.com"), TransientError),
+        (
+            ConnectTimeoutError(endpoint_url="https://email.us-east-1.amazonaws.com"),
+            ConnectionFailedError,
+        ),
+        # The request was written, the answer lost: SES may have the message. Never retried.
+        (ReadTimeoutError(endpoint_url="https://email.us-east-1.amazonaws.com"), InDoubtError),
+        (
+            ConnectionClosedError(endpoint_url="https://email.us-east-1.amazonaws.com"),
+            InDoubtError,
+        ),
         (NoCredentialsError(), StopRunError),
         (ParamValidationError(report="Invalid type for parameter"), PermanentError),
     ],
@@ -389,11 +401,13 @@ def test_server_errors_are_retried(tmp_path: Path, template_file: Path, stub_ses
     assert (summary.sent, summary.retries, summary.throttles) == (1, 1, 0)
 
 
-def test_connection_errors_are_retried_then_the_row_fails(
+def test_an_unreachable_endpoint_is_retried_then_stops_the_run_with_rows_unsent(
     tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     retry = RetryPolicy(max_retries=1, initial=0.0, maximum=0.0, jitter=0.0)
     summary, _ = send(make_csv(tmp_path / "r.csv", 2), template_file, retry=retry, timeout=2.0)
-    assert (summary.sent, summary.failed, summary.retries) == (0, 2, 2)
-    assert list(summary.failure_reasons) == ["gave up after retries"]
+    # The first row used its retry; nothing got through meanwhile, so it is an outage: the
+    # run stops and neither row is failed (the next run sends them).
+    assert (summary.sent, summary.failed, summary.unsent, summary.retries) == (0, 0, 2, 1)
+    assert summary.stopped and "could not reach the provider" in summary.stopped

@@ -3,9 +3,15 @@
 The raw content is the exact MIME the core builds, so headers, HTML parts and attachments are
 byte-for-byte what every other transport sends. botocore's own retries are off
 (`max_attempts=1`): its standard mode would retry "Daily message quota exceeded", which cannot
-succeed, and would hide throttles from the shared rate limiter. Every error is classified
-here instead, on the error code, and on the text only where SES uses one code for two
-meanings (Throttling: rate vs daily quota; MessageRejected: content vs unverified sender).
+succeed, would hide throttles from the shared rate limiter, and would send a request again
+after a read timeout, when SES may already have accepted it. Every error is classified here
+instead, on the error code, and on the text only where SES uses one code for two meanings
+(Throttling: rate vs daily quota; MessageRejected: content vs unverified sender).
+
+Which side of the request a network failure is on decides what it means: a connection that
+could not be made (DNS, refused, connect timeout, TLS set-up) never carried the request and is
+a `ConnectionFailedError`, retried; a read timeout or a connection closed once the request was
+written may follow an accepted message and is an `InDoubtError`, never retried.
 
 boto3 is imported lazily, so SMTP and file users do not pay for it at start-up.
 """
@@ -20,6 +26,8 @@ from urllib.parse import SplitResult
 
 from ..errors import (
     ConfigError,
+    ConnectionFailedError,
+    InDoubtError,
     PermanentError,
     StopRunError,
     ThrottledError,
@@ -101,10 +109,12 @@ def classify_client_error(exc: BaseException, sender: str = "") -> TransportErro
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        HTTPClientError,
         NoCredentialsError,
         ParamValidationError,
         PartialCredentialsError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
@@ -134,6 +144,16 @@ def classify_client_error(exc: BaseException, sender: str = "") -> TransportErro
     if isinstance(exc, ParamValidationError):
         reason = " ".join(str(exc).split())[:300]  # one line, never the whole message body
         return PermanentError(f"SES request refused before sending: {reason}")
+    if isinstance(exc, BotoConnectionError):
+        # Endpoint unreachable, connect timeout, proxy, TLS set-up: the request never left.
+        return ConnectionFailedError(f"cannot reach SES: {aws_reason(exc)}")
+    if isinstance(exc, HTTPClientError):
+        # Read timeout, connection closed or reset after the request was written: SES may
+        # have accepted the message.
+        return InDoubtError(
+            f"no answer from SES after the request was sent ({aws_reason(exc)}); "
+            "it may have been accepted"
+        )
     if isinstance(exc, BotoCoreError):
         return TransientError(f"SES connection problem: {aws_reason(exc)}")
     return TransientError(f"SES connection problem: {type(exc).__name__}: {exc}")
@@ -227,7 +247,7 @@ def _factory(url: SplitResult, options: TransportOptions) -> SesTransport:
         raise ConfigError("an SES transport needs a region: ses://REGION, e.g. ses://eu-west-1")
     if url.port or url.path.strip("/") or url.username:
         raise ConfigError(
-            f"ses://{url.netloc}{url.path}: expected only a region, e.g. ses://eu-west-1"
+            f"ses://{url.hostname}{url.path}: expected only a region, e.g. ses://eu-west-1"
         )
     return SesTransport(
         url.hostname, configuration_set=options.configuration_set, timeout=options.timeout

@@ -21,10 +21,10 @@ import hmac
 import re
 from urllib.parse import SplitResult, parse_qs
 
-from ..errors import ConfigError, PermanentError, StopRunError, ThrottledError, TransportError
+from ..errors import ConfigError, StopRunError, ThrottledError, TransportError
 from ..message import OutgoingMessage
 from ..quota import QuotaAware, check_region
-from .base import TransportOptions, register
+from .base import Delivery, TransportOptions, register
 from .ses import daily_quota_exceeded, sender_not_verified
 from .smtp import SmtpSession, SmtpTransport, classify_reply
 
@@ -126,7 +126,7 @@ class SesSmtpSession(SmtpSession):
         super().__init__(transport)
         self._sender = ""
 
-    def send(self, message: OutgoingMessage) -> str:
+    def send(self, message: OutgoingMessage) -> str | Delivery:
         self._sender = message.sender
         return super().send(message)
 
@@ -144,7 +144,6 @@ class SesSmtpSession(SmtpSession):
                 )
             if any(word in lowered for word in _STOP_WORDS):
                 return StopRunError(detail, code=str(code))
-            return PermanentError(detail, code=str(code))
         return classify_reply(code, text, stage)
 
     def message_id_from_reply(self, reply: str, message: OutgoingMessage) -> str:

@@ -2,15 +2,25 @@
 
 The connection is opened on first use, reused for `messages_per_connection` messages, and
 reopened after a drop. Security is STARTTLS by default (`tls` wraps the socket from the
-start, `none` sends in clear), with certificates verified against the system store or
-`--smtp-ca-file`. The transaction is driven step by step (MAIL, RCPT, DATA) rather than
-through `sendmail()`, so every reply can be classified and the queue id the server returns
-(SES SMTP puts its message id there) is kept.
+start, `none` sends in clear, and a login over it only to a loopback address unless
+`--allow-plaintext-auth`), with certificates verified against the system store or
+`--smtp-ca-file`.
+
+The transaction is driven step by step (MAIL, RCPT, DATA, the message, the end-of-data dot,
+the reply) rather than through `sendmail()`, so every reply can be classified, the queue id
+the server returns (SES SMTP puts its message id there) is kept, and we know on which side of
+the dot a failure happened: before it, the server cannot have taken the message and the
+failure is retried; after it, a lost reply is `InDoubtError` and never retried. A refusal of
+the row's own recipient fails the row even when a Cc is accepted (nothing is sent); refused
+Cc/Bcc while the recipient is accepted are sent without and reported (`Delivery.refused`).
+Set-up failures are the server's, not the row's: a 5xx greeting or MAIL FROM, a TLS mismatch
+or a refused login stop the run; a connection that cannot be made is `ConnectionFailedError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import smtplib
 import socket
 import ssl
@@ -18,6 +28,8 @@ from urllib.parse import SplitResult
 
 from ..errors import (
     ConfigError,
+    ConnectionFailedError,
+    InDoubtError,
     PermanentError,
     StopRunError,
     ThrottledError,
@@ -25,10 +37,14 @@ from ..errors import (
     TransportError,
 )
 from ..message import OutgoingMessage
-from .base import TransportOptions, register
+from .base import Delivery, TransportOptions, is_loopback, register
 
 SECURITY = ("starttls", "tls", "none")
 DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
+# 5xx answers to MAIL FROM about this message (its size, its SMTPUTF8/8BITMIME parameters), not
+# about the sender: they fail the row; any other 5xx there stops the run.
+MESSAGE_MAIL_CODES = frozenset({552, 555})
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 class SmtpTransport:
@@ -48,12 +64,19 @@ class SmtpTransport:
         messages_per_connection: int = 1000,
         ca_file: str | None = None,
         scheme: str = "smtp",
+        allow_plaintext_auth: bool = False,
     ) -> None:
         if security not in SECURITY:
             raise ConfigError(f"--smtp-security must be one of {', '.join(SECURITY)}")
         if user and password is None:
             raise ConfigError(
                 f"--smtp-user {user} is set but no password: set SMARTMAIL_SMTP_PASSWORD"
+            )
+        if user and security == "none" and not is_loopback(host) and not allow_plaintext_auth:
+            raise ConfigError(
+                f"--smtp-user with --smtp-security none would send the password in clear to "
+                f"{host}; use starttls or tls, or add --allow-plaintext-auth if the network "
+                "between here and the server is trusted"
             )
         self.host = host
         self.port = port or DEFAULT_PORTS[security]
@@ -80,45 +103,98 @@ class SmtpTransport:
         return None
 
     def connect(self) -> smtplib.SMTP:
-        """Open, secure and authenticate one connection; errors come back classified."""
+        """Open, secure and authenticate one connection; errors come back classified.
+
+        What fails here is the server or the set-up, never a row: a 5xx greeting (a blocked
+        IP), a refused or impossible TLS handshake and a refused login stop the run; a
+        connection that cannot be made at all is a `ConnectionFailedError`, which the engine's
+        circuit breaker counts.
+        """
+        stage = "connect"
+        conn: smtplib.SMTP | None = None
         try:
-            conn: smtplib.SMTP
             if self.security == "tls":
+                stage = "TLS handshake"
                 conn = smtplib.SMTP_SSL(
                     self.host, self.port, timeout=self.timeout, context=self.ssl_context
                 )
             else:
                 conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
-            conn.ehlo()
+            stage = "EHLO"
+            self._hello(conn)
             if self.security == "starttls":
                 if not conn.has_extn("starttls"):
-                    conn.close()
                     raise StopRunError(
                         f"{self.url} does not offer STARTTLS; refusing to send in clear "
                         "(use --smtp-security none only for a trusted local relay)"
                     )
+                stage = "STARTTLS"
                 conn.starttls(context=self.ssl_context)
-                conn.ehlo()
+                stage = "EHLO"
+                self._hello(conn)
             if self.user:
+                stage = "AUTH"
                 conn.login(self.user, self._password or "")
             return conn
-        except TransportError:
-            raise
-        except smtplib.SMTPAuthenticationError as exc:
-            raise StopRunError(
+        except BaseException as exc:
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.close()
+            raise self._connect_error(exc, stage) from None
+
+    def _hello(self, conn: smtplib.SMTP) -> None:
+        code, resp = conn.ehlo()
+        if code != 250:
+            code, resp = conn.helo()
+        if code != 250:
+            raise smtplib.SMTPHeloError(code, resp)
+
+    def _connect_error(self, exc: BaseException, stage: str) -> BaseException:
+        """What a failure to set up a connection means for the run."""
+        if isinstance(exc, TransportError) or not isinstance(exc, Exception):
+            return exc
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            return StopRunError(
                 f"{self.url} refused the login for {self.user}: {exc.smtp_code} "
                 f"{_text(exc.smtp_error)}",
                 code=str(exc.smtp_code),
-            ) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise StopRunError(
+            )
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return StopRunError(
                 f"{self.url}: TLS certificate not trusted ({exc.verify_message}); "
                 "give the CA with --smtp-ca-file",
-            ) from None
-        except smtplib.SMTPResponseException as exc:
-            raise classify_reply(exc.smtp_code, _text(exc.smtp_error), "connect") from None
-        except (OSError, smtplib.SMTPException) as exc:
-            raise TransientError(f"cannot connect to {self.url}: {_os_reason(exc)}") from None
+            )
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+            exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
+        ):
+            return StopRunError(
+                f"{self.url}: the TLS handshake failed ({exc.reason or exc}); check "
+                f"--smtp-security (now {self.security}: 'tls' is for a port that speaks TLS "
+                "from the first byte, usually 465; 'starttls' for 587)"
+            )
+        if isinstance(exc, smtplib.SMTPResponseException):
+            code, text = exc.smtp_code, _text(exc.smtp_error)
+            if 500 <= code < 600:
+                return StopRunError(
+                    f"{self.url} refused us at {stage}: {code} {text}", code=str(code)
+                )
+            return ConnectionFailedError(
+                f"{self.url} is not taking connections now ({stage}: {code} {text})",
+                code=str(code),
+            )
+        if (
+            stage == "AUTH"
+            and isinstance(exc, smtplib.SMTPException)
+            and not isinstance(exc, smtplib.SMTPServerDisconnected)
+        ):
+            return StopRunError(f"{self.url}: cannot log in ({exc}); check --smtp-user")
+        reason = _os_reason(exc)
+        if stage == "connect" and self.security != "tls" and "timed out" in reason:
+            reason += (
+                " waiting for the greeting (if this port expects TLS from the first byte, "
+                "use --smtp-security tls)"
+            )
+        return ConnectionFailedError(f"cannot connect to {self.url} ({stage}): {reason}")
 
 
 class SmtpSession:
@@ -129,37 +205,30 @@ class SmtpSession:
         self.conn: smtplib.SMTP | None = None
         self.sent_on_conn = 0
 
-    def send(self, message: OutgoingMessage) -> str:
+    def send(self, message: OutgoingMessage) -> str | Delivery:
         if self.conn is not None and self.sent_on_conn >= self.transport.messages_per_connection:
             self.close()
         if self.conn is None:
             self.conn = self.transport.connect()
             self.sent_on_conn = 0
         try:
-            reply = self._transaction(self.conn, message)
+            reply, refused = self._transaction(self.conn, message)
+        except InDoubtError:
+            self.drop()
+            raise
         except TransportError as exc:
             if isinstance(exc, TransientError) and exc.code in (None, "421"):
                 self.close()
             raise
-        except smtplib.SMTPServerDisconnected as exc:
-            self.close()
-            raise TransientError(
-                f"connection to {self.transport.url} lost: {_os_reason(exc)}"
-            ) from None
-        except smtplib.SMTPResponseException as exc:
-            error = self.classify(exc.smtp_code, _text(exc.smtp_error), "DATA")
-            if exc.smtp_code == 421:
-                self.close()
-            else:
-                self._reset(self.conn)
-            raise error from None
         except (OSError, smtplib.SMTPException) as exc:
-            self.close()
+            # Before the end-of-data dot: the server cannot have taken the message.
+            self.drop()
             raise TransientError(
                 f"connection to {self.transport.url} lost: {_os_reason(exc)}"
             ) from None
         self.sent_on_conn += 1
-        return self.message_id_from_reply(reply, message)
+        provider_id = self.message_id_from_reply(reply, message)
+        return Delivery(provider_id, tuple(refused)) if refused else provider_id
 
     def message_id_from_reply(self, reply: str, message: OutgoingMessage) -> str:
         """The id to record for a sent message; subclasses parse provider ids from the reply."""
@@ -168,7 +237,13 @@ class SmtpSession:
     def classify(self, code: int, text: str, stage: str) -> TransportError:
         return classify_reply(code, text, stage)
 
-    def _transaction(self, conn: smtplib.SMTP, message: OutgoingMessage) -> str:
+    def _transaction(self, conn: smtplib.SMTP, message: OutgoingMessage) -> tuple[str, list[str]]:
+        """MAIL, RCPT, DATA step by step; returns the final reply and the refused Cc/Bcc.
+
+        Everything up to the last byte of the end-of-data dot can fail safely (the server
+        drops an unfinished transaction). After it, the server holds the whole message: a
+        lost reply then raises `InDoubtError`, never a retryable error.
+        """
         options: list[str] = []
         if message.utf8:
             if not conn.has_extn("smtputf8"):
@@ -183,25 +258,67 @@ class SmtpSession:
         if code != 250:
             self._reset(conn)
             raise self.classify(code, _text(resp), "MAIL FROM")
-        refused: list[tuple[int, str]] = []
+        refused_primary, refused_other = self._recipients(conn, message)
+        if refused_primary:
+            # The row's own recipient is refused: send nothing, even if a Cc was accepted.
+            self._reset(conn)
+            code, text = max(refused_primary)
+            raise self.classify(code, text, "RCPT TO")
+        code, resp = conn.docmd("DATA")
+        if code != 354:
+            self._reset(conn)
+            raise self.classify(code, _text(resp), "DATA")
+        conn.send(_data_payload(message.data))
+        # The whole message, dot included, is on its way: from here a lost answer is in doubt.
+        try:
+            code, resp = conn.getreply()
+        except (OSError, smtplib.SMTPException) as exc:
+            raise InDoubtError(
+                f"no answer from {self.transport.url} after the whole message was sent "
+                f"({_os_reason(exc)}); it may have been delivered"
+            ) from None
+        if code == 250:
+            return _text(resp), [text for _, text in refused_other]
+        if 400 <= code < 600:
+            self._reset(conn)
+            raise self.classify(code, _text(resp), "end of DATA")
+        raise InDoubtError(
+            f"unexpected answer from {self.transport.url} after the whole message was sent "
+            f"({code} {_text(resp)}); it may have been delivered"
+        )
+
+    def _recipients(
+        self, conn: smtplib.SMTP, message: OutgoingMessage
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """RCPT TO each envelope address; the refusals of the row's recipient, and of others.
+
+        With --test-to the envelope holds only the test address, which then is the primary.
+        """
+        primary = message.recipient.lower()
+        if all(r.lower() != primary for r in message.recipients):
+            primaries = {r.lower() for r in message.recipients}
+        else:
+            primaries = {primary}
+        refused_primary: list[tuple[int, str]] = []
+        refused_other: list[tuple[int, str]] = []
         for rcpt in message.recipients:
             code, resp = conn.rcpt(rcpt)
             if code not in (250, 251):
-                refused.append((code, f"{rcpt}: {_text(resp)}"))
-        if len(refused) == len(message.recipients):
-            self._reset(conn)
-            code, text = max(refused)
-            raise self.classify(code, text, "RCPT TO")
-        code, resp = conn.data(message.data)
-        if code != 250:
-            self._reset(conn)
-            raise self.classify(code, _text(resp), "DATA")
-        return _text(resp)
+                refused = refused_primary if rcpt.lower() in primaries else refused_other
+                refused.append((code, f"{rcpt}: {code} {_text(resp)}"))
+        return refused_primary, refused_other
 
     @staticmethod
     def _reset(conn: smtplib.SMTP) -> None:
         with contextlib.suppress(OSError, smtplib.SMTPException):
             conn.rset()
+
+    def drop(self) -> None:
+        """Close a connection that failed, without a QUIT that could wait out the timeout."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -214,12 +331,23 @@ class SmtpSession:
                 conn.close()
 
 
+def _data_payload(data: bytes) -> bytes:
+    """The DATA bytes as smtplib sends them: leading dots doubled, CRLF, then '.' CRLF."""
+    payload = _LEADING_DOT.sub(b"..", data)
+    if not payload.endswith(b"\r\n"):
+        payload += b"\r\n"
+    return payload + b".\r\n"
+
+
 def classify_reply(code: int, text: str, stage: str) -> TransportError:
     """Map an SMTP reply to what the engine should do: retry, slow down, fail, or stop."""
     detail = f"{stage}: {code} {text}".strip()
     lowered = text.lower()
     if code in (530, 534, 535, 538):
         return StopRunError(f"authentication required or refused ({detail})", code=str(code))
+    if stage == "MAIL FROM" and 500 <= code < 600 and code not in MESSAGE_MAIL_CODES:
+        # The sender (or our IP) is refused: every later row would be refused the same way.
+        return StopRunError(f"the server refuses the sender ({detail})", code=str(code))
     if 400 <= code < 500:
         if "throttl" in lowered or ("rate" in lowered and "exceed" in lowered):
             return ThrottledError(detail, code=str(code))
@@ -256,6 +384,7 @@ def _factory(url: SplitResult, options: TransportOptions) -> SmtpTransport:
         timeout=options.timeout,
         messages_per_connection=options.messages_per_connection,
         ca_file=options.ca_file,
+        allow_plaintext_auth=options.allow_plaintext_auth,
     )
 
 
