@@ -283,6 +283,8 @@ class MessageTemplate:
                 mailboxes = _parse_mailboxes(name, value, allow_utf8_local=True)
             except _Problem as exc:
                 raise TemplateError(where, exc.message) from None
+            if lower in ("from", "sender") and len(mailboxes) != 1:
+                raise TemplateError(where, f"{name}: must hold exactly one address")
             header_value = mailboxes
         elif lower == "list-unsubscribe":
             problem = unsubscribe.check_header(value)
@@ -418,9 +420,9 @@ class MessageTemplate:
             else:
                 mailboxes = None
             if mailboxes is not None:
+                if lower in ("from", "sender") and len(mailboxes) != 1:
+                    raise InvalidRowError(where, f"{spec.name}: must hold exactly one address")
                 if lower == "from":
-                    if len(mailboxes) != 1:
-                        raise InvalidRowError(where, "From: must hold exactly one address")
                     sender = mailboxes[0].address
                 elif lower in ("to", "cc", "bcc"):
                     envelope.extend(m.address for m in mailboxes)
