@@ -399,55 +399,68 @@ class MessageTemplate:
         values = rendered.split(_SEP)
         if len(values) != len(self._specs):  # only a template expression can make a NUL
             raise TemplateError(where, f"template {self.name}: a header value renders a NUL")
-        encoded: list[tuple[str, str] | None] = [None] * len(result)
-        for spec, value in zip(self._specs, values, strict=True):
-            lower = spec.lower
-            if lower == ATTACHMENT_HEADER:
-                attachments.extend(self._attachments(value, row, where))
-                continue
-            if spec.mailboxes is not None:
-                mailboxes: tuple[Mailbox, ...] | None = spec.mailboxes
-                if not allow_utf8_local and not all(m.address.isascii() for m in spec.mailboxes):
-                    raise TemplateError(
-                        where, f"{spec.name}: a non-ASCII local part, which SES cannot send"
-                    )
-            elif lower in ADDRESS_HEADERS:
-                if not _strip_marks(value).strip(_WSP):
-                    continue
-                mailboxes = _row_mailboxes(
-                    spec.name, value, row, where, recipient, allow_utf8_local
-                )
-            else:
-                mailboxes = None
-            if mailboxes is not None:
-                if lower in ("from", "sender") and len(mailboxes) != 1:
-                    raise InvalidRowError(where, f"{spec.name}: must hold exactly one address")
-                if lower == "from":
-                    sender = mailboxes[0].address
-                elif lower in ("to", "cc", "bcc"):
-                    envelope.extend(m.address for m in mailboxes)
-                result.append((spec.name, mailboxes))
-                encoded.append(spec.lines)
-                continue
-            text = _strip_marks(value).strip(_WSP) if not spec.fixed else value
-            if not text:
-                continue
-            if lower == "list-unsubscribe" and not spec.fixed:
-                problem = unsubscribe.check_header(text)
-                if problem:
-                    raise InvalidRowError(where, f"{spec.name}: {_printable(problem)}")
-            result.append((spec.name, text))
-            encoded.append(spec.lines)
-        if not envelope:
-            raise InvalidRowError(where, "the message has no recipient")
-        utf8 = headers.needs_utf8(sender, envelope)
-        head: list[str] = []
+        # Encoded as they come for 7-bit (nearly every message), again at the end when a
+        # non-ASCII local part makes it SMTPUTF8. Validated domains are ASCII, so an address
+        # that is not ASCII has a non-ASCII local part.
+        head = [] if self.has_to else [f"To: {recipient}"]
+        utf8 = not recipient.isascii()
         try:
-            for (name, header_value), lines in zip(result, encoded, strict=True):
-                if lines is not None:
-                    head.append(lines[utf8])
+            for spec, value in zip(self._specs, values, strict=True):
+                lower = spec.lower
+                if lower == ATTACHMENT_HEADER:
+                    attachments.extend(self._attachments(value, row, where))
+                    continue
+                if spec.mailboxes is not None:
+                    mailboxes: tuple[Mailbox, ...] | None = spec.mailboxes
+                    if not allow_utf8_local and not all(
+                        m.address.isascii() for m in spec.mailboxes
+                    ):
+                        raise TemplateError(
+                            where, f"{spec.name}: a non-ASCII local part, which SES cannot send"
+                        )
+                elif lower in ADDRESS_HEADERS:
+                    if not _strip_marks(value).strip(_WSP):
+                        continue
+                    mailboxes = _row_mailboxes(
+                        spec.name, value, row, where, recipient, allow_utf8_local
+                    )
                 else:
-                    head.extend(headers.encode([(name, header_value)], utf8))
+                    mailboxes = None
+                if mailboxes is not None:
+                    if lower in ("from", "sender") and len(mailboxes) != 1:
+                        raise InvalidRowError(where, f"{spec.name}: must hold exactly one address")
+                    if lower == "from":
+                        sender = mailboxes[0].address
+                        utf8 = utf8 or not sender.isascii()
+                    elif lower in ("to", "cc", "bcc"):
+                        for box in mailboxes:
+                            envelope.append(box.address)
+                            utf8 = utf8 or not box.address.isascii()
+                    result.append((spec.name, mailboxes))
+                    if lower != "bcc":
+                        head.append(
+                            spec.lines[0]
+                            if spec.lines is not None
+                            else headers.address_header(spec.name, mailboxes, False)
+                        )
+                    continue
+                text = _strip_marks(value).strip(_WSP) if not spec.fixed else value
+                if not text:
+                    continue
+                if lower == "list-unsubscribe" and not spec.fixed:
+                    problem = unsubscribe.check_header(text)
+                    if problem:
+                        raise InvalidRowError(where, f"{spec.name}: {_printable(problem)}")
+                result.append((spec.name, text))
+                head.append(
+                    spec.lines[0]
+                    if spec.lines is not None
+                    else headers.unstructured(spec.name, text, False)
+                )
+            if not envelope:
+                raise InvalidRowError(where, "the message has no recipient")
+            if utf8:
+                head = headers.encode(result, utf8=True)
         except headers.HeaderError as exc:
             raise InvalidRowError(where, str(exc)) from None
         return result, head, attachments, envelope, sender
