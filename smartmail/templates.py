@@ -607,9 +607,9 @@ def _parse_mailboxes(
             ),
         )
     result: list[Mailbox] = []
-    for phrase, address, data, bracketed in _split(name, value):
+    for phrase, address, data, bracketed, remark in _split(name, value):
         if not bracketed:
-            phrase, address = [], phrase
+            phrase, address = remark, phrase
         display = "".join(phrase).strip(_WSP)
         addr = "".join(address).strip()
         if not addr:
@@ -622,17 +622,24 @@ def _parse_mailboxes(
     return tuple(result)
 
 
-def _split(name: str, value: str) -> list[tuple[list[str], list[str], list[str], bool]]:
-    """Split at the template's commas into (phrase, address, address data, had <...>)."""
+def _split(name: str, value: str) -> list[tuple[list[str], list[str], list[str], bool, list[str]]]:
+    """Split at the template's commas into (phrase, address, data, had <...>, comment).
+
+    The template's own quotes and comments are honoured: the old `billing@acme.example
+    (Acme Billing)` form gives its comment as the display name."""
     chunks = _DATA.split(value)  # literal, data, literal, data, ...
-    out: list[tuple[list[str], list[str], list[str], bool]] = []
+    out: list[tuple[list[str], list[str], list[str], bool, list[str]]] = []
+    remark: list[str] = []
     phrase: list[str] = []
     address: list[str] = []
     data: list[str] = []
     state = "phrase"  # then "angle" inside <...>, "after" once it is closed
     quoted = escaped = False
+    comment = 0
     for number, chunk in enumerate(chunks):
         if number % 2:  # data: never syntax
+            if comment:
+                continue
             if state == "angle":
                 address.append(chunk)
                 data.append(chunk)
@@ -646,8 +653,16 @@ def _split(name: str, value: str) -> list[tuple[list[str], list[str], list[str],
         for char in chunk:
             target = address if state == "angle" else phrase
             if escaped:
-                target.append(char)
+                if not comment:
+                    target.append(char)
                 escaped = False
+            elif comment:
+                if char == "\\":
+                    escaped = True
+                elif char in "()":
+                    comment += 1 if char == "(" else -1
+                if comment and not escaped:
+                    remark.append(char)
             elif quoted:
                 if char == "\\":
                     escaped = True
@@ -663,8 +678,10 @@ def _split(name: str, value: str) -> list[tuple[list[str], list[str], list[str],
                 else:
                     address.append(char)
             elif char == ",":
-                out.append((phrase, address, data, state == "after"))
-                phrase, address, data, state = [], [], [], "phrase"
+                out.append((phrase, address, data, state == "after", remark))
+                phrase, address, data, state, remark = [], [], [], "phrase", []
+            elif char == "(":
+                comment = 1
             elif state == "after":
                 if not char.isspace():
                     raise _Problem(f"{name}: text after the address: {char!r}", data)
@@ -674,9 +691,9 @@ def _split(name: str, value: str) -> list[tuple[list[str], list[str], list[str],
                 state = "angle"
             else:
                 phrase.append(char)
-    if quoted or state == "angle":
-        raise _Problem(f"{name}: an unclosed quote or '<'", data)
-    out.append((phrase, address, data, state == "after"))
+    if quoted or comment or state == "angle":
+        raise _Problem(f"{name}: an unclosed quote, comment or '<'", data)
+    out.append((phrase, address, data, state == "after", remark))
     return out
 
 

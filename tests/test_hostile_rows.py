@@ -349,3 +349,19 @@ def test_message_ids_and_boundaries_differ_in_a_forked_child() -> None:
     parent = ids(build(rendered).data)
     assert len(child) == 2 and child[0].startswith("<")
     assert child[0] != parent[0] and child[1] != parent[1]
+
+
+def test_the_templates_own_quotes_comments_and_commas_are_still_syntax() -> None:
+    t = MessageTemplate(
+        "From: billing@acme.example (Acme Billing)\n"
+        'To: "Acme, Inc." <office@acme.example>, {{ name }} <{{ email }}> (via {{ name }})\n'
+        "Subject: x\n\nbody\n"
+    )
+    out = build(t.render(row(name="Ann (x"), "email"))
+    assert out.recipients == ["office@acme.example", "ann@example.org"]
+    msg = parse(out.data)
+    assert [(a.display_name, a.addr_spec) for a in msg["To"].addresses] == [
+        ("Acme, Inc.", "office@acme.example"),
+        ("Ann (x", "ann@example.org"),
+    ]
+    assert msg["From"].addresses[0].display_name == "Acme Billing"
