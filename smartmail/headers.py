@@ -66,11 +66,13 @@ def octets(text: str) -> int:
 
 
 def unstructured(name: str, value: str, utf8: bool) -> str:
-    """`Name: value`, folded at spaces; non-ASCII (unless `utf8`) as encoded-words.
+    """`Name: value`, folded at spaces; non-ASCII words (unless `utf8`) as encoded-words.
 
-    In a Subject or Comments, text that merely looks like an encoded-word (`=?...?=`) is
-    encoded too, so a reader shows it as typed instead of decoding it; so is a word too
-    long for a line. Any other field's ASCII value is written as it is, or not at all.
+    Only the words that need it are encoded, so `Hello Zoë, your order` stays readable in
+    the raw message. In a Subject or Comments, text that merely looks like an encoded-word
+    (`=?...?=`) is encoded too, so a reader shows it as typed instead of decoding it; so is
+    a word too long for a line. Any other field's ASCII value is written as it is, or not
+    at all.
     """
     text = name.lower() in TEXT_FIELDS
     if (value.isascii() or utf8) and not (text and "=?" in value):
@@ -83,7 +85,43 @@ def unstructured(name: str, value: str, utf8: bool) -> str:
             if value.isascii() and not text:
                 raise
     first = max(_MIN_FIRST, FOLD_AT - len(name) - 2 - _OVERHEAD)
+    if not value.isascii():
+        try:
+            return _fold_words(f"{name}:", _some_encoded(value, first))
+        except HeaderError:
+            pass  # a very long ASCII word among them: encode it all
     return f"{name}: " + f"{CRLF} ".join(encoded_words(value, first))
+
+
+def _some_encoded(value: str, first: int) -> list[str]:
+    """The words of `value` with each run of words that need encoding as encoded-words.
+
+    A run is encoded whole, the spaces inside it too, because decoders drop the white space
+    between two adjacent encoded-words (RFC 2047 6.2) but keep it next to plain text.
+    """
+    out: list[str] = []
+    run: list[str] = []  # words of the current run, and the empty words (spaces) inside it
+    spaces: list[str] = []  # blank words (white space) since the last other one
+    for word in value.split(" "):
+        if not word.strip(" \t"):
+            spaces.append(word)
+        elif not word.isascii() or "=?" in word:
+            if run:
+                run += spaces
+            else:
+                out += spaces
+            run.append(word)
+            spaces = []
+        else:
+            if run:
+                out += encoded_words(" ".join(run), first if not out else _TEXT)
+                run = []
+            out += spaces
+            out.append(word)
+            spaces = []
+    if run:
+        out += encoded_words(" ".join(run), first if not out else _TEXT)
+    return out + spaces
 
 
 # --- address fields ------------------------------------------------------------------------
@@ -144,7 +182,8 @@ def _is_atoms(display: str) -> bool:
 
 def _fold_words(head: str, words: list[str], leading_space: bool = False) -> str:
     """Join `words` with single spaces after `head`, folding before a word where a line would
-    pass 78 octets. An empty word (a run of spaces) never starts a line, so no line is blank.
+    pass 78 octets. A blank word (in a run of white space) never starts a line, so no line
+    is white space only.
     Raises HeaderError when a line still passes 998 octets."""
     lines: list[str] = []
     if leading_space or not words:
@@ -153,12 +192,13 @@ def _fold_words(head: str, words: list[str], leading_space: bool = False) -> str
         current, rest = f"{head} {words[0]}", words[1:]
     has_word = not leading_space
     for word in rest:
-        if word and has_word and octets(current) + 1 + octets(word) > FOLD_AT:
+        blank = not word.strip(" \t")
+        if not blank and has_word and octets(current) + 1 + octets(word) > FOLD_AT:
             lines.append(current)
             current = f" {word}"
         else:
             current = f"{current} {word}"
-        has_word = has_word or bool(word)
+        has_word = has_word or not blank
     lines.append(current)
     for line in lines:
         if octets(line) > MAX_LINE:

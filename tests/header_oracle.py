@@ -46,7 +46,7 @@ def check_head(data: bytes, utf8: bool) -> dict[str, str]:
             assert name not in fields, f"{name} appears twice"
             fields[name] = value
         for word in line.split():
-            if "=?" in word or word.endswith("?="):
+            if word.startswith("=?"):
                 check_encoded_word(word.rstrip(","))
     return {k: v[1:] if v.startswith(" ") else v for k, v in fields.items()}
 
