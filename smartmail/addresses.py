@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from email.utils import getaddresses
 from typing import NamedTuple
 
 import idna
@@ -122,22 +121,3 @@ def normalise(address: str) -> str:
         with contextlib.suppress(AddressError):  # not mailable anyway: any stable key will do
             domain = to_idna(domain)
     return f"{local}@{domain}".lower()
-
-
-_SIMPLE = re.compile(r"\s*(?:([^<>\"(),@]*?)\s*<([^<>\s]+)>|([^<>\s\"(),]+))\s*\Z")
-
-
-def parse_list(value: str) -> list[tuple[str, str]]:
-    """Split a header value such as 'Ann <a@x.org>, b@y.org' into (name, address) pairs.
-
-    The usual single `Name <addr>` or bare `addr` takes a regex fast path (a mail merge
-    parses one per row); anything with quotes, comments or commas goes to the standard
-    library's full parser.
-    """
-    if "," not in value:
-        simple = _SIMPLE.match(value)
-        if simple:
-            name, bracketed, bare = simple.groups()
-            return [((name or "").strip(), bracketed or bare)]
-    pairs = getaddresses([value])
-    return [(name, addr) for name, addr in pairs if addr or name]
