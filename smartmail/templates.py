@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from . import addresses, headers, unsubscribe
@@ -235,7 +236,10 @@ class MessageTemplate:
         self._specs = specs
         # All header values render in one Jinja call (NUL-separated, as NUL can never be in a
         # header): one render per row instead of one per header.
-        self._header_block = _compile(header_env, _SEP.join(v for _, v in raw_headers), name)
+        block = _SEP.join(v for _, v in raw_headers)
+        self._header_block = _compile(header_env, block, name)
+        # The variables the headers use: the columns to blame first for a bad header value.
+        self._header_columns = frozenset(meta.find_undeclared_variables(header_env.parse(block)))
         self._text = _compile(plain_env, body, name)
         self._html: Renderer | None = None
         if html is not None:
@@ -353,7 +357,7 @@ class MessageTemplate:
             text = self._text(ctx)
             html = self._html(ctx) if self._html is not None else None
         except _ControlCharacter as exc:
-            raise _control_error(exc.char, row, source_name) from None
+            raise _control_error(exc.char, row, source_name, self._header_columns) from None
         except jinja2.UndefinedError as exc:
             raise TemplateError(
                 Location(source_name, row.number),
@@ -422,7 +426,13 @@ class MessageTemplate:
                     if not _strip_marks(value).strip(_WSP):
                         continue
                     mailboxes = _row_mailboxes(
-                        spec.name, value, row, where, recipient, allow_utf8_local
+                        spec.name,
+                        value,
+                        row,
+                        where,
+                        recipient,
+                        allow_utf8_local,
+                        self._header_columns,
                     )
                 else:
                     mailboxes = None
@@ -478,7 +488,8 @@ class MessageTemplate:
             try:
                 found.append(self._attachment_path(text))
             except _Refused as exc:
-                column = _column_for([d for d in segments if d in text] or [text], row)
+                texts = [d for d in segments if d in text] or [text]
+                column = _column_for(texts, row, self._header_columns)
                 raise InvalidRowError(
                     Location(where.file, row.number, column if has_data else None),
                     _printable(str(exc)),
@@ -540,21 +551,31 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
-def _column_for(texts: list[str], row: Row) -> str | None:
+def _columns(row: Row, prefer: frozenset[str]) -> list[tuple[str, str]]:
+    """The row's (column, value) pairs, those the headers name first."""
+    items = list(row.values.items())
+    return [i for i in items if i[0] in prefer] + [i for i in items if i[0] not in prefer]
+
+
+def _column_for(texts: list[str], row: Row, prefer: frozenset[str]) -> str | None:
     """The column whose value the rendered `texts` came from (best effort, for the message)."""
+    texts = [t.strip() for t in texts if t.strip()]
+    columns = _columns(row, prefer)
     for text in texts:
-        for column, value in row.values.items():
+        for column, value in columns:
             if value.strip() == text:
                 return column
     for text in texts:
-        for column, value in row.values.items():
+        for column, value in columns:
             if value.strip() and (value.strip() in text or text in value):
                 return column
     return None
 
 
-def _control_error(char: str, row: Row, source_name: str) -> InvalidRowError | TemplateError:
-    column = next((c for c, v in row.values.items() if char in v), None)
+def _control_error(
+    char: str, row: Row, source_name: str, prefer: frozenset[str]
+) -> InvalidRowError | TemplateError:
+    column = next((c for c, v in _columns(row, prefer) if char in v), None)
     kind = "a line break (header injection)" if char in "\r\n" else "a control character"
     code = f"U+{ord(char):04X}"
     if column is None:
@@ -578,13 +599,14 @@ def _row_mailboxes(
     where: Location,
     recipient: str,
     allow_utf8_local: bool,
+    prefer: frozenset[str],
 ) -> tuple[Mailbox, ...]:
     try:
         return _parse_mailboxes(name, value, allow_utf8_local, recipient)
     except _Problem as exc:
         if not exc.data:
             raise TemplateError(where, _printable(exc.message)) from None
-        column = _column_for(exc.data, row)
+        column = _column_for(exc.data, row, prefer)
         raise InvalidRowError(
             Location(where.file, row.number, column), _printable(exc.message)
         ) from None

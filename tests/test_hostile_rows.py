@@ -278,6 +278,12 @@ def test_a_control_character_from_a_column_is_refused_in_any_header(evil: str, h
     assert message.isprintable(), "the error itself must be safe to print"
 
 
+def test_the_column_named_is_the_one_the_header_uses() -> None:
+    t = MessageTemplate("From: a@acme.example\nSubject: {{ subject }}\n\n{{ notes }}\n")
+    with pytest.raises(InvalidRowError, match="column 'subject'"):
+        t.render(row(notes="line\nbreak", subject="Hi\nBcc: x@evil.example"), "email")
+
+
 def test_tabs_in_headers_and_control_characters_in_the_body_are_fine() -> None:
     t = MessageTemplate("From: a@acme.example\nSubject: {{ s }}\n\n{{ body }}\n")
     out = build(t.render(row(s="a\tb", body="bell\x07 and\r\nlines"), "email"))
