@@ -404,10 +404,8 @@ class MessageTemplate:
         if len(values) != len(self._specs):  # only a template expression can make a NUL
             raise TemplateError(where, f"template {self.name}: a header value renders a NUL")
         # Encoded as they come for 7-bit (nearly every message), again at the end when a
-        # non-ASCII local part makes it SMTPUTF8. Validated domains are ASCII, so an address
-        # that is not ASCII has a non-ASCII local part.
+        # non-ASCII local part makes it SMTPUTF8 (the builder makes the same decision).
         head = [] if self.has_to else [f"To: {recipient}"]
-        utf8 = not recipient.isascii()
         try:
             for spec, value in zip(self._specs, values, strict=True):
                 lower = spec.lower
@@ -441,11 +439,8 @@ class MessageTemplate:
                         raise InvalidRowError(where, f"{spec.name}: must hold exactly one address")
                     if lower == "from":
                         sender = mailboxes[0].address
-                        utf8 = utf8 or not sender.isascii()
                     elif lower in ("to", "cc", "bcc"):
-                        for box in mailboxes:
-                            envelope.append(box.address)
-                            utf8 = utf8 or not box.address.isascii()
+                        envelope.extend(box.address for box in mailboxes)
                     result.append((spec.name, mailboxes))
                     if lower != "bcc":
                         head.append(
@@ -469,7 +464,7 @@ class MessageTemplate:
                 )
             if not envelope:
                 raise InvalidRowError(where, "the message has no recipient")
-            if utf8:
+            if headers.needs_utf8(sender, envelope):
                 head = headers.encode(result, utf8=True)
         except headers.HeaderError as exc:
             raise InvalidRowError(where, str(exc)) from None

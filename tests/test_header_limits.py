@@ -112,3 +112,15 @@ def test_a_structured_header_that_cannot_fold_makes_the_row_invalid() -> None:
     assert "row 5" in str(err.value)
     data = build(t.render(Row(5, {"email": ASCII_TO, "ref": "r" * 900}), "email")).data
     assert check_head(data, utf8=False)["X-Ref"] == "<" + "r" * 900 + ">"
+
+
+def test_smtputf8_is_decided_by_the_envelope_not_the_recipient_column() -> None:
+    t = MessageTemplate(
+        "From: a@acme.example\nTo: {{ name }} <boss@acme.example>\nSubject: x\n\nb\n"
+    )
+    out = build(t.render(Row(2, {"email": UTF8_TO, "name": "Zoë"}), "email"))
+    assert not out.utf8
+    assert decode_mailbox(check_head(out.data, utf8=False)["To"]) == ("Zoë", "boss@acme.example")
+    t = MessageTemplate("From: a@acme.example\nCc: {{ email }}\nSubject: Zoë\n\nb\n")
+    out = build(t.render(Row(2, {"email": UTF8_TO}), "email"))
+    assert out.utf8 and check_head(out.data, utf8=True)["Subject"] == "Zoë"
