@@ -34,15 +34,8 @@ class Suppression:
 
 
 def key(address: str) -> str:
-    """The stored form of an address: normalised, the domain in IDNA when it is international."""
-    addr = normalise(address)
-    local, at, domain = addr.rpartition("@")
-    if at and not domain.isascii():
-        try:
-            return f"{local}@{addresses.to_idna(domain)}"
-        except addresses.AddressError:
-            return addr
-    return addr
+    """The stored form of an address: `addresses.normalise`, the same key the ledger uses."""
+    return normalise(address)
 
 
 class SuppressionList:

@@ -1,7 +1,7 @@
 """Message templates: an RFC 822-style header block, a blank line, then the body, all Jinja2.
 
     From: Acme News <news@acme.example>
-    To: {{ name }} <{{ email }}>
+    To: {{ mailbox(name, email) }}
     Subject: Hello {{ name }}
     Attachment: invoices/{{ invoice }}.pdf
 
@@ -11,6 +11,13 @@ The HTML part comes from `--html-template PATH`, or else from a file beside the 
 the same name and the suffix `.html` (`welcome.txt` -> `welcome.html`) when one exists. Each
 header value and each part is compiled once per run in a sandbox with `StrictUndefined`, so a
 misspelt variable stops the run instead of sending a blank; only the HTML part is autoescaped.
+
+A CSV value fills the slot the template gives it and nothing else. Header values are
+rendered with a Jinja `finalize` that marks every expression's output, so the parser of
+address headers knows which text is data: data in a display-name position is one display
+name whatever it holds (commas, `<`, `@`), data in an address position must be exactly one
+address. Data holding a control character is refused in any header. Attachment paths must
+stay inside one folder (the template's, or `attachments_dir`).
 """
 
 from __future__ import annotations
@@ -20,44 +27,117 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
-from . import addresses, unsubscribe
+from . import addresses, headers, unsubscribe
+from .addresses import Mailbox
 from .errors import InvalidRowError, Location, TemplateError
 from .sources import Row
 
-ADDRESS_HEADERS = ("from", "to", "cc", "bcc", "reply-to")
+ADDRESS_HEADERS = ("from", "sender", "to", "cc", "bcc", "reply-to")
 ATTACHMENT_HEADER = "attachment"
+# Written by the message builder for every message; a template may not set them, so none is
+# ever sent twice or contradicts the body the builder makes.
+OWNED_HEADERS = (
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "content-disposition",
+    "date",
+    "message-id",
+)
+# RFC 5322 3.6: at most one of each.
+SINGLE_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc", "subject")
 _SEP = "\x00"
-_HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
+_WSP = " \t"  # RFC 5322 white space: what is trimmed from the ends of a header value
+_OPEN, _CLOSE = "\x0e", "\x0f"  # around data in rendered header values; never in data
+_DATA = re.compile(r"\x0e([^\x0e\x0f]*)\x0f")
+# What a header never holds: C0 but TAB, DEL, C1 (NEL, and CSI, a terminal escape) and the
+# Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}\Z")
+# The two shapes nearly every address header has once rendered: data <data>, and data.
+_FAST_MAILBOX = re.compile(
+    r"[ \t]*(?:\x0e([^\x0e\x0f]*)\x0f)?[ \t]*<\x0e([^\x0e\x0f]*)\x0f>[ \t]*\Z"
+    r"|[ \t]*\x0e([^\x0e\x0f]*)\x0f[ \t]*\Z"
+)
 
 Renderer = Callable[[Mapping[str, Any]], str]
+HeaderValue = str | tuple[Mailbox, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class RenderedMessage:
-    """One row's message, rendered and validated, not yet encoded as MIME."""
+    """One row's message, rendered and validated, not yet encoded as MIME.
+
+    `headers` holds address headers as parsed mailboxes (never re-parsed, so a display name
+    stays one name) and other headers as text. `head` is the encoded header block for `utf8`
+    (checked against the line limits when rendering); the builder uses it when present.
+    `attachments` are resolved paths inside the attachments folder.
+    """
 
     row: Row
     recipient: str
     sender: str
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, HeaderValue]]
     envelope_to: list[str]
     text: str
     html: str | None = None
     attachments: list[Path] = field(default_factory=list)
+    source: str = ""
+    head: list[str] | None = None
 
 
-def _env(autoescape: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+def mailbox(name: Any, email: Any) -> Mailbox:
+    """Template helper: `{{ mailbox(name, email) }}` is one correctly quoted mailbox.
+
+    In an address header the name is always one display name and the email one address; in
+    a body it prints as `Name <email>`, quoted as RFC 5322 needs.
+    """
+    return Mailbox("" if name is None else str(name), str(email))
+
+
+class _ControlCharacter(Exception):
+    """Raised from inside a header render: an expression's output holds `char`."""
+
+    def __init__(self, char: str) -> None:
+        super().__init__(char)
+        self.char = char
+
+
+def _data(value: Any) -> str:
+    text = value if type(value) is str else str(value)
+    if not text.isprintable():
+        bad = _CONTROL.search(text)
+        if bad is not None:
+            raise _ControlCharacter(bad.group())
+    return text
+
+
+def _mark(value: Any) -> str:
+    """The `finalize` of header values: every expression's output, wrapped as data."""
+    if isinstance(value, Mailbox):
+        name, email = _data(value.name), _data(value.address)
+        if name.strip(_WSP):
+            return f"{_OPEN}{name}{_CLOSE} <{_OPEN}{email}{_CLOSE}>"
+        return f"{_OPEN}{email}{_CLOSE}"
+    return f"{_OPEN}{_data(value)}{_CLOSE}"
+
+
+def _env(autoescape: bool, finalize: Callable[[Any], Any] | None = None) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
         keep_trailing_newline=True,
+        finalize=finalize,
     )
+    env.globals["mailbox"] = mailbox
+    return env
 
 
 def _compile(env: SandboxedEnvironment, source: str, where: str) -> Renderer:
@@ -106,8 +186,23 @@ def parse_header_block(text: str, where: str) -> tuple[list[tuple[str, str]], st
     return headers, body
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """A header of the template, with what can be known before any row."""
+
+    name: str
+    lower: str
+    fixed: bool  # no Jinja: the same on every row
+    mailboxes: tuple[Mailbox, ...] | None = None  # a fixed address header, parsed
+    lines: tuple[str, str] | None = None  # a fixed header encoded: (ascii, utf8)
+
+
 class MessageTemplate:
-    """A compiled template: renders one row into a validated `RenderedMessage`."""
+    """A compiled template: renders one row into a validated `RenderedMessage`.
+
+    `attachments_dir`, when given, is the folder attachment paths are relative to and must
+    stay inside; by default that is the template's own folder (`base_dir`).
+    """
 
     def __init__(
         self,
@@ -118,28 +213,97 @@ class MessageTemplate:
         html_name: str | None = None,
         base_dir: Path | None = None,
         extra_headers: list[tuple[str, str]] | None = None,
+        attachments_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.base_dir = base_dir or Path.cwd()
+        self.attachments_dir = Path(attachments_dir or self.base_dir).resolve()
         self.source_text = text + (html or "")
-        plain_env = _env(autoescape=False)
         raw_headers, body = parse_header_block(text, name)
         raw_headers += extra_headers or []
-        if not any(h.lower() == "from" for h, _ in raw_headers):
-            raise TemplateError(name, "no From: header in the header block")
-        if not any(h.lower() == "subject" for h, _ in raw_headers):
-            raise TemplateError(name, "no Subject: header in the header block")
+        self._check_header_names(raw_headers)
         self.has_to = any(h.lower() == "to" for h, _ in raw_headers)
+        header_env = _env(autoescape=False, finalize=_mark)
+        plain_env = _env(autoescape=False)
+        specs: list[_Header] = []
         for h, v in raw_headers:
-            _compile(plain_env, v, f"{name}, header {h}")  # a syntax error names its header
+            where = f"{name}, header {h}"
+            bad = _CONTROL.search(v)
+            if bad is not None:
+                raise TemplateError(where, f"holds the control character U+{ord(bad.group()):04X}")
+            _compile(header_env, v, where)  # a syntax error names its header
+            specs.append(self._fixed(h, v, where))
+        self._specs = specs
         # All header values render in one Jinja call (NUL-separated, as NUL can never be in a
         # header): one render per row instead of one per header.
-        self._header_block = _compile(plain_env, _SEP.join(v for _, v in raw_headers), name)
+        block = _SEP.join(v for _, v in raw_headers)
+        self._header_block = _compile(header_env, block, name)
+        # The variables the headers use: the columns to blame first for a bad header value.
+        self._header_columns = frozenset(meta.find_undeclared_variables(header_env.parse(block)))
         self._text = _compile(plain_env, body, name)
         self._html: Renderer | None = None
         if html is not None:
             self._html = _compile(_env(autoescape=True), html, html_name or f"{name} (html)")
         self.header_names = [h for h, _ in raw_headers]
+
+    def _check_header_names(self, raw_headers: list[tuple[str, str]]) -> None:
+        names = [h.lower() for h, _ in raw_headers]
+        for h, _ in raw_headers:
+            lower = h.lower()
+            if lower in OWNED_HEADERS:
+                raise TemplateError(
+                    self.name,
+                    f"{h}: smartmail writes this header itself for every message",
+                    f"remove {h}: from the template",
+                )
+            if lower in SINGLE_HEADERS and names.count(lower) > 1:
+                raise TemplateError(
+                    self.name, f"{h}: appears more than once", "give it once, with a list"
+                )
+        if "from" not in names:
+            raise TemplateError(self.name, "no From: header in the header block")
+        if "subject" not in names:
+            raise TemplateError(self.name, "no Subject: header in the header block")
+
+    def _fixed(self, name: str, value: str, where: str) -> _Header:
+        """Check a header with no Jinja once, at load: a problem there stops the run."""
+        lower = name.lower()
+        if "{" in value:
+            return _Header(name, lower, fixed=False)
+        if lower == ATTACHMENT_HEADER:
+            for part in value.split(";"):
+                if part.strip():
+                    try:
+                        self._attachment_path(part.strip())
+                    except _Refused as exc:
+                        raise TemplateError(where, str(exc)) from None
+            return _Header(name, lower, fixed=True)
+        if not value:
+            return _Header(name, lower, fixed=True)
+        mailboxes: tuple[Mailbox, ...] | None = None
+        header_value: HeaderValue = value
+        if lower in ADDRESS_HEADERS:
+            try:
+                mailboxes = _parse_mailboxes(name, value, allow_utf8_local=True)
+            except _Problem as exc:
+                raise TemplateError(where, exc.message) from None
+            if lower in ("from", "sender") and len(mailboxes) != 1:
+                raise TemplateError(where, f"{name}: must hold exactly one address")
+            header_value = mailboxes
+        elif lower == "list-unsubscribe":
+            problem = unsubscribe.check_header(value)
+            if problem:
+                raise TemplateError(where, problem)
+        if lower == "bcc":
+            return _Header(name, lower, fixed=True, mailboxes=mailboxes)
+        try:
+            lines = (
+                headers.encode([(name, header_value)], utf8=False)[0],
+                headers.encode([(name, header_value)], utf8=True)[0],
+            )
+        except headers.HeaderError as exc:
+            raise TemplateError(where, str(exc)) from None
+        return _Header(name, lower, fixed=True, mailboxes=mailboxes, lines=lines)
 
     @classmethod
     def load(
@@ -148,6 +312,7 @@ class MessageTemplate:
         *,
         html_path: str | os.PathLike[str] | None = None,
         extra_headers: list[tuple[str, str]] | None = None,
+        attachments_dir: str | os.PathLike[str] | None = None,
     ) -> MessageTemplate:
         """Read a template file, and its HTML part by the documented convention."""
         p = Path(path)
@@ -156,6 +321,8 @@ class MessageTemplate:
         html: str | None = None
         if html_path or (html_file != p and html_file.is_file()):
             html = _read(html_file)
+        if attachments_dir is not None and not Path(attachments_dir).is_dir():
+            raise TemplateError(str(attachments_dir), "the attachments folder does not exist")
         return cls(
             text,
             name=str(p),
@@ -163,6 +330,7 @@ class MessageTemplate:
             html_name=str(html_file) if html is not None else None,
             base_dir=p.parent,
             extra_headers=extra_headers,
+            attachments_dir=Path(attachments_dir) if attachments_dir is not None else None,
         )
 
     def render(
@@ -179,15 +347,17 @@ class MessageTemplate:
         try:
             recipient = addresses.validate(raw_to, allow_utf8_local=allow_utf8_local)
         except addresses.AddressError as exc:
-            raise InvalidRowError(Location(source_name, row.number, to_column), str(exc)) from None
+            raise InvalidRowError(
+                Location(source_name, row.number, to_column), _printable(str(exc))
+            ) from None
         ctx: dict[str, Any] = dict(values)
         ctx["row"] = values
         try:
-            headers, attachments, envelope, sender = self._render_headers(
-                ctx, row, recipient, source_name, allow_utf8_local
-            )
+            rendered_headers = self._header_block(ctx)
             text = self._text(ctx)
             html = self._html(ctx) if self._html is not None else None
+        except _ControlCharacter as exc:
+            raise _control_error(exc.char, row, source_name, self._header_columns) from None
         except jinja2.UndefinedError as exc:
             raise TemplateError(
                 Location(source_name, row.number),
@@ -198,107 +368,364 @@ class MessageTemplate:
             raise TemplateError(
                 Location(source_name, row.number), f"template {self.name}: {exc}"
             ) from None
+        where = Location(source_name, row.number)
+        header_list, head, attachments, envelope, sender = self._headers(
+            rendered_headers, row, where, recipient, allow_utf8_local
+        )
         return RenderedMessage(
             row=row,
             recipient=recipient,
             sender=sender,
-            headers=headers,
+            headers=header_list,
             envelope_to=envelope,
             text=text,
             html=html,
             attachments=attachments,
+            source=source_name,
+            head=head,
         )
 
-    def _render_headers(
+    def _headers(
         self,
-        ctx: Mapping[str, Any],
+        rendered: str,
         row: Row,
+        where: Location,
         recipient: str,
-        source_name: str,
         allow_utf8_local: bool,
-    ) -> tuple[list[tuple[str, str]], list[Path], list[str], str]:
-        headers: list[tuple[str, str]] = []
+    ) -> tuple[list[tuple[str, HeaderValue]], list[str], list[Path], list[str], str]:
+        result: list[tuple[str, HeaderValue]] = []
         attachments: list[Path] = []
         envelope: list[str] = []
         sender = ""
         if not self.has_to:
-            headers.append(("To", recipient))
+            result.append(("To", (Mailbox("", recipient),)))
             envelope.append(recipient)
-        values = self._header_block(ctx).split(_SEP)
-        if len(values) != len(self.header_names):
-            raise InvalidRowError(
-                Location(source_name, row.number), "a header value contains a NUL character"
-            )
-        for name, value in zip(self.header_names, values, strict=True):
-            value = value.strip()
-            if "\r" in value or "\n" in value:
-                raise InvalidRowError(
-                    Location(source_name, row.number),
-                    f"the rendered {name}: header contains a line break (header injection); "
-                    "not sent",
+        values = rendered.split(_SEP)
+        if len(values) != len(self._specs):  # only a template expression can make a NUL
+            raise TemplateError(where, f"template {self.name}: a header value renders a NUL")
+        # Encoded as they come for 7-bit (nearly every message), again at the end when a
+        # non-ASCII local part makes it SMTPUTF8 (the builder makes the same decision).
+        head = [] if self.has_to else [f"To: {recipient}"]
+        try:
+            for spec, value in zip(self._specs, values, strict=True):
+                lower = spec.lower
+                if lower == ATTACHMENT_HEADER:
+                    attachments.extend(self._attachments(value, row, where))
+                    continue
+                if spec.mailboxes is not None:
+                    mailboxes: tuple[Mailbox, ...] | None = spec.mailboxes
+                    if not allow_utf8_local and not all(
+                        m.address.isascii() for m in spec.mailboxes
+                    ):
+                        raise TemplateError(
+                            where, f"{spec.name}: a non-ASCII local part, which SES cannot send"
+                        )
+                elif lower in ADDRESS_HEADERS:
+                    if not _strip_marks(value).strip(_WSP):
+                        continue
+                    mailboxes = _row_mailboxes(
+                        spec.name,
+                        value,
+                        row,
+                        where,
+                        recipient,
+                        allow_utf8_local,
+                        self._header_columns,
+                    )
+                else:
+                    mailboxes = None
+                if mailboxes is not None:
+                    if lower in ("from", "sender") and len(mailboxes) != 1:
+                        raise InvalidRowError(where, f"{spec.name}: must hold exactly one address")
+                    if lower == "from":
+                        sender = mailboxes[0].address
+                    elif lower in ("to", "cc", "bcc"):
+                        envelope.extend(box.address for box in mailboxes)
+                    result.append((spec.name, mailboxes))
+                    if lower != "bcc":
+                        head.append(
+                            spec.lines[0]
+                            if spec.lines is not None
+                            else headers.address_header(spec.name, mailboxes, False)
+                        )
+                    continue
+                text = _strip_marks(value).strip(_WSP) if not spec.fixed else value
+                if not text:
+                    continue
+                if lower == "list-unsubscribe" and not spec.fixed:
+                    problem = unsubscribe.check_header(text)
+                    if problem:
+                        raise InvalidRowError(where, f"{spec.name}: {_printable(problem)}")
+                result.append((spec.name, text))
+                head.append(
+                    spec.lines[0]
+                    if spec.lines is not None
+                    else headers.unstructured(spec.name, text, False)
                 )
-            lower = name.lower()
-            if lower == ATTACHMENT_HEADER:
-                attachments.extend(self._attachments(value, row, source_name))
-                continue
-            if not value:
-                continue
-            if lower == "list-unsubscribe":
-                problem = unsubscribe.check_header(value)
-                if problem:
-                    raise InvalidRowError(Location(source_name, row.number), f"{name}: {problem}")
-            if lower in ADDRESS_HEADERS:
-                addrs = _check_addresses(name, value, row, source_name, recipient, allow_utf8_local)
-                if lower == "from":
-                    sender = addrs[0]
-                elif lower in ("to", "cc", "bcc"):
-                    envelope.extend(addrs)
-            headers.append((name, value))
-        if not envelope:
-            raise InvalidRowError(Location(source_name, row.number), "the message has no recipient")
-        return headers, attachments, envelope, sender
+            if not envelope:
+                raise InvalidRowError(where, "the message has no recipient")
+            if headers.needs_utf8(sender, envelope):
+                head = headers.encode(result, utf8=True)
+        except headers.HeaderError as exc:
+            raise InvalidRowError(where, str(exc)) from None
+        return result, head, attachments, envelope, sender
 
-    def _attachments(self, value: str, row: Row, source_name: str) -> list[Path]:
+    # --- attachments -----------------------------------------------------------------------
+
+    def _attachments(self, value: str, row: Row, where: Location) -> list[Path]:
         found: list[Path] = []
+        segments = [d.strip() for d in _DATA.findall(value) if d.strip()]
         for part in value.split(";"):
-            part = part.strip()
-            if not part:
+            has_data = _OPEN in part or _CLOSE in part
+            text = _strip_marks(part).strip()
+            if not text:
                 continue
-            path = Path(part).expanduser()
-            if not path.is_absolute():
-                path = self.base_dir / path
-            if not path.is_file():
+            try:
+                found.append(self._attachment_path(text))
+            except _Refused as exc:
+                texts = [d for d in segments if d in text] or [text]
+                column = _column_for(texts, row, self._header_columns)
                 raise InvalidRowError(
-                    Location(source_name, row.number), f"attachment not found: {path}"
-                )
-            found.append(path)
+                    Location(where.file, row.number, column if has_data else None),
+                    _printable(str(exc)),
+                ) from None
         return found
 
-
-def _check_addresses(
-    name: str, value: str, row: Row, source_name: str, recipient: str, allow_utf8_local: bool
-) -> list[str]:
-    """Validate every address of an address header; return the value and the bare addresses."""
-    pairs = addresses.parse_list(value)
-    if not pairs:
-        raise InvalidRowError(Location(source_name, row.number), f"{name}: header has no address")
-    result: list[str] = []
-    for _display, addr in pairs:
-        if addr == recipient:
-            result.append(addr)
-            continue
+    def _attachment_path(self, text: str) -> Path:
+        """The real path of an attachment, or _Refused: it must be a readable regular file
+        inside the attachments folder, symbolic links followed."""
+        root = self.attachments_dir
+        shown = text[:80]
+        if text.startswith("~"):
+            raise _Refused(f"attachment {shown!r}: '~' is not expanded; give a path inside {root}")
+        if PurePosixPath(text).is_absolute() or PureWindowsPath(text).anchor:
+            raise _Refused(f"attachment {shown!r}: an absolute path; give a path inside {root}")
+        if ".." in PurePosixPath(text).parts or ".." in PureWindowsPath(text).parts:
+            raise _Refused(f"attachment {shown!r}: '..' is not allowed; give a path inside {root}")
         try:
-            ok = _validate_header_address(addr, allow_utf8_local)
-        except addresses.AddressError as exc:
-            raise InvalidRowError(
-                Location(source_name, row.number), f"{name}: header: {exc}"
-            ) from None
-        result.append(ok)
-    if name.lower() == "from" and len(result) != 1:
-        raise InvalidRowError(
-            Location(source_name, row.number), "From: must hold exactly one address"
+            path = (root / text).resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
+            raise _Refused(f"attachment {shown!r}: cannot be resolved ({exc})") from None
+        if not path.is_relative_to(root):
+            raise _Refused(f"attachment {shown!r} leads outside {root} (a symbolic link)")
+        if not path.is_file():
+            if path.exists():
+                raise _Refused(f"attachment {shown!r} is not a regular file")
+            raise _Refused(f"attachment not found: {shown} (in {root})")
+        try:
+            with open(path, "rb", buffering=0):
+                pass
+        except OSError as exc:
+            raise _Refused(f"attachment {shown!r} cannot be read: {exc.strerror}") from None
+        return path
+
+
+class _Refused(Exception):
+    """An attachment path that is not allowed or not there; the message says which."""
+
+
+class _Problem(Exception):
+    """An address header that does not parse or validate; `data` is the row text involved."""
+
+    def __init__(self, message: str, data: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data or []
+
+
+def _strip_marks(value: str) -> str:
+    if _OPEN not in value and _CLOSE not in value:
+        return value
+    return value.replace(_OPEN, "").replace(_CLOSE, "")
+
+
+def _printable(text: str) -> str:
+    """A message safe for a terminal: no escape sequence from CSV data gets through."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
+def _columns(row: Row, prefer: frozenset[str]) -> list[tuple[str, str]]:
+    """The row's (column, value) pairs, those the headers name first."""
+    items = list(row.values.items())
+    return [i for i in items if i[0] in prefer] + [i for i in items if i[0] not in prefer]
+
+
+def _column_for(texts: list[str], row: Row, prefer: frozenset[str]) -> str | None:
+    """The column whose value the rendered `texts` came from (best effort, for the message)."""
+    texts = [t.strip() for t in texts if t.strip()]
+    columns = _columns(row, prefer)
+    for text in texts:
+        for column, value in columns:
+            if value.strip() == text:
+                return column
+    for text in texts:
+        for column, value in columns:
+            if value.strip() and (value.strip() in text or text in value):
+                return column
+    return None
+
+
+def _control_error(
+    char: str, row: Row, source_name: str, prefer: frozenset[str]
+) -> InvalidRowError | TemplateError:
+    column = next((c for c, v in _columns(row, prefer) if char in v), None)
+    kind = "a line break (header injection)" if char in "\r\n" else "a control character"
+    code = f"U+{ord(char):04X}"
+    if column is None:
+        return TemplateError(
+            Location(source_name, row.number),
+            f"a header expression produces {kind} ({code}); not sent",
         )
-    return result
+    return InvalidRowError(
+        Location(source_name, row.number, column),
+        f"the value holds {kind} ({code}) and is used in a header; not sent",
+    )
+
+
+# --- address headers ---------------------------------------------------------------------
+
+
+def _row_mailboxes(
+    name: str,
+    value: str,
+    row: Row,
+    where: Location,
+    recipient: str,
+    allow_utf8_local: bool,
+    prefer: frozenset[str],
+) -> tuple[Mailbox, ...]:
+    try:
+        return _parse_mailboxes(name, value, allow_utf8_local, recipient)
+    except _Problem as exc:
+        if not exc.data:
+            raise TemplateError(where, _printable(exc.message)) from None
+        column = _column_for(exc.data, row, prefer)
+        raise InvalidRowError(
+            Location(where.file, row.number, column), _printable(exc.message)
+        ) from None
+
+
+def _parse_mailboxes(
+    name: str, value: str, allow_utf8_local: bool, recipient: str = ""
+) -> tuple[Mailbox, ...]:
+    """Parse a rendered address header. Text between the data marks is data: in a display
+    name it is taken as it is, in an address it must be one address. Only the template's
+    own commas, quotes and angle brackets are syntax."""
+    fast = _FAST_MAILBOX.match(value)
+    if fast is not None:
+        display, bracketed, bare = fast.groups()
+        address = bracketed if bare is None else bare
+        return (
+            Mailbox(
+                (display or "").strip(_WSP),
+                _address(name, address.strip(), [address], allow_utf8_local, recipient),
+            ),
+        )
+    result: list[Mailbox] = []
+    for phrase, address, data, bracketed, remark in _split(name, value):
+        if not bracketed:
+            phrase, address = remark, phrase
+        display = "".join(phrase).strip(_WSP)
+        addr = "".join(address).strip()
+        if not addr:
+            if display or bracketed:
+                raise _Problem(f"{name}: no address for the name {display[:60]!r}", data)
+            continue
+        result.append(Mailbox(display, _address(name, addr, data, allow_utf8_local, recipient)))
+    if not result:
+        raise _Problem(f"{name}: header has no address", _DATA.findall(value))
+    return tuple(result)
+
+
+def _split(name: str, value: str) -> list[tuple[list[str], list[str], list[str], bool, list[str]]]:
+    """Split at the template's commas into (phrase, address, data, had <...>, comment).
+
+    The template's own quotes and comments are honoured: the old `billing@acme.example
+    (Acme Billing)` form gives its comment as the display name."""
+    chunks = _DATA.split(value)  # literal, data, literal, data, ...
+    out: list[tuple[list[str], list[str], list[str], bool, list[str]]] = []
+    remark: list[str] = []
+    phrase: list[str] = []
+    address: list[str] = []
+    data: list[str] = []
+    state = "phrase"  # then "angle" inside <...>, "after" once it is closed
+    quoted = escaped = False
+    comment = 0
+    for number, chunk in enumerate(chunks):
+        if number % 2:  # data: never syntax
+            if comment:
+                continue
+            if state == "angle":
+                address.append(chunk)
+                data.append(chunk)
+            elif state == "after":
+                if chunk.strip():
+                    raise _Problem(f"{name}: text after the address: {chunk[:60]!r}", [chunk])
+            else:
+                phrase.append(chunk)
+                data.append(chunk)
+            continue
+        for char in chunk:
+            target = address if state == "angle" else phrase
+            if escaped:
+                if not comment:
+                    target.append(char)
+                escaped = False
+            elif comment:
+                if char == "\\":
+                    escaped = True
+                elif char in "()":
+                    comment += 1 if char == "(" else -1
+                if comment and not escaped:
+                    remark.append(char)
+            elif quoted:
+                if char == "\\":
+                    escaped = True
+                elif char == '"':
+                    quoted = False
+                else:
+                    target.append(char)
+            elif state == "angle":
+                if char == ">":
+                    state = "after"
+                elif char in '<,"':
+                    raise _Problem(f"{name}: {char!r} inside <...>", data)
+                else:
+                    address.append(char)
+            elif char == ",":
+                out.append((phrase, address, data, state == "after", remark))
+                phrase, address, data, state, remark = [], [], [], "phrase", []
+            elif char == "(":
+                comment = 1
+            elif state == "after":
+                if not char.isspace():
+                    raise _Problem(f"{name}: text after the address: {char!r}", data)
+            elif char == '"':
+                quoted = True
+            elif char == "<":
+                state = "angle"
+            else:
+                phrase.append(char)
+    if quoted or comment or state == "angle":
+        raise _Problem(f"{name}: an unclosed quote, comment or '<'", data)
+    out.append((phrase, address, data, state == "after", remark))
+    return out
+
+
+def _address(name: str, addr: str, data: list[str], allow_utf8_local: bool, recipient: str) -> str:
+    if addr == recipient:
+        return addr
+    try:
+        return _validate_header_address(addr, allow_utf8_local)
+    except addresses.AddressError as exc:
+        several = any(c in addr for c in ',;<>"') or len(addr.split()) > 1
+        if data and several:
+            message = f"{name}: {addr[:60]!r} is not exactly one address"
+            hint = " (use mailbox(name, email) to give a name with it)" if "<" in addr else ""
+            raise _Problem(message + hint, data) from None
+        raise _Problem(f"{name}: {exc}", data) from None
 
 
 @lru_cache(maxsize=256)
@@ -314,3 +741,5 @@ def _read(path: Path) -> str:
         raise TemplateError(str(path), "no such file") from None
     except UnicodeDecodeError as exc:
         raise TemplateError(str(path), f"not valid UTF-8 ({exc.reason})") from None
+    except OSError as exc:
+        raise TemplateError(str(path), f"cannot be read: {exc.strerror}") from None

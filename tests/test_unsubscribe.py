@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartmail.cli import cli
-from smartmail.message import _unstructured
+from smartmail.headers import unstructured
 from smartmail.unsubscribe import UNSUBSCRIBE_WARN_THRESHOLD
 
 from .conftest import SmtpServer, make_csv, write
@@ -189,7 +189,7 @@ def test_no_warning_at_the_threshold(tmp_path: Path, template_file: Path) -> Non
 @given(st.text(alphabet=st.sampled_from("ab:<>/?=@. x"), min_size=70, max_size=400))
 def test_long_ascii_headers_fold_and_parse_back_unchanged(value: str) -> None:
     value = value.strip()
-    line = _unstructured("List-Unsubscribe", value, utf8=False)
+    line = unstructured("List-Unsubscribe", value, utf8=False)
     assert all(part.strip() for part in line.split("\r\n")), "no blank continuation lines"
     parsed = message_from_bytes(line.encode() + b"\r\n\r\nbody\r\n", policy=policy.SMTP)
     assert str(parsed["List-Unsubscribe"] or "") == value
