@@ -37,11 +37,12 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from email.utils import formataddr, formatdate
+from email.utils import formatdate
 from pathlib import Path
 from typing import IO, Protocol
 
 from . import addresses
+from .addresses import Mailbox
 from .errors import (
     ConfigError,
     ConnectionFailedError,
@@ -64,7 +65,7 @@ from .report import Metrics, Outcome, Status, Summary
 from .retry import RetryPolicy
 from .sources import RecipientSource, Row, RowProblem
 from .suppression import key as address_key
-from .templates import MessageTemplate, RenderedMessage
+from .templates import HeaderValue, MessageTemplate, RenderedMessage
 from .transports.base import Delivery, Session, Transport
 
 log = logging.getLogger("smartmail")
@@ -346,40 +347,29 @@ def drop_suppressed_copies(
         return rendered, []
     gone = {address_key(a): why for a, why in found.items()}
     dropped: list[tuple[str, str, str]] = []
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[str, HeaderValue]] = []
     for name, value in rendered.headers:
-        if name.lower() not in _ENVELOPE_HEADERS:
+        if name.lower() not in _ENVELOPE_HEADERS or isinstance(value, str):
             headers.append((name, value))
             continue
-        pairs = addresses.parse_list(value)
-        kept = []
-        for display, address in pairs:
-            why = gone.get(address_key(address)) if address_key(address) != primary else None
+        kept: list[Mailbox] = []
+        for box in value:
+            key = address_key(box.address)
+            why = gone.get(key) if key != primary else None
             if why is None:
-                kept.append((display, address))
+                kept.append(box)
             else:
-                dropped.append((name, address, why))
-        if len(kept) == len(pairs):
-            headers.append((name, value))
-        elif kept:
-            headers.append((name, ", ".join(_mailbox(d, a) for d, a in kept)))
+                dropped.append((name, box.address, why))
+        if kept:
+            headers.append((name, tuple(kept)))
     envelope = [a for a in rendered.envelope_to if address_key(a) not in gone]
-    return replace(rendered, headers=headers, envelope_to=envelope), dropped
+    # head=None: the builder encodes the shorter header block again.
+    return replace(rendered, headers=headers, envelope_to=envelope, head=None), dropped
 
 
 def _suppressed(journal: Journal, others: Sequence[str]) -> dict[str, str]:
     lookup = getattr(journal, "suppressed", None)  # optional: older journals lack it
     return dict(lookup(others)) if lookup is not None else {}
-
-
-def _mailbox(display: str, address: str) -> str:
-    """One address for a header value again; a display name stays one quoted phrase."""
-    if not display:
-        return address
-    if display.isascii():
-        return formataddr((display, address))
-    quoted = display.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{quoted}" <{address}>'
 
 
 class _Interrupted(Exception):

@@ -307,7 +307,7 @@ def test_attachment_removed_past_the_cache_fails_that_row_only(
     assert (summary.sent, summary.failed) == (2, 1)
     assert recipients(smtp_server) == ["user0@example.org", "user2@example.org"]
     assert failed_rows(tmp_path / "failed.csv") == {
-        "user1@example.org": f"render: attachment not found: {tmp_path / 'inv1.pdf'}"
+        "user1@example.org": f"render: attachment not found: inv1.pdf (in {tmp_path})"
     }
 
 
