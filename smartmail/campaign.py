@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -395,13 +395,15 @@ class CampaignRun:
             shutdown_grace=opts.shutdown_grace,
         )
         send_options.check()
-        template = self._template()
+        with readable(config.template):
+            template = self._template()
         record = None
         if opts.resend:
             record = self._stored_record()
             source = None
         else:
-            source = self._source()
+            with readable(config.source):
+                source = self._source()
         self.campaign = self._campaign_id(source, template)
         send_options.campaign = self.campaign
         send_options.tags = {**config.tags}
@@ -426,14 +428,15 @@ class CampaignRun:
                 source = campaigns.LedgerSource(record.source, rows, config.to_column)
             assert source is not None
             source = self.snapshot(source)
-            checked = preflight(
-                source,
-                template,
-                send_options,
-                allow_utf8_local=transport.allow_utf8_local,
-                journal=ledger,
-                keep_rendered=send_options.render_cache_chars,
-            )
+            with readable(source.name):
+                checked = preflight(
+                    source,
+                    template,
+                    send_options,
+                    allow_utf8_local=transport.allow_utf8_local,
+                    journal=ledger,
+                    keep_rendered=send_options.render_cache_chars,
+                )
             if not checked.ok:
                 from .errors import PreflightError
 
@@ -463,8 +466,10 @@ class CampaignRun:
 
         config, opts = self.config, self.options
         config.check()
-        template = self._template()
-        source = self._source()
+        with readable(config.template):
+            template = self._template()
+        with readable(config.source):
+            source = self._source()
         self.campaign = self._campaign_id(source, template)
         tags = {**config.tags}
         tags.setdefault("campaign", self.campaign)
@@ -485,13 +490,14 @@ class CampaignRun:
         if not (opts.no_state or opts.test_to):
             ledger = Ledger(opts.state_path, self.campaign)
         try:
-            checked = preflight(
-                source,
-                template,
-                send_options,
-                allow_utf8_local=transport.allow_utf8_local if transport else True,
-                journal=ledger,
-            )
+            with readable(source.name):
+                checked = preflight(
+                    source,
+                    template,
+                    send_options,
+                    allow_utf8_local=transport.allow_utf8_local if transport else True,
+                    journal=ledger,
+                )
         finally:
             if ledger is not None:
                 ledger.close()
@@ -589,6 +595,8 @@ class CampaignRun:
             raise ConfigError(
                 "no recipients: give a CSV path, s3://bucket/key, or --bucket and --key"
             )
+        if not config.source.startswith("s3://") and os.path.isdir(config.source):
+            raise ConfigError(f"{config.source}: is a folder, not a CSV file; nothing was sent")
         spec = SourceSpec(
             location=config.source,
             encoding=config.encoding,
@@ -831,6 +839,18 @@ def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
     if record is None:
         raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
     return CampaignConfig.from_dict(record.settings, campaign=campaign)
+
+
+@contextlib.contextmanager
+def readable(name: str | None = None) -> Iterator[None]:
+    """Turn an input file that cannot be read (a folder, no permission, an I/O error) into a
+    one-line error naming it, instead of a traceback. Only used before anything is sent."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else name or "an input file"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"{where}: cannot read ({reason}); nothing was sent") from None
 
 
 def template_hash(template: MessageTemplate) -> str:

@@ -114,12 +114,12 @@ def common_options(func: F) -> F:
             "--template",
             "template_path",
             required=True,
-            type=click.Path(dir_okay=False),
+            type=click.Path(),
             help="Message template: header block, blank line, body.",
         ),
         click.option(
             "--html-template",
-            type=click.Path(dir_okay=False),
+            type=click.Path(),
             help="HTML part. Default: the template's name with .html, when that file exists.",
         ),
         click.option(
@@ -249,7 +249,7 @@ def state_options(func: F) -> F:
         click.option(
             "--state",
             "state_path",
-            type=click.Path(dir_okay=False),
+            type=click.Path(),
             envvar=STATE_ENV,
             show_envvar=True,
             help="State database (ledger, suppression list). "
@@ -273,12 +273,12 @@ def run_options(func: F) -> F:
         click.option(
             "--report",
             "report_path",
-            type=click.Path(dir_okay=False),
+            type=click.Path(),
             help="Also write the summary as JSON to this file.",
         ),
         click.option(
             "--failed-csv",
-            type=click.Path(dir_okay=False),
+            type=click.Path(),
             help="Where to write failed and unsent rows for re-sending. "
             "Default: SOURCE-NAME.failed.csv in the current folder.",
         ),
@@ -329,7 +329,7 @@ def cli() -> None:
 @click.option(
     "--report",
     "report_path",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="Also write the summary as JSON to this file.",
 )
 def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
@@ -444,7 +444,7 @@ def send_cmd(**kw: Any) -> None:
 @click.option(
     "--state",
     "state_path",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     envvar=STATE_ENV,
     show_envvar=True,
     help=STATE_HELP,
@@ -575,7 +575,18 @@ def _confirm(plan: Plan) -> bool:
     if plan.recipients != plan.messages and not plan.test_to:
         extra = f" ({plan.recipients} envelope recipients)"
     question = printable(f"Send {plan.messages} message(s){extra} {target} via {plan.transport}?")
-    return click.confirm(question, default=False, err=True)
+    # At the prompt nothing is in flight: Ctrl-C (or Ctrl-D) there means "no", not "stop
+    # sending", so the run's signal handler steps aside while it waits.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.exceptions.Abort:
+        click.echo("", err=True)
+        return False
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _Signals:
@@ -683,13 +694,23 @@ def _ledger_notes(summary: Summary) -> None:
 
 
 def setup_logging(debug: bool) -> None:
+    """Log lines on stderr: printable (they can quote CSV values), and one line each unless
+    debugging (a traceback is for --debug / SMARTMAIL_DEBUG=1)."""
     import logging
 
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    class Printable(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return printable(super().format(record), newlines=debug)
+
+        def formatException(self, ei: Any) -> str:
+            return super().formatException(ei) if debug else ""
+
+        def formatStack(self, stack_info: str) -> str:
+            return super().formatStack(stack_info) if debug else ""
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Printable("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     if debug:
         os.environ[DEBUG_ENV] = "1"
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
