@@ -136,8 +136,10 @@ class CampaignConfig:
             raise ConfigError("--rate must be more than 0")
         if self.burst < 1:
             raise ConfigError("--burst must be at least 1")
-        if self.max_retries < 0 or self.retry_wait < 0 or self.timeout <= 0:
-            raise ConfigError("--max-retries, --retry-wait and --timeout cannot be negative")
+        if self.max_retries < 0 or self.retry_wait < 0:
+            raise ConfigError("--max-retries and --retry-wait cannot be negative")
+        if self.timeout <= 0:
+            raise ConfigError("--timeout must be more than 0 seconds")
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ConfigError("--delimiter must be one character (use $'\\t' for a tab)")
 
@@ -234,7 +236,6 @@ class RunOptions:
     resend: Resend | None = None
     """Retry mode: send the campaign's failed (or in-doubt) rows again, from the ledger."""
     preview: int = 0
-    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,9 @@ class Hooks:
     progress: ProgressDisplay | None = None
     stop: threading.Event | None = None
     """Set it (from a signal handler, another thread) to finish what is in flight and stop."""
+    sending: Callable[[Plan], None] | None = None
+    """Called once, just before the first message: from here on a stop leaves rows unsent
+    rather than abandoning a run that sent nothing (the CLI installs its signal handlers)."""
     smtp_password: str | None = None
     s3_client: Any = None
 
@@ -318,9 +322,11 @@ def run_campaign(
     config: CampaignConfig,
     options: RunOptions | None = None,
     hooks: Hooks | None = None,
+    *,
+    source: RecipientSource | None = None,
 ) -> CampaignResult:
     """Validate everything, then send the campaign once; see `CampaignRun`."""
-    return CampaignRun(config, options, hooks).run()
+    return CampaignRun(config, options, hooks, source=source).run()
 
 
 class CampaignRun:
@@ -329,6 +335,8 @@ class CampaignRun:
 
     Raises a `SmartmailError` for anything found before the first message (nothing sent:
     exit 2, 3 locked, 4 quota); returns a `CampaignResult` once sending has begun.
+    `source` replaces `config.source` with rows from elsewhere (a queue job's rows, read like
+    a CSV); `config.source` still names the campaign's list in the ledger.
     """
 
     def __init__(
@@ -336,7 +344,10 @@ class CampaignRun:
         config: CampaignConfig,
         options: RunOptions | None = None,
         hooks: Hooks | None = None,
+        *,
+        source: RecipientSource | None = None,
     ) -> None:
+        self.given_source = source
         self.config = config
         self.options = options or RunOptions()
         self.hooks = hooks or Hooks()
@@ -392,7 +403,6 @@ class CampaignRun:
             on_malformed=config.on_malformed,
             on_duplicate=config.on_duplicate,
             preview=opts.preview,
-            shutdown_grace=opts.shutdown_grace,
         )
         send_options.check()
         with readable(config.template):
@@ -401,6 +411,8 @@ class CampaignRun:
         if opts.resend:
             record = self._stored_record()
             source = None
+        elif self.given_source is not None:
+            source = self.given_source
         else:
             with readable(config.source):
                 source = self._source()
@@ -451,6 +463,8 @@ class CampaignRun:
                 raise DeclinedError("not confirmed; nothing was sent")
             if ledger is not None:
                 ledger.begin(None if opts.resend else self._record(source, template, transport))
+            if self.hooks.sending is not None:
+                self.hooks.sending(plan)
         except BaseException:
             transport.close()
             self._close_ledger_quietly()
@@ -615,21 +629,9 @@ class CampaignRun:
         return default_campaign_id(describe(source.spec), template.source_text)
 
     def _stored_record(self) -> CampaignRecord:
-        from . import campaigns, state
-
         if not self.config.campaign:
             raise ConfigError("a retry needs the campaign's name")
-        path = self.options.state_path or state.default_state_path()
-        conn = state.connect(path)
-        try:
-            record = campaigns.load(conn, self.config.campaign)
-        finally:
-            conn.close()
-        if record is None:
-            raise ConfigError(
-                f"no campaign {self.config.campaign!r} in {path}; `smartmail status` lists them"
-            )
-        return record
+        return load_record(self.options.state_path, self.config.campaign)
 
     def _transport(self) -> Transport:
         from .transports import TransportOptions, get_transport
@@ -828,6 +830,11 @@ class CampaignRun:
 
 def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignConfig:
     """The config a campaign was last sent with, from the state database (for `retry`)."""
+    return CampaignConfig.from_dict(load_record(state_path, campaign).settings, campaign=campaign)
+
+
+def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignRecord:
+    """The campaign's row in the state database, or a one-line error naming the database."""
     from . import campaigns, state
 
     path = state_path or state.default_state_path()
@@ -838,7 +845,7 @@ def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
         conn.close()
     if record is None:
         raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
-    return CampaignConfig.from_dict(record.settings, campaign=campaign)
+    return record
 
 
 @contextlib.contextmanager

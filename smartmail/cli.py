@@ -547,8 +547,12 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
     """`send` and `retry`: one pipeline, with this terminal's prompt, progress and signals."""
     from .campaign import NothingToSendError
 
-    runner = CampaignRun(config, options, _hooks(kw))
+    hooks = _hooks(kw)
+    runner = CampaignRun(config, options, hooks)
     signals = _Signals(runner)
+    # Until the first message, Ctrl-C ends the run at once (nothing was sent); from then on it
+    # finishes the messages in flight.
+    hooks.sending = lambda plan: signals.install()
     try:
         with signals:
             result = runner.run()
@@ -575,18 +579,12 @@ def _confirm(plan: Plan) -> bool:
     if plan.recipients != plan.messages and not plan.test_to:
         extra = f" ({plan.recipients} envelope recipients)"
     question = printable(f"Send {plan.messages} message(s){extra} {target} via {plan.transport}?")
-    # At the prompt nothing is in flight: Ctrl-C (or Ctrl-D) there means "no", not "stop
-    # sending", so the run's signal handler steps aside while it waits.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+    # Nothing is in flight at the prompt: Ctrl-C or Ctrl-D there means "no" (exit 2).
     try:
         return click.confirm(question, default=False, err=True)
     except click.exceptions.Abort:
         click.echo("", err=True)
         return False
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
 
 
 class _Signals:
@@ -635,10 +633,12 @@ class _Signals:
             return EXIT_TERMINATED if self.received[0] == signal.SIGTERM else EXIT_INTERRUPTED
         return code
 
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not self.previous:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
+
+    def __enter__(self) -> _Signals:
         return self
 
     def __exit__(self, *exc: object) -> None:

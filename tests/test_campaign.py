@@ -243,3 +243,31 @@ def test_the_library_does_not_load_click_and_imports_lazily() -> None:
     assert "run_campaign" in dir(smartmail) and smartmail.run_campaign is run_campaign
     with pytest.raises(AttributeError):
         _ = smartmail.no_such_name
+
+
+def test_rows_from_elsewhere_go_through_the_same_pipeline(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    """What a queue worker does: the campaign's config, a job's rows instead of the file."""
+    from smartmail.campaigns import LedgerSource
+    from smartmail.sources import Row
+
+    rows = [Row(7, {"email": "ann@example.org", "name": "Ann", "code": "C7"}),
+            Row(9, {"email": "bob@example.org", "name": "Bob", "code": "C9"})]  # fmt: skip
+    db = tmp_path / "state.db"
+    config = CampaignConfig(
+        template=str(template_file),
+        source="s3://lists/spring.csv",  # names the campaign's list; never read here
+        transport=smtp_server.url,
+        smtp_security="none",
+        campaign="spring",
+    )
+    result = run_campaign(
+        config,
+        RunOptions(state_path=str(db), failed_csv=str(tmp_path / "f.csv")),
+        source=LedgerSource("job-1", rows, "email"),
+    )
+    assert (result.summary.sent, result.exit_code) == (2, 0)
+    assert sorted(smtp_server.handler.by_recipient()) == ["ann@example.org", "bob@example.org"]
+    assert load_config(db, "spring").source == "s3://lists/spring.csv"
+    assert deliveries(db, "spring") == {"sent": 2}
