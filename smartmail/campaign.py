@@ -569,17 +569,18 @@ class CampaignRun:
         self.engine_run = run
         error: str | None = None
         summary: Summary | None = None
+        closed: str | None = None
         try:
-            summary = run.run()
-        except SmartmailError as exc:
-            error = str(exc)
-        except Exception as exc:
-            error = f"internal error: {type(exc).__name__}: {exc}"
-        try:
-            if self.ledger is not None:
-                self.ledger.close()
-        except SmartmailError as exc:
-            error = error or str(exc)
+            try:
+                summary = run.run()
+            except SmartmailError as exc:
+                error = str(exc)
+            except Exception as exc:
+                error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            # Also on KeyboardInterrupt: every outcome known so far is committed.
+            closed = self._close_ledger()
+        error = error or closed
         if summary is None or error is not None:
             summary = self._summary(run, error=error)
         result = CampaignResult(summary=summary, plan=plan, error=error)
@@ -621,12 +622,16 @@ class CampaignRun:
 
     def _campaign_id(self, source: RecipientSource | None, template: MessageTemplate) -> str:
         from .engine import default_campaign_id
-        from .sources import describe
+        from .sources import SourceSpec, describe
 
         if self.config.campaign:
             return self.config.campaign
-        assert source is not None
-        return default_campaign_id(describe(source.spec), template.source_text)
+        # The campaign's list names it, also when the rows come from elsewhere (a queue job).
+        spec = SourceSpec(self.config.source) if self.config.source else None
+        if spec is None:
+            assert source is not None
+            spec = source.spec
+        return default_campaign_id(describe(spec), template.source_text)
 
     def _stored_record(self) -> CampaignRecord:
         if not self.config.campaign:
@@ -682,10 +687,19 @@ class CampaignRun:
         ledger.acquire()
         return ledger
 
+    def _close_ledger(self) -> str | None:
+        """Commit what is queued and release the lock; the problem, if any, as a line."""
+        if self.ledger is None:
+            return None
+        try:
+            self.ledger.close()
+        except SmartmailError as exc:
+            return str(exc)
+        return None
+
     def _close_ledger_quietly(self) -> None:
-        if self.ledger is not None:
-            with contextlib.suppress(Exception):
-                self.ledger.close()
+        with contextlib.suppress(Exception):
+            self._close_ledger()
 
     def _warn(self, line: str) -> None:
         if self.hooks.warn is not None:
