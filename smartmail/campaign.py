@@ -728,6 +728,7 @@ class CampaignRun:
 
         summary = dry_run_summary(checked, send_options, transport)
         summary.dry_run = False
+        self._write_report(summary)
         first = next((str(p) for p in checked.problems), reasons[0])
         raise NothingToSendError(
             f"every row was skipped ({len(reasons)} of {checked.rows}; first: {first}); "

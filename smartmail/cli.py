@@ -1000,7 +1000,9 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
         table.add_column(column, overflow="fold")
     table.add_column("since", no_wrap=True)
     for e in entries:
-        table.add_row(escape(e.address), e.reason, escape(e.detail), e.created_at)
+        table.add_row(
+            escape(printable(e.address)), e.reason, escape(printable(e.detail)), e.created_at
+        )
     out_console().print(table)
 
 

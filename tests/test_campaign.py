@@ -198,9 +198,11 @@ def test_every_row_skipped_is_an_error_with_the_counts(
 ) -> None:
     csv = write(tmp_path / "r.csv", "email,name,code\nnope,A,1\nalso-bad,B,2\n")
     config = smtp_config(smtp_server, csv, template_file)
+    report = tmp_path / "report.json"
     with pytest.raises(NothingToSendError, match="every row was skipped") as raised:
-        run_campaign(config, RunOptions(state_path=str(tmp_path / "s.db")))
+        run_campaign(config, RunOptions(state_path=str(tmp_path / "s.db"), report_path=str(report)))
     assert raised.value.exit_code == 2
+    assert json.loads(report.read_text())["skipped"] == 2  # cron's report says what happened
     assert (raised.value.summary.skipped, raised.value.summary.sent) == (2, 0)
     assert not smtp_server.handler.received
 
