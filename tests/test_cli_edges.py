@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import re
 import signal
 import sqlite3
 import subprocess
@@ -402,3 +403,25 @@ def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
     assert proc.returncode == 2, err
     assert "not confirmed; nothing was sent" in err
     assert not smtp_server.handler.received
+
+
+def test_the_live_display_renders_counts_on_a_terminal() -> None:
+    """rich is imported only when a live display starts: check the display still works."""
+    import io
+
+    from rich.console import Console
+
+    from smartmail.progress import RichProgress
+    from smartmail.report import Metrics, Outcome
+    from smartmail.sources import Row
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    metrics = Metrics(3)
+    metrics.record(Outcome(Row(2, {}), "a@x.org", "sent"))
+    display = RichProgress(console)
+    display.start(metrics, "sending via file://outbox")
+    time.sleep(0.3)
+    display.stop()
+    raw = console.file.getvalue()  # type: ignore[attr-defined]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)  # the display's own styling
+    assert "sending via file://outbox" in shown and "sent 1" in shown
