@@ -285,10 +285,19 @@ class CampaignResult:
     note: str | None = None
 
     @property
+    def nothing_sent(self) -> bool:
+        """No message of this run was attempted (so none can have arrived)."""
+        s = self.summary
+        return not (s.sent or s.failed or s.in_doubt)
+
+    @property
     def exit_code(self) -> int:
-        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it)."""
+        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it).
+
+        A problem after the send pass began is 5, unless not one message was attempted: then
+        it is 2, which always means that nothing was sent."""
         if self.error is not None:
-            return EXIT_INCOMPLETE
+            return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
         if self.summary.stopped:
             return EXIT_STOPPED
         if self.summary.interrupted:

@@ -565,11 +565,13 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
     print_summary(result.summary)
     _ledger_notes(result.summary)
     if result.error is not None:
-        say_err(
-            "[bold red]error:[/] ",
-            f"{result.error}; the run stopped after sending began (the summary above says "
-            "what was sent; `smartmail status` shows the campaign)",
+        what = (
+            "nothing was sent"
+            if result.nothing_sent
+            else "the run stopped after sending began (the summary above says what was sent; "
+            "`smartmail status` shows the campaign)"
         )
+        say_err("[bold red]error:[/] ", f"{result.error}; {what}")
     raise SystemExit(signals.exit_code(result.exit_code))
 
 

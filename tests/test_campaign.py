@@ -273,3 +273,23 @@ def test_rows_from_elsewhere_go_through_the_same_pipeline(
     assert sorted(smtp_server.handler.by_recipient()) == ["ann@example.org", "bob@example.org"]
     assert load_config(db, "spring").source == "s3://lists/spring.csv"
     assert deliveries(db, "spring") == {"sent": 2}
+
+
+def test_a_problem_in_the_send_pass_is_exit_5_unless_not_one_message_was_attempted() -> None:
+    from smartmail.campaign import CampaignResult
+    from smartmail.ratelimit import Unlimited
+    from smartmail.report import Metrics, Outcome, Summary
+    from smartmail.sources import Row
+
+    def result(*statuses: str) -> CampaignResult:
+        metrics = Metrics(len(statuses))
+        for n, status in enumerate(statuses):
+            metrics.record(Outcome(Row(n + 2, {}), f"u{n}@x.org", status))  # type: ignore[arg-type]
+        summary = Summary.build(
+            metrics, Unlimited().stats(), campaign="c", transport="t", source="s"
+        )
+        return CampaignResult(summary=summary, error="the file changed during the run")
+
+    assert result("sent", "unsent").exit_code == 5
+    assert result("failed", "unsent").exit_code == 5  # attempted: it may have reached the server
+    assert result("skipped", "unsent").exit_code == 2 and result("unsent").nothing_sent
