@@ -2,12 +2,12 @@
 
     config = CampaignConfig(template="welcome.txt", source="recipients.csv",
                             transport="smtp://mail.example:587")
-    result = run_campaign(config, RunOptions(yes=True))
+    result = run_campaign(config, RunOptions(report_path="report.json"))
     print(result.summary.sent, result.exit_code)
 
 `CampaignConfig` is everything campaign-wide (what the ledger stores, so `retry` sends the same
 way), typed and versioned; `RunOptions` is what belongs to one run (limit, proof address,
-report paths). `run_campaign` does lock -> snapshot -> pre-flight -> quota plan -> confirm ->
+report paths); both live in `smartmail.config` and are re-exported here. `run_campaign` does lock -> snapshot -> pre-flight -> quota plan -> confirm ->
 send -> summary, and keeps the promises of the README whoever calls it: nothing is sent when
 anything before the first message fails (an exception, exit code 2, 3 or 4), and once sending
 has begun a problem never loses the summary of what was sent (`CampaignResult.error`, exit 5).
@@ -24,11 +24,12 @@ import dataclasses
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from .config import CONFIG_VERSION, CampaignConfig, Resend, RunOptions, parse_tags
 from .errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -38,6 +39,7 @@ from .errors import (
     ConfigError,
     SmartmailError,
 )
+from .files import check_writable, check_writable_dir, readable
 
 if TYPE_CHECKING:
     from .engine import PreflightResult, Run, SendOptions
@@ -48,16 +50,30 @@ if TYPE_CHECKING:
     from .templates import MessageTemplate
     from .transports import Transport
 
-CONFIG_VERSION = 1
+__all__ = [
+    "CONFIG_VERSION",
+    "EXIT_INCOMPLETE",
+    "CampaignConfig",
+    "CampaignResult",
+    "CampaignRun",
+    "DeclinedError",
+    "DryRunResult",
+    "Hooks",
+    "NothingToSendError",
+    "Plan",
+    "Resend",
+    "RunOptions",
+    "dry_run_campaign",
+    "load_config",
+    "load_record",
+    "parse_tags",
+    "run_campaign",
+]
+
 EXIT_INCOMPLETE = 5
 """Sending began, then a problem of our own or of the state stopped the run (ledger failure,
 source changed, internal error): some messages were sent; the summary says which."""
 
-ON_INVALID = ("skip", "abort")
-ON_MALFORMED = ("abort", "skip")
-ON_DUPLICATE = ("once", "all", "abort")
-SMTP_SECURITY = ("starttls", "tls", "none")
-Resend = Literal["failed", "in-doubt"]
 
 # Skip reasons that mean "the ledger holds this row already", not "this row cannot be sent".
 _LEDGER_SKIPS = ("already sent", "already being sent", "in doubt", "failed before")
@@ -80,162 +96,6 @@ class NothingToSendError(SmartmailError):
     def __init__(self, message: str, summary: Summary) -> None:
         super().__init__(message)
         self.summary = summary
-
-
-@dataclass
-class CampaignConfig:
-    """Everything campaign-wide that a send needs; what the ledger stores for `retry`.
-
-    Never a secret: the SMTP password is given to each run (`Hooks.smtp_password`, or the
-    environment in the CLI). Paths are stored absolute by `resolved()`, so a retry from
-    another folder finds the same template.
-    """
-
-    template: str
-    source: str | None = None
-    transport: str | None = None
-    campaign: str | None = None
-    html_template: str | None = None
-    attachments_dir: str | None = None
-    encoding: str = "utf-8-sig"
-    delimiter: str | None = None
-    to_column: str = "email"
-    unsubscribe_url: str | None = None
-    unsubscribe_mailto: str | None = None
-    smtp_security: str = "starttls"
-    smtp_user: str | None = None
-    smtp_ca_file: str | None = None
-    timeout: float = 30.0
-    messages_per_connection: int = 1000
-    configuration_set: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    workers: int = 4
-    rate: float | None = None
-    burst: int = 1
-    max_retries: int = 3
-    retry_wait: float = 1.0
-    on_invalid: str = "skip"
-    on_malformed: str = "abort"
-    on_duplicate: str = "once"
-    allow_partial: bool = False
-    version: int = CONFIG_VERSION
-
-    def check(self) -> None:
-        """Refuse values no run could use, with the option's name as the CLI spells it."""
-        for name, value, allowed in (
-            ("--on-invalid", self.on_invalid, ON_INVALID),
-            ("--on-malformed", self.on_malformed, ON_MALFORMED),
-            ("--on-duplicate", self.on_duplicate, ON_DUPLICATE),
-            ("--smtp-security", self.smtp_security, SMTP_SECURITY),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
-        if not 1 <= self.workers <= 256:
-            raise ConfigError("--workers must be between 1 and 256")
-        if self.rate is not None and self.rate <= 0:
-            raise ConfigError("--rate must be more than 0")
-        if self.burst < 1:
-            raise ConfigError("--burst must be at least 1")
-        if self.max_retries < 0 or self.retry_wait < 0:
-            raise ConfigError("--max-retries and --retry-wait cannot be negative")
-        if self.timeout <= 0:
-            raise ConfigError("--timeout must be more than 0 seconds")
-        if self.delimiter is not None and len(self.delimiter) != 1:
-            raise ConfigError("--delimiter must be one character (use $'\\t' for a tab)")
-
-    def resolved(self) -> CampaignConfig:
-        """The same config with local paths made absolute (what is stored)."""
-        changes: dict[str, Any] = {}
-        for name in ("template", "html_template", "attachments_dir", "smtp_ca_file"):
-            value = getattr(self, name)
-            if value:
-                changes[name] = os.path.abspath(value)
-        if self.source and not self.source.startswith("s3://"):
-            changes["source"] = os.path.abspath(self.source)
-        return dataclasses.replace(self, **changes)
-
-    def replace(self, **changes: Any) -> CampaignConfig:
-        """A copy with some fields changed; `None` values leave a field as it is."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the ledger's `settings`); every field, `version` included."""
-        data = dataclasses.asdict(self)
-        data["tags"] = dict(self.tags)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, campaign: str | None = None) -> CampaignConfig:
-        """Read a stored config, migrating the settings of campaigns sent before it existed.
-
-        Unknown keys are ignored (a newer smartmail may add fields); a newer `version` than
-        this one understands is refused rather than half-read.
-        """
-        data = dict(data)
-        version = data.get("version")
-        if version is None:
-            data = _migrate_v0(data)
-        elif not isinstance(version, int) or version > CONFIG_VERSION:
-            raise ConfigError(
-                f"campaign settings of version {version!r} were stored by a newer smartmail; "
-                "upgrade smartmail"
-            )
-        if not data.get("template"):
-            raise ConfigError(
-                f"campaign {campaign or data.get('campaign')!r} has no stored template and "
-                "options (it was not sent by `smartmail send`); send it again with "
-                "`smartmail send`"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["tags"] = dict(values.get("tags") or {})
-        values["version"] = CONFIG_VERSION
-        if campaign is not None:
-            values["campaign"] = campaign
-        return cls(**values)
-
-
-# Click parameter names of `send` (stored as the settings before CampaignConfig) -> field names.
-_V0_NAMES = {"template_path": "template", "transport_url": "transport"}
-
-
-def _migrate_v0(old: dict[str, Any]) -> dict[str, Any]:
-    """Settings stored as `send`'s Click keyword arguments (no version): rename and convert."""
-    new: dict[str, Any] = {}
-    for key, value in old.items():
-        new[_V0_NAMES.get(key, key)] = value
-    tags = old.get("tags") or []
-    if isinstance(tags, list):
-        new["tags"] = parse_tags(tags)
-    return new
-
-
-def parse_tags(pairs: Iterable[str]) -> dict[str, str]:
-    """KEY=VALUE strings (`--tag`) into a dict, with a one-line error for a malformed one."""
-    tags: dict[str, str] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--tag {pair!r}: expected KEY=VALUE")
-        tags[key] = value
-    return tags
-
-
-@dataclass
-class RunOptions:
-    """What belongs to one run, never stored with the campaign."""
-
-    limit: int | None = None
-    test_to: str | None = None
-    report_path: str | None = None
-    failed_csv: str | None = None
-    """Where failed and unsent rows go; default SOURCE-STEM.failed.csv in the current folder."""
-    state_path: str | None = None
-    """The state database; default $SMARTMAIL_STATE or the XDG state folder."""
-    no_state: bool = False
-    resend: Resend | None = None
-    """Retry mode: send the campaign's failed (or in-doubt) rows again, from the ledger."""
-    preview: int = 0
 
 
 @dataclass(frozen=True)
@@ -872,18 +732,6 @@ def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
     return record
 
 
-@contextlib.contextmanager
-def readable(name: str | None = None) -> Iterator[None]:
-    """Turn an input file that cannot be read (a folder, no permission, an I/O error) into a
-    one-line error naming it, instead of a traceback. Only used before anything is sent."""
-    try:
-        yield
-    except OSError as exc:
-        where = exc.filename if exc.filename is not None else name or "an input file"
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise ConfigError(f"{where}: cannot read ({reason}); nothing was sent") from None
-
-
 def template_hash(template: MessageTemplate) -> str:
     """What the ledger keeps to tell a retry that the template changed since."""
     return hashlib.sha256(template.source_text.encode()).hexdigest()[:16]
@@ -900,39 +748,3 @@ def envelope_counts(checked: PreflightResult, messages: int, test_to: str | None
     exact = [len(r.envelope_to) for _, r in sorted(checked.rendered.items())][:messages]
     widest = max(exact, default=1)
     return exact + [widest] * (messages - len(exact))
-
-
-def check_writable(path: str | os.PathLike[str], what: str) -> None:
-    """Refuse an output file that could not be written, before anything is sent.
-
-    An existing file is opened for appending (its content untouched); a new one is created
-    and removed again. Works as root too, where permission bits do not stop writes.
-    """
-    p = Path(path)
-    try:
-        if p.exists():
-            if p.is_dir():
-                raise ConfigError(f"{what} {p}: is a folder; give a file name; nothing was sent")
-            with open(p, "ab"):
-                pass
-            return
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
-        os.unlink(p)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{what} {p}: cannot write ({reason}); nothing was sent") from None
-
-
-def check_writable_dir(directory: Path, what: str) -> None:
-    """Refuse a folder we could not write a file into, before anything is sent."""
-    probe = directory / f".smartmail-write-test-{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(
-            f"{what} {directory}: cannot write ({reason}); nothing was sent"
-        ) from None

@@ -29,15 +29,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from . import __version__
-from .campaign import (
+from .campaign import CampaignRun, Hooks, Plan
+from .config import (
     ON_DUPLICATE,
     ON_INVALID,
     ON_MALFORMED,
     SMTP_SECURITY,
     CampaignConfig,
-    CampaignRun,
-    Hooks,
-    Plan,
     RunOptions,
     parse_tags,
 )
