@@ -7,10 +7,11 @@
 
 `CampaignConfig` is everything campaign-wide (what the ledger stores, so `retry` sends the same
 way), typed and versioned; `RunOptions` is what belongs to one run (limit, proof address,
-report paths); both live in `smartmail.config` and are re-exported here. `run_campaign` does lock -> snapshot -> pre-flight -> quota plan -> confirm ->
-send -> summary, and keeps the promises of the README whoever calls it: nothing is sent when
-anything before the first message fails (an exception, exit code 2, 3 or 4), and once sending
-has begun a problem never loses the summary of what was sent (`CampaignResult.error`, exit 5).
+report paths); both live in `smartmail.config` and are re-exported here. `run_campaign` does
+lock -> snapshot -> pre-flight -> quota plan -> confirm -> send -> summary, and keeps the
+promises of the README whoever calls it: nothing is sent when anything before the first
+message fails (an exception, exit code 2, 3 or 4), and once sending has begun a problem never
+loses the summary of what was sent (`CampaignResult.error`, exit 5).
 Prompts, progress, warnings and stopping are injected (`Hooks`), never Click or a terminal.
 
 This module imports nothing heavy at load time (the CLI's start-up depends on it); the engine,
