@@ -26,7 +26,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,7 @@ __all__ = [
     "Plan",
     "Resend",
     "RunOptions",
+    "Secrets",
     "dry_run_campaign",
     "load_config",
     "load_record",
@@ -132,8 +133,17 @@ class Hooks:
     sending: Callable[[Plan], None] | None = None
     """Called once, just before the first message: from here on a stop leaves rows unsent
     rather than abandoning a run that sent nothing (the CLI installs its signal handlers)."""
-    smtp_password: str | None = None
     s3_client: Any = None
+    """The boto3 S3 client to read an s3:// source with (default: one from the environment)."""
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What a run needs and a campaign never stores, kept apart from everything that may be
+    logged or serialised (and out of `repr`). The CLI reads them from the environment; a
+    worker or a Lambda from wherever it keeps secrets."""
+
+    smtp_password: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -182,10 +192,14 @@ class DryRunResult:
 
 
 def dry_run_campaign(
-    config: CampaignConfig, options: RunOptions | None = None, hooks: Hooks | None = None
+    config: CampaignConfig,
+    options: RunOptions | None = None,
+    hooks: Hooks | None = None,
+    *,
+    secrets: Secrets | None = None,
 ) -> DryRunResult:
     """Pre-flight a campaign and send nothing; see `CampaignRun.check`."""
-    return CampaignRun(config, options, hooks).check()
+    return CampaignRun(config, options, hooks, secrets=secrets).check()
 
 
 def run_campaign(
@@ -193,10 +207,11 @@ def run_campaign(
     options: RunOptions | None = None,
     hooks: Hooks | None = None,
     *,
+    secrets: Secrets | None = None,
     source: RecipientSource | None = None,
 ) -> CampaignResult:
     """Validate everything, then send the campaign once; see `CampaignRun`."""
-    return CampaignRun(config, options, hooks, source=source).run()
+    return CampaignRun(config, options, hooks, secrets=secrets, source=source).run()
 
 
 class CampaignRun:
@@ -215,9 +230,11 @@ class CampaignRun:
         options: RunOptions | None = None,
         hooks: Hooks | None = None,
         *,
+        secrets: Secrets | None = None,
         source: RecipientSource | None = None,
     ) -> None:
         self.given_source = source
+        self.secrets = secrets or Secrets()
         self.config = config
         self.options = options or RunOptions()
         self.hooks = hooks or Hooks()
@@ -519,7 +536,7 @@ class CampaignRun:
         options = TransportOptions(
             smtp_security=config.smtp_security,
             smtp_user=config.smtp_user,
-            smtp_password=self.hooks.smtp_password,
+            smtp_password=self.secrets.smtp_password,
             timeout=config.timeout,
             messages_per_connection=config.messages_per_connection,
             ca_file=config.smtp_ca_file,

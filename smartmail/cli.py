@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from . import __version__
-from .campaign import CampaignRun, Hooks, Plan
+from .campaign import CampaignRun, Hooks, Plan, Secrets
 from .config import (
     ON_DUPLICATE,
     ON_INVALID,
@@ -342,7 +342,7 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
         no_state=kw["no_state"],
         preview=preview,
     )
-    result = CampaignRun(_config(kw), options, _hooks()).check()
+    result = CampaignRun(_config(kw), options, _hooks(), secrets=_secrets()).check()
     for message in result.checked.previews:
         out_console().rule(
             printable(f"row {message.row.number}: to {', '.join(message.recipients)}")
@@ -533,7 +533,7 @@ def _config(kw: dict[str, Any]) -> CampaignConfig:
 
 
 def _hooks(kw: dict[str, Any] | None = None) -> Hooks:
-    hooks = Hooks(warn=warn, smtp_password=os.environ.get(PASSWORD_ENV))
+    hooks = Hooks(warn=warn)
     if kw is not None:
         hooks.progress = _progress(kw["progress_mode"], kw["log_interval"])
         if not kw["yes"] and sys.stdin.isatty():
@@ -541,12 +541,16 @@ def _hooks(kw: dict[str, Any] | None = None) -> Hooks:
     return hooks
 
 
+def _secrets() -> Secrets:
+    return Secrets(smtp_password=os.environ.get(PASSWORD_ENV))
+
+
 def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> None:
     """`send` and `retry`: one pipeline, with this terminal's prompt, progress and signals."""
     from .campaign import NothingToSendError
 
     hooks = _hooks(kw)
-    runner = CampaignRun(config, options, hooks)
+    runner = CampaignRun(config, options, hooks, secrets=_secrets())
     signals = _Signals(runner)
     # Until the first message, Ctrl-C ends the run at once (nothing was sent); from then on it
     # finishes the messages in flight.

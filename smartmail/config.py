@@ -28,7 +28,7 @@ Resend = Literal["failed", "in-doubt"]
 class CampaignConfig:
     """Everything campaign-wide that a send needs; what the ledger stores for `retry`.
 
-    Never a secret: the SMTP password is given to each run (`Hooks.smtp_password`, or the
+    Never a secret: the SMTP password is given to each run (`Secrets`, or the
     environment in the CLI). Paths are stored absolute by `resolved()`, so a retry from
     another folder finds the same template.
     """

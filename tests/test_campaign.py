@@ -293,3 +293,28 @@ def test_a_problem_in_the_send_pass_is_exit_5_unless_not_one_message_was_attempt
     assert result("sent", "unsent").exit_code == 5
     assert result("failed", "unsent").exit_code == 5  # attempted: it may have reached the server
     assert result("skipped", "unsent").exit_code == 2 and result("unsent").nothing_sent
+
+
+def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(
+    tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    from smartmail import Secrets
+
+    from .conftest import SMTP_PASSWORD, SMTP_USER
+
+    assert tls_smtp_server.ca_file is not None
+    secrets = Secrets(smtp_password=SMTP_PASSWORD)
+    assert SMTP_PASSWORD not in repr(secrets)
+    db = tmp_path / "state.db"
+    config = CampaignConfig(
+        template=str(template_file),
+        source=str(make_csv(tmp_path / "r.csv", 2)),
+        transport=tls_smtp_server.url,
+        smtp_user=SMTP_USER,
+        smtp_ca_file=tls_smtp_server.ca_file,
+    )
+    options = RunOptions(state_path=str(db), failed_csv=str(tmp_path / "f.csv"))
+    result = run_campaign(config, options, secrets=secrets)
+    assert (result.summary.sent, result.exit_code) == (2, 0)
+    assert SMTP_PASSWORD.encode() not in db.read_bytes()
+    assert SMTP_PASSWORD not in json.dumps(load_config(db, result.summary.campaign).to_dict())
