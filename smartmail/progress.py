@@ -2,21 +2,21 @@
 
 Both read the engine's `Metrics` from their own thread at an interval, so the engine never
 checks whether it has a terminal and pays nothing per message for the display. `NullProgress`
-is the silent one (library use, Lambda).
+is the silent one (library use, Lambda). rich is imported only by `RichProgress`, so a library
+caller that never shows a live display never loads it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.live import Live
 
-from .report import Metrics
+    from .report import Metrics
 
 
 class ProgressDisplay(Protocol):
@@ -75,6 +75,14 @@ class RichProgress:
     """Progress bar, counts, current rate and ETA, refreshed a few times a second."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         self.console = console
         self._live: Live | None = None
         self._metrics: Metrics | None = None
@@ -91,11 +99,16 @@ class RichProgress:
 
     def start(self, metrics: Metrics, title: str) -> None:
         self._metrics = metrics
+        from rich.live import Live
+
         self._bar.update(self._task, description=title, total=metrics.total)
         self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4)
         self._live.start()
 
     def _render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.text import Text
+
         if self._metrics is None:
             return Text("")
         s = self._metrics.snapshot()

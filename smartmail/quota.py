@@ -5,7 +5,7 @@ SES caps an account twice: a steady rate (MaxSendRate, messages per second) and 
 before a run starts, so a cron job does not send half a list and then hit "Daily message
 quota exceeded" in the middle (the rows would stay unsent, but the recipients would get the
 mail on different days without anyone having chosen that). SES counts recipients, not
-messages; a row is one recipient here, so rows are compared with the remaining count.
+messages: the plan counts each message's envelope recipients (To + Cc + Bcc).
 
 Quota and identity are read with SES v1 `GetSendQuota` (v2 `GetAccount` needs a wider
 permission and is not in moto) and SES v2 `GetEmailIdentity` (scoped to one identity ARN in
@@ -145,6 +145,47 @@ def plan_limit(to_send: int, quota: SendQuota, *, allow_partial: bool) -> int | 
             "rest for a later run)"
         )
     return left
+
+
+def plan_recipients(counts: list[int], quota: SendQuota, *, allow_partial: bool) -> int | None:
+    """The message limit a run must have so its envelope recipients fit the 24-hour quota.
+
+    `counts` are the envelope recipients (To + Cc + Bcc) of each message to send, in order:
+    SES counts every recipient against the quota, not messages. None: it fits as it is.
+    Raises QuotaError when it does not fit and partial runs are not allowed (or not even the
+    first message fits), and QuotaExhaustedError when nothing at all is left.
+    """
+    total = sum(counts)
+    if quota.unlimited or total <= quota.remaining:
+        return None
+    left, cap = quota.remaining, int(quota.max_24_hour_send)
+    if left == 0:
+        raise QuotaExhaustedError(
+            f"the SES 24-hour quota is used up ({cap} of {cap}); nothing was sent, "
+            "run again once the rolling 24 hours free some of it"
+        )
+    what = (
+        f"{len(counts)} messages to send"
+        if total == len(counts)
+        else f"{len(counts)} messages to {total} recipients (To, Cc and Bcc each count)"
+    )
+    fits, used = 0, 0
+    for n in counts:
+        if used + n > left:
+            break
+        used += n
+        fits += 1
+    if not allow_partial or fits == 0:
+        hint = (
+            f"--allow-partial sends {fits} now and leaves the rest for a later run"
+            if fits
+            else "not even the first message fits"
+        )
+        raise QuotaError(
+            f"{what} but only {left} of the SES 24-hour quota of {cap} "
+            f"are left; nothing was sent ({hint})"
+        )
+    return fits
 
 
 @dataclass(frozen=True)

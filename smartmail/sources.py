@@ -303,7 +303,7 @@ class Snapshot(RecipientSource):
                 chunk = raw.read(_CHUNK)
             except Exception as exc:  # botocore's streaming errors are not OSErrors
                 why = _aws_message(exc) if self.spec.is_s3 else str(exc)
-                raise SourceError(self.name, f"reading failed part-way: {why}") from None
+                raise SourceError(self.name, f"cannot read (failed part-way: {why})") from None
             if not chunk:
                 return digest.hexdigest(), size
             digest.update(chunk)

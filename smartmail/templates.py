@@ -742,4 +742,4 @@ def _read(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise TemplateError(str(path), f"not valid UTF-8 ({exc.reason})") from None
     except OSError as exc:
-        raise TemplateError(str(path), f"cannot be read: {exc.strerror}") from None
+        raise TemplateError(str(path), f"cannot read ({exc.strerror})") from None

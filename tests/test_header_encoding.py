@@ -55,7 +55,9 @@ def test_any_subject_and_display_name_reads_back_exactly(subject: str, name: str
     assert words(str(msg["Subject"])) == words(subject)
     (to,) = msg["To"].addresses
     assert to.addr_spec == "ann@example.org"
-    assert words(to.display_name) == words(name)
+    # Python 3.11's parser puts a space between adjacent encoded-words of a phrase (CPython
+    # gh-128110), so spaces are not compared here; tests/header_oracle.py compares exactly.
+    assert "".join(to.display_name.split()) == "".join(name.split())
     assert msg["From"].addresses[0].display_name == "Åsa Öberg"
 
 

@@ -179,12 +179,20 @@ def test_cli_send_ignores_an_edit_made_while_the_prompt_waits(
     monkeypatch.setattr(tempfile, "tempdir", str(private))
     asked: list[int] = []
 
-    def confirm_while_editing(*args: Any) -> None:
+    def confirm_while_editing(*args: Any) -> bool:
         # What a user does at the prompt: remove user1 from the list, then say yes.
         asked.append(1)
         write(path, "email,name,code\nuser0@example.org,User 0,C0\nuser2@example.org,User 2,C2\n")
+        return True
 
-    monkeypatch.setattr(cli_module, "_confirm", confirm_while_editing)
+    real_hooks = cli_module._hooks
+
+    def hooks_with_prompt(kw: Any = None) -> Any:
+        hooks = real_hooks(kw)
+        hooks.confirm = confirm_while_editing  # as on a terminal
+        return hooks
+
+    monkeypatch.setattr(cli_module, "_hooks", hooks_with_prompt)
     result = CliRunner().invoke(
         cli,
         ["send", str(path), "-t", str(template_file), "--transport", f"file://{outbox}",

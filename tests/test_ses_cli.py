@@ -25,6 +25,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
 from smartmail import RetryPolicy, aws, cli
+from smartmail import retry as retry_module
 from smartmail.quota import sender_identity
 
 from .aws_helpers import REGION, StubPlan, parse, ses_backend, verify_sender
@@ -60,7 +61,10 @@ def send_args(csv_path: Path, template: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's retry policy, with every wait (and its jitter) at zero."""
-    monkeypatch.setattr(cli, "RetryPolicy", functools.partial(RetryPolicy, maximum=0.0, jitter=0.0))
+    # The pipeline imports RetryPolicy from smartmail.retry when a campaign runs.
+    monkeypatch.setattr(
+        retry_module, "RetryPolicy", functools.partial(RetryPolicy, maximum=0.0, jitter=0.0)
+    )
 
 
 # --- the whole command, in a subprocess, against a moto server ----------------------------------

@@ -1,0 +1,784 @@
+"""One campaign pipeline for every entry point: `send`, `retry`, library callers, queue workers.
+
+    config = CampaignConfig(template="welcome.txt", source="recipients.csv",
+                            transport="smtp://mail.example:587")
+    result = run_campaign(config, RunOptions(report_path="report.json"))
+    print(result.summary.sent, result.exit_code)
+
+`CampaignConfig` is everything campaign-wide (what the ledger stores, so `retry` sends the same
+way), typed and versioned; `RunOptions` is what belongs to one run (limit, proof address,
+report paths); both live in `smartmail.config` and are re-exported here. `run_campaign` does
+lock -> snapshot -> pre-flight -> quota plan -> confirm -> send -> summary, and keeps the
+promises of the README whoever calls it: nothing is sent when anything before the first
+message fails (an exception, exit code 2, 3 or 4), and once sending has begun a problem never
+loses the summary of what was sent (`CampaignResult.error`, exit 5).
+Prompts, progress, warnings and stopping are injected (`Hooks`), never Click or a terminal.
+
+This module imports nothing heavy at load time (the CLI's start-up depends on it); the engine,
+transports and ledger are imported when a campaign runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import CONFIG_VERSION, CampaignConfig, Resend, RunOptions, parse_tags
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    ConfigError,
+    SmartmailError,
+)
+from .files import check_writable, check_writable_dir, readable
+
+if TYPE_CHECKING:
+    from .engine import PreflightResult, Run, SendOptions
+    from .ledger import CampaignRecord, Ledger
+    from .progress import ProgressDisplay
+    from .report import Summary
+    from .sources import RecipientSource
+    from .templates import MessageTemplate
+    from .transports import Transport
+
+__all__ = [
+    "CONFIG_VERSION",
+    "EXIT_INCOMPLETE",
+    "CampaignConfig",
+    "CampaignResult",
+    "CampaignRun",
+    "DeclinedError",
+    "DryRunResult",
+    "Hooks",
+    "NothingToSendError",
+    "Plan",
+    "Resend",
+    "RunOptions",
+    "Secrets",
+    "dry_run_campaign",
+    "load_config",
+    "load_record",
+    "parse_tags",
+    "run_campaign",
+]
+
+EXIT_INCOMPLETE = 5
+"""Sending began, then a problem of our own or of the state stopped the run (ledger failure,
+source changed, internal error): some messages were sent; the summary says which."""
+
+
+# Skip reasons that mean "the ledger holds this row already", not "this row cannot be sent".
+_LEDGER_SKIPS = ("already sent", "already being sent", "in doubt", "failed before")
+
+
+class DeclinedError(SmartmailError):
+    """The confirmation was declined: nothing was sent (exit 2, not an interruption)."""
+
+    exit_code = EXIT_USAGE
+
+
+class NothingToSendError(SmartmailError):
+    """Every row was skipped (invalid, duplicate, suppressed...): nothing was sent (exit 2).
+
+    `summary` holds the counts and the skip reasons, for the caller to show.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, summary: Summary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run is about to do, shown to `Hooks.confirm` before the first message."""
+
+    campaign: str
+    transport: str
+    source: str
+    rows: int
+    valid: int
+    skipped: int
+    messages: int
+    recipients: int
+    """Envelope recipients (To + Cc + Bcc) of the messages to send: what SES counts."""
+    test_to: str | None = None
+    partial_of: int | None = None
+    """With --allow-partial: the messages that would have been sent without the quota."""
+
+
+@dataclass
+class Hooks:
+    """How a run talks to whoever started it. Every hook is optional: the defaults are silent
+    and never ask (a library call, a worker, a Lambda)."""
+
+    confirm: Callable[[Plan], bool] | None = None
+    """Asked once, after pre-flight and the quota plan, before anything is sent."""
+    warn: Callable[[str], None] | None = None
+    """Pre-flight problems that do not stop the run, and other notices; one line each."""
+    progress: ProgressDisplay | None = None
+    stop: threading.Event | None = None
+    """Set it (from a signal handler, another thread) to finish what is in flight and stop."""
+    sending: Callable[[Plan], None] | None = None
+    """Called once, just before the first message: from here on a stop leaves rows unsent
+    rather than abandoning a run that sent nothing (the CLI installs its signal handlers)."""
+    s3_client: Any = None
+    """The boto3 S3 client to read an s3:// source with (default: one from the environment)."""
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What a run needs and a campaign never stores, kept apart from everything that may be
+    logged or serialised (and out of `repr`). The CLI reads them from the environment; a
+    worker or a Lambda from wherever it keeps secrets."""
+
+    smtp_password: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class CampaignResult:
+    """How a run ended. `error` is set when a problem stopped it after sending had begun."""
+
+    summary: Summary
+    plan: Plan | None = None
+    error: str | None = None
+    note: str | None = None
+
+    @property
+    def nothing_sent(self) -> bool:
+        """No message of this run was attempted (so none can have arrived)."""
+        s = self.summary
+        return not (s.sent or s.failed or s.lost_replies)
+
+    @property
+    def exit_code(self) -> int:
+        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it).
+
+        A problem after the send pass began is 5, unless not one message was attempted: then
+        it is 2, which always means that nothing was sent."""
+        if self.error is not None:
+            return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
+        if self.summary.stopped:
+            return EXIT_STOPPED
+        if self.summary.interrupted:
+            return EXIT_INTERRUPTED
+        if self.summary.failed or self.summary.lost_replies:
+            return EXIT_SOME_FAILED
+        return EXIT_OK
+
+
+@dataclass
+class DryRunResult:
+    """What a dry run found: every row's verdict (`checked`, previews included) and the
+    summary. Exit code 0 only when every row is valid."""
+
+    checked: PreflightResult
+    summary: Summary
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.checked.clean else EXIT_USAGE
+
+
+def dry_run_campaign(
+    config: CampaignConfig,
+    options: RunOptions | None = None,
+    hooks: Hooks | None = None,
+    *,
+    secrets: Secrets | None = None,
+) -> DryRunResult:
+    """Pre-flight a campaign and send nothing; see `CampaignRun.check`."""
+    return CampaignRun(config, options, hooks, secrets=secrets).check()
+
+
+def run_campaign(
+    config: CampaignConfig,
+    options: RunOptions | None = None,
+    hooks: Hooks | None = None,
+    *,
+    secrets: Secrets | None = None,
+    source: RecipientSource | None = None,
+) -> CampaignResult:
+    """Validate everything, then send the campaign once; see `CampaignRun`."""
+    return CampaignRun(config, options, hooks, secrets=secrets, source=source).run()
+
+
+class CampaignRun:
+    """One run of a campaign. `run()` once; `stop()` and `abort_summary()` from elsewhere
+    (a signal handler) while it runs.
+
+    Raises a `SmartmailError` for anything found before the first message (nothing sent:
+    exit 2, 3 locked, 4 quota); returns a `CampaignResult` once sending has begun.
+    `source` replaces `config.source` with rows from elsewhere (a queue job's rows, read like
+    a CSV); `config.source` still names the campaign's list in the ledger.
+    """
+
+    def __init__(
+        self,
+        config: CampaignConfig,
+        options: RunOptions | None = None,
+        hooks: Hooks | None = None,
+        *,
+        secrets: Secrets | None = None,
+        source: RecipientSource | None = None,
+    ) -> None:
+        self.given_source = source
+        self.secrets = secrets or Secrets()
+        self.config = config
+        self.options = options or RunOptions()
+        self.hooks = hooks or Hooks()
+        self.stop_event = self.hooks.stop or threading.Event()
+        self.ledger: Ledger | None = None
+        self.engine_run: Run | None = None
+        self.campaign: str | None = config.campaign
+        self._snapshots: list[RecipientSource] = []
+
+    # --- control from outside ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Take no more rows; messages in flight finish; the rest stays unsent."""
+        self.stop_event.set()
+
+    def abort_summary(self, timeout: float = 3.0) -> Summary | None:
+        """For an abort (a second Ctrl-C): commit what the ledger has queued and return the
+        counts so far, both within `timeout` seconds (None when they could not be had); the
+        progress display is stopped first, so the terminal is left clean.
+
+        Messages still in flight stay `sending` in the ledger: in doubt, never re-sent by a
+        plain re-run. Meant to be followed by ending the process at once.
+        """
+        found: list[Summary] = []
+
+        def work() -> None:
+            if self.hooks.progress is not None:
+                with contextlib.suppress(Exception):
+                    self.hooks.progress.stop()
+            if self.ledger is not None:
+                with contextlib.suppress(Exception):
+                    self.ledger.flush()
+            if self.engine_run is not None:
+                found.append(self._summary(self.engine_run, interrupted=True))
+
+        thread = threading.Thread(target=work, name="smartmail-abort", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        return found[0] if found else None
+
+    # --- the pipeline --------------------------------------------------------------------------
+
+    def run(self) -> CampaignResult:
+        """Lock, snapshot, pre-flight, plan, confirm, send; the list's private copy is removed
+        however the run ends."""
+        try:
+            return self._run()
+        finally:
+            for snap in self._snapshots:
+                with contextlib.suppress(Exception):
+                    snap.close()
+            self._snapshots.clear()
+
+    def _run(self) -> CampaignResult:
+        from . import campaigns
+        from .engine import SendOptions, preflight
+
+        config, opts = self.config, self.options
+        config.check()
+        send_options = SendOptions(
+            workers=config.workers,
+            max_connect_failures=config.max_connect_failures,
+            limit=opts.limit,
+            test_to=opts.test_to,
+            on_invalid=config.on_invalid,
+            on_malformed=config.on_malformed,
+            on_duplicate=config.on_duplicate,
+            preview=opts.preview,
+        )
+        send_options.check()
+        with readable(config.template):
+            template = self._template()
+        record = None
+        if opts.resend:
+            record = self._stored_record()
+            source = None
+        elif self.given_source is not None:
+            source = self.given_source
+        else:
+            with readable(config.source):
+                source = self._source()
+        self.campaign = self._campaign_id(source, template)
+        send_options.campaign = self.campaign
+        send_options.tags = {**config.tags}
+        send_options.tags.setdefault("campaign", self.campaign)
+        failed_csv = opts.failed_csv or campaigns.failed_csv_name(
+            (source.name if source else record.source if record else "") or "recipients"
+        )
+        check_writable(failed_csv, "--failed-csv")
+        if opts.report_path:
+            check_writable(opts.report_path, "--report")
+        send_options.failed_csv = Path(failed_csv)
+        transport = self._transport()
+        try:
+            ledger = self._open_ledger(send_options)
+            if opts.resend:
+                assert record is not None and ledger is not None
+                self._warn_if_template_changed(record, template)
+                rows = campaigns.retry_rows(ledger.conn(), self.campaign, opts.resend)
+                if not rows:
+                    transport.close()
+                    return self._nothing_to_retry(record.source, str(transport.url))
+                source = campaigns.LedgerSource(record.source, rows, config.to_column)
+            assert source is not None
+            source = self.snapshot(source)
+            with readable(source.name):
+                checked = preflight(
+                    source,
+                    template,
+                    send_options,
+                    allow_utf8_local=transport.allow_utf8_local,
+                    journal=ledger,
+                    keep_rendered=send_options.render_cache_chars,
+                )
+            if not checked.ok:
+                from .errors import PreflightError
+
+                raise PreflightError(checked.fatal, checked.fatal_count)
+            for problem in checked.problems[:20]:
+                self._warn(str(problem))
+            if checked.problem_count > 20:
+                self._warn(f"... and {checked.problem_count - 20} more problem(s)")
+            self._refuse_if_nothing_to_send(checked, send_options, str(transport.url))
+            plan = self._plan(checked, send_options, transport)
+            if self.hooks.confirm is not None and plan.messages and not self.hooks.confirm(plan):
+                raise DeclinedError("not confirmed; nothing was sent")
+            if ledger is not None:
+                ledger.begin(None if opts.resend else self._record(source, template, transport))
+            if self.hooks.sending is not None:
+                self.hooks.sending(plan)
+        except BaseException:
+            transport.close()
+            self._close_ledger_quietly()
+            raise
+        return self._send(source, template, transport, checked, send_options, plan)
+
+    def check(self) -> DryRunResult:
+        """Pre-flight only (a dry run): validate and render every row, send nothing, lock
+        nothing. The ledger is read, so rows already sent or suppressed show as skipped."""
+        from .engine import SendOptions, dry_run_summary, preflight
+        from .ledger import Ledger
+        from .unsubscribe import missing_warning
+
+        config, opts = self.config, self.options
+        config.check()
+        with readable(config.template):
+            template = self._template()
+        with readable(config.source):
+            source = self._source()
+        self.campaign = self._campaign_id(source, template)
+        tags = {**config.tags}
+        tags.setdefault("campaign", self.campaign)
+        send_options = SendOptions(
+            test_to=opts.test_to,
+            on_invalid=config.on_invalid,
+            on_malformed=config.on_malformed,
+            on_duplicate=config.on_duplicate,
+            preview=opts.preview,
+            campaign=self.campaign,
+            tags=tags,
+        )
+        send_options.check()
+        if opts.report_path:
+            check_writable(opts.report_path, "--report")
+        transport = self._transport() if config.transport else None
+        ledger = None
+        if not (opts.no_state or opts.test_to):
+            ledger = Ledger(opts.state_path, self.campaign)
+        try:
+            with readable(source.name):
+                checked = preflight(
+                    source,
+                    template,
+                    send_options,
+                    allow_utf8_local=transport.allow_utf8_local if transport else True,
+                    journal=ledger,
+                )
+        finally:
+            if ledger is not None:
+                ledger.close()
+            if transport is not None:
+                transport.close()
+        url = str(transport.url) if transport else "(none)"
+        summary = dry_run_summary(checked, send_options, url)
+        warning = missing_warning(checked.valid, template.header_names)
+        if warning:
+            summary.warnings.append(warning)
+        self._write_report(summary)
+        return DryRunResult(checked=checked, summary=summary)
+
+    def _pause(self, seconds: float) -> None:
+        """A backoff sleep that ends early when the run is stopping."""
+        self.stop_event.wait(seconds)
+
+    def snapshot(self, source: RecipientSource) -> RecipientSource:
+        """Hook: the recipients as pre-flight and the send pass will both read them.
+
+        A private copy taken under the campaign lock (`RecipientSource.snapshot`): an edit
+        while the prompt waits changes nothing, and an S3 object is downloaded once. Closed
+        (removed) when the run ends.
+        """
+        snap = source.snapshot()
+        self._snapshots.append(snap)
+        return snap
+
+    def _send(
+        self,
+        source: RecipientSource,
+        template: MessageTemplate,
+        transport: Transport,
+        checked: PreflightResult,
+        send_options: SendOptions,
+        plan: Plan,
+    ) -> CampaignResult:
+        from .engine import Run
+        from .retry import RetryPolicy
+
+        config = self.config
+        retry = RetryPolicy(
+            max_retries=config.max_retries, initial=config.retry_wait, sleep=self._pause
+        )
+        run = Run(
+            source,
+            template,
+            transport,
+            checked,
+            options=send_options,
+            limiter=self._limiter(transport),
+            retry=retry,
+            journal=self.ledger,
+            progress=self.hooks.progress,
+            stop=self.stop_event,
+        )
+        self.engine_run = run
+        error: str | None = None
+        summary: Summary | None = None
+        closed: str | None = None
+        try:
+            try:
+                summary = run.run()
+            except SmartmailError as exc:
+                error = str(exc)
+            except Exception as exc:
+                error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            # Also on KeyboardInterrupt: every outcome known so far is committed.
+            closed = self._close_ledger()
+        error = error or closed
+        if summary is None or error is not None:
+            summary = self._summary(run, error=error)
+        result = CampaignResult(summary=summary, plan=plan, error=error)
+        self._write_report(summary)
+        return result
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _template(self) -> MessageTemplate:
+        from . import unsubscribe
+        from .templates import MessageTemplate
+
+        config = self.config
+        kwargs: dict[str, Any] = {
+            "html_path": config.html_template,
+            "extra_headers": unsubscribe.headers(config.unsubscribe_url, config.unsubscribe_mailto),
+        }
+        if config.attachments_dir:
+            kwargs["attachments_dir"] = config.attachments_dir
+        return MessageTemplate.load(config.template, **kwargs)
+
+    def _source(self) -> RecipientSource:
+        from .sources import RecipientSource, SourceSpec
+
+        config = self.config
+        if not config.source:
+            raise ConfigError(
+                "no recipients: give a CSV path, s3://bucket/key, or --bucket and --key"
+            )
+        if not config.source.startswith("s3://") and os.path.isdir(config.source):
+            raise ConfigError(f"{config.source}: is a folder, not a CSV file; nothing was sent")
+        spec = SourceSpec(
+            location=config.source,
+            encoding=config.encoding,
+            delimiter=config.delimiter,
+            to_column=config.to_column,
+        )
+        return RecipientSource(spec, s3_client=self.hooks.s3_client)
+
+    def _campaign_id(self, source: RecipientSource | None, template: MessageTemplate) -> str:
+        from .engine import default_campaign_id
+        from .sources import SourceSpec, describe
+
+        if self.config.campaign:
+            return self.config.campaign
+        # The campaign's list names it, also when the rows come from elsewhere (a queue job).
+        spec = SourceSpec(self.config.source) if self.config.source else None
+        if spec is None:
+            assert source is not None
+            spec = source.spec
+        return default_campaign_id(describe(spec), template.source_text)
+
+    def _stored_record(self) -> CampaignRecord:
+        if not self.config.campaign:
+            raise ConfigError("a retry needs the campaign's name")
+        return load_record(self.options.state_path, self.config.campaign)
+
+    def _transport(self) -> Transport:
+        from .transports import TransportOptions, get_transport
+
+        config = self.config
+        if not config.transport:
+            raise ConfigError(
+                "no transport: give --transport (e.g. smtp://localhost:587 or file://outbox)"
+            )
+        options = TransportOptions(
+            smtp_security=config.smtp_security,
+            smtp_user=config.smtp_user,
+            smtp_password=self.secrets.smtp_password,
+            timeout=config.timeout,
+            messages_per_connection=config.messages_per_connection,
+            ca_file=config.smtp_ca_file,
+            configuration_set=config.configuration_set,
+            allow_plaintext_auth=config.allow_plaintext_auth,
+            tags=dict(config.tags),
+        )
+        transport = get_transport(config.transport, options)
+        outbox = getattr(transport, "directory", None)
+        if isinstance(outbox, Path):
+            try:
+                check_writable_dir(outbox, "the outbox")
+            except BaseException:
+                transport.close()
+                raise
+        return transport
+
+    def _open_ledger(self, send_options: SendOptions) -> Ledger | None:
+        """The campaign's ledger, locked. None with no_state, and for a proof (--test-to):
+        a message sent to one test address must not count as sending the campaign."""
+        from .ledger import Ledger
+
+        opts = self.options
+        if opts.no_state or opts.test_to:
+            if opts.resend:
+                raise ConfigError("a retry needs the state database (the rows are in it)")
+            return None
+        if self.config.on_duplicate == "all":
+            raise ConfigError(
+                "--on-duplicate all cannot work with the ledger, which keeps one delivery per "
+                "address and campaign; add --no-state to send to every duplicate row"
+            )
+        assert self.campaign is not None
+        ledger = Ledger(opts.state_path, self.campaign, resend=opts.resend)
+        self.ledger = ledger
+        ledger.acquire()
+        return ledger
+
+    def _close_ledger(self) -> str | None:
+        """Commit what is queued and release the lock; the problem, if any, as a line."""
+        if self.ledger is None:
+            return None
+        try:
+            self.ledger.close()
+        except SmartmailError as exc:
+            return str(exc)
+        return None
+
+    def _close_ledger_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close_ledger()
+
+    def _warn(self, line: str) -> None:
+        if self.hooks.warn is not None:
+            self.hooks.warn(line)
+
+    def _warn_if_template_changed(self, record: CampaignRecord, template: MessageTemplate) -> None:
+        if record.template_hash and record.template_hash != template_hash(template):
+            self._warn(
+                "the template changed since the campaign was sent; the retry uses it as it is now"
+            )
+
+    def _refuse_if_nothing_to_send(
+        self, checked: PreflightResult, send_options: SendOptions, transport: str
+    ) -> None:
+        """Every row skipped for a reason of its own (invalid, duplicate, suppressed): exit 2.
+
+        A re-run of a campaign the ledger already holds (already sent, failed before, in doubt)
+        is not this: it reports "nothing new to send" and succeeds, as cron expects.
+        """
+        if checked.valid or not checked.skipped:
+            return
+        reasons = list(checked.skipped.values())
+        if any(r.startswith(_LEDGER_SKIPS) for r in reasons):
+            return
+        from .engine import dry_run_summary
+
+        summary = dry_run_summary(checked, send_options, transport)
+        summary.dry_run = False
+        self._write_report(summary)
+        first = next((str(p) for p in checked.problems), reasons[0])
+        raise NothingToSendError(
+            f"every row was skipped ({len(reasons)} of {checked.rows}; first: {first}); "
+            "nothing was sent",
+            summary,
+        )
+
+    def _plan(
+        self, checked: PreflightResult, send_options: SendOptions, transport: Transport
+    ) -> Plan:
+        """How many messages and envelope recipients this run sends; on SES, fit the 24-hour
+        quota (refuse, or trim with allow_partial)."""
+        from .quota import QuotaSource, plan_recipients, rows_to_send
+
+        messages = rows_to_send(checked.valid, send_options.limit, send_options.test_to)
+        counts = envelope_counts(checked, messages, send_options.test_to)
+        partial_of: int | None = None
+        if isinstance(transport, QuotaSource):
+            try:
+                quota = transport.send_quota()
+            except ConfigError as exc:
+                if self.config.rate is None:
+                    raise ConfigError(f"{exc}; or give --rate to send without it") from None
+                self._warn(f"24-hour quota not checked: {exc}")
+            else:
+                limit = plan_recipients(counts, quota, allow_partial=self.config.allow_partial)
+                if limit is not None:
+                    partial_of, messages = messages, limit
+                    counts = counts[:limit]
+                    send_options.limit = limit
+                    self._warn(
+                        f"--allow-partial: sending {limit} of {partial_of} now (what is left "
+                        "of the SES 24-hour quota); the rest stays unsent for a later run"
+                    )
+        assert self.campaign is not None
+        return Plan(
+            campaign=self.campaign,
+            transport=str(transport.url),
+            source=checked.source,
+            rows=checked.rows,
+            valid=checked.valid,
+            skipped=len(checked.skipped),
+            messages=messages,
+            recipients=sum(counts),
+            test_to=send_options.test_to,
+            partial_of=partial_of,
+        )
+
+    def _limiter(self, transport: Transport) -> Any:
+        from .ratelimit import TokenBucket, Unlimited
+
+        rate = self.config.rate if self.config.rate is not None else transport.default_rate()
+        return TokenBucket(rate, self.config.burst) if rate else Unlimited()
+
+    def _record(
+        self, source: RecipientSource, template: MessageTemplate, transport: Transport
+    ) -> CampaignRecord:
+        from .ledger import CampaignRecord
+
+        assert self.campaign is not None
+        config = self.config.resolved()
+        config = dataclasses.replace(config, campaign=self.campaign, to_column=source.to_column)
+        where = config.source or source.name
+        return CampaignRecord(
+            self.campaign, where, template_hash(template), str(transport.url), config.to_dict()
+        )
+
+    def _summary(self, run: Run, *, error: str | None = None, interrupted: bool = False) -> Summary:
+        """The counts of a run that did not finish normally."""
+        from .report import Summary
+
+        run.metrics.finish()
+        failed_rows = run.failed_rows
+        return Summary.build(
+            run.metrics,
+            run.limiter.stats(),
+            campaign=run.options.campaign,
+            transport=str(run.transport.url),
+            source=run.source.name,
+            stopped=error or run.stop_reason,
+            interrupted=interrupted or (run.stop.is_set() and run.stop_reason is None),
+            test_to=run.options.test_to,
+            failed_csv=str(failed_rows.path) if failed_rows and failed_rows.count else None,
+        )
+
+    def _nothing_to_retry(self, source: str, transport: str) -> CampaignResult:
+        from .ratelimit import Unlimited
+        from .report import Metrics, Summary
+
+        self._close_ledger_quietly()
+        metrics = Metrics(0)
+        metrics.finish()
+        assert self.campaign is not None
+        summary = Summary.build(
+            metrics, Unlimited().stats(), campaign=self.campaign, transport=transport, source=source
+        )
+        which = self.options.resend or "failed"
+        return CampaignResult(
+            summary=summary, note=f"nothing to retry: campaign {self.campaign} has no {which} rows"
+        )
+
+    def _write_report(self, summary: Summary) -> None:
+        path = self.options.report_path
+        if not path:
+            return
+        try:
+            Path(path).write_text(summary.to_json() + "\n", encoding="utf-8")
+        except OSError as exc:
+            self._warn(f"{path}: cannot write the report ({exc.strerror})")
+
+
+# --- helpers shared with the CLI and other entry points -----------------------------------------
+
+
+def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignConfig:
+    """The config a campaign was last sent with, from the state database (for `retry`)."""
+    return CampaignConfig.from_dict(load_record(state_path, campaign).settings, campaign=campaign)
+
+
+def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignRecord:
+    """The campaign's row in the state database, or a one-line error naming the database."""
+    from . import campaigns, state
+
+    path = state_path or state.default_state_path()
+    conn = state.connect(path)
+    try:
+        record = campaigns.load(conn, campaign)
+    finally:
+        conn.close()
+    if record is None:
+        raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
+    return record
+
+
+def template_hash(template: MessageTemplate) -> str:
+    """What the ledger keeps to tell a retry that the template changed since."""
+    return hashlib.sha256(template.source_text.encode()).hexdigest()[:16]
+
+
+def envelope_counts(checked: PreflightResult, messages: int, test_to: str | None) -> list[int]:
+    """Envelope recipients of the first `messages` valid rows, in row order (SES counts each).
+
+    Rows pre-flight kept rendered are counted exactly; any beyond its memory budget count as
+    the largest message seen, so the quota check errs on the safe side.
+    """
+    if test_to:
+        return [1] * messages
+    exact = [len(m.recipients) for _, m in sorted(checked.built.items())][:messages]
+    widest = max(exact, default=1)
+    return exact + [widest] * (messages - len(exact))

@@ -1,0 +1,430 @@
+"""The command line's promises at the edges: truthful exit codes, nothing sent when an output
+cannot be written or an input read, no escape sequence from a CSV on the terminal, a second
+Ctrl-C that aborts at once, a declined prompt. Real files, SQLite, aiosmtpd and processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope, Session
+
+from smartmail import cli as cli_module
+from smartmail import events, state, suppression
+from smartmail.cli import main
+
+from .conftest import SmtpServer, free_port, make_csv, write
+
+HOSTILE_TITLE = "\x1b]0;pwned\x07"
+HOSTILE_CLEAR = "\x1b[2J"
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def smtp_send(
+    csv: Path, template: Path, server: SmtpServer, tmp_path: Path, *extra: str
+) -> list[str]:
+    return [
+        "send", str(csv), "-t", str(template), "--transport", server.url,
+        "--smtp-security", "none", "--state", str(tmp_path / "state.db"), "--yes",
+        "--progress", "none", "--retry-wait", "0", "--failed-csv", str(tmp_path / "f.csv"),
+        *extra,
+    ]  # fmt: skip
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# --- outputs are tested for writing before the first send ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "where"),
+    [
+        ("--report", "file/report.json"),  # under a regular file: cannot exist, even for root
+        ("--report", "folder"),  # a folder, not a file
+        ("--failed-csv", "missing-dir/failed.csv"),
+        ("--state", "file/state.db"),
+        ("--state", "folder"),
+    ],
+)
+def test_an_unwritable_output_is_exit_2_with_nothing_sent(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    where: str,
+) -> None:
+    write(tmp_path / "file", "a regular file\n")
+    (tmp_path / "folder").mkdir()
+    csv = make_csv(tmp_path / "r.csv", 3)
+    args = smtp_send(csv, template_file, smtp_server, tmp_path, option, str(tmp_path / where))
+    code, _, err = run_main(args, capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert str(tmp_path / where.split("/")[0]) in line
+    assert not smtp_server.handler.received
+
+
+def test_an_unwritable_outbox_is_exit_2_with_nothing_sent(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path / "file", "a regular file\n")
+    csv = make_csv(tmp_path / "r.csv", 2)
+    code, _, err = run_main(
+        ["send", str(csv), "-t", str(template_file), "--transport", f"file://{tmp_path}/file/out",
+         "--yes", "--state", str(tmp_path / "s.db"), "--failed-csv", str(tmp_path / "f.csv")],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "outbox" in one_error_line(err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not stop root from writing")
+def test_a_read_only_folder_for_the_report_is_exit_2(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        csv = make_csv(tmp_path / "r.csv", 2)
+        args = smtp_send(csv, template_file, smtp_server, tmp_path, "--report", f"{locked}/r.json")
+        code, _, err = run_main(args, capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and "--report" in one_error_line(err)
+    assert not smtp_server.handler.received
+
+
+# --- inputs that cannot be read -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("csv_name", "template_name", "expected"),
+    [
+        ("folder", "t.txt", "is a folder"),
+        ("r.csv", "folder", "cannot read"),
+        ("r.csv", "binary", "not valid UTF-8"),
+        ("/proc/self/mem", "t.txt", "/proc/self/mem: cannot read"),  # an I/O error on read
+        ("r.csv", "/proc/self/mem", "/proc/self/mem: cannot read"),
+        ("binary", "t.txt", "not valid utf-8-sig"),
+    ],
+)
+def test_an_unreadable_input_is_one_line_with_exit_2(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    csv_name: str,
+    template_name: str,
+    expected: str,
+) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "binary").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 10)
+    make_csv(tmp_path / "r.csv", 2)
+    write(tmp_path / "t.txt", template_file.read_text())
+    csv = csv_name if csv_name.startswith("/") else str(tmp_path / csv_name)
+    template = template_name if template_name.startswith("/") else str(tmp_path / template_name)
+    code, _, err = run_main(smtp_send(Path(csv), Path(template), smtp_server, tmp_path), capsys)
+    assert code == 2
+    assert expected in one_error_line(err)
+    assert not smtp_server.handler.received
+
+
+# --- nothing to send is not success --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ("From: not an address\nTo: {{ email }}\n", "From"),
+        ("From: a@acme.example\nReply-To: broken@\nTo: {{ email }}\n", "Reply-To"),
+        ("From: a@acme.example\nTo: {{ email }}\nAttachment: missing.pdf\n", "missing.pdf"),
+    ],
+)
+def test_a_template_wide_problem_is_exit_2_not_every_row_skipped(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    headers: str,
+    expected: str,
+) -> None:
+    template = write(tmp_path / "t.txt", headers + "Subject: hi\n\nHello {{ name }}\n")
+    csv = make_csv(tmp_path / "r.csv", 3)
+    code, _, err = run_main(smtp_send(csv, template, smtp_server, tmp_path), capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nothing was sent" in last and expected in last
+    assert not smtp_server.handler.received
+
+
+def test_every_row_suppressed_says_so_and_exits_2_but_a_finished_campaign_exits_0(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 2)
+    args = smtp_send(csv, template_file, smtp_server, tmp_path, "--campaign", "c")
+    conn = state.connect(tmp_path / "state.db")
+    with events.transaction(conn):
+        for i in range(2):
+            suppression.SuppressionList(conn).add(f"user{i}@example.org", "complaint")
+    conn.close()
+    code, out, err = run_main(args, capsys)
+    assert code == 2 and "every row was skipped" in err and "suppressed" in out
+    assert not smtp_server.handler.received
+
+    csv2 = make_csv(tmp_path / "r2.csv", 2, domain="example.net")
+    args2 = smtp_send(csv2, template_file, smtp_server, tmp_path, "--campaign", "d")
+    assert run_main(args2, capsys)[0] == 0
+    code, out, _ = run_main(args2, capsys)  # the cron line again: nothing new, not a failure
+    assert code == 0 and "nothing new to send" in out
+    assert len(smtp_server.handler.received) == 2
+
+
+# --- a problem after sending began --------------------------------------------------------------
+
+
+def test_a_ledger_failure_mid_run_prints_what_was_sent_and_exits_5(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "state.db"
+    conn = state.connect(db)
+    # The state database starts refusing writes once 3 messages are recorded as sent.
+    conn.execute(
+        "CREATE TRIGGER full BEFORE UPDATE OF status ON deliveries WHEN NEW.status = 'sent' "
+        "AND (SELECT count(*) FROM deliveries WHERE status = 'sent') >= 3 "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    conn.close()
+    csv = make_csv(tmp_path / "r.csv", 8)
+    outbox = tmp_path / "out"
+    code, out, err = run_main(
+        ["send", str(csv), "-t", str(template_file), "--transport", f"file://{outbox}",
+         "--state", str(db), "--yes", "--progress", "none", "--workers", "1",
+         "--campaign", "full", "--failed-csv", str(tmp_path / "f.csv")],
+        capsys,
+    )  # fmt: skip
+    assert code == 5, err
+    assert "smartmail summary" in out and "database or disk is full" in err
+    sent_files = len(list(outbox.glob("*.eml")))
+    assert sent_files >= 3 and "the run stopped after sending began" in err
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    conn.close()
+    # Every message that left is either recorded sent or left in doubt: none can be sent twice.
+    assert statuses.get("sent", 0) + statuses.get("sending", 0) >= sent_files
+
+
+# --- escape sequences from the CSV never reach the terminal --------------------------------------
+
+
+def test_escape_sequences_from_csv_values_are_shown_not_obeyed(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,code\n"
+        f"ann@example.org,Ann{HOSTILE_TITLE},C1\n"
+        f"bad{HOSTILE_CLEAR}@example.org,Bob,C2\n"
+        f"carl@example.org,Carl,{HOSTILE_CLEAR}\u2028x\n",
+    )
+    dry = ["dry-run", str(csv), "-t", str(template_file), "--preview", "3", "--no-state"]
+    code, out, err = run_main(dry, capsys)
+    assert code == 2
+    assert "\x1b" not in out + err and "\x07" not in out + err and "\u2028" not in out + err
+    assert "\\x1b" in out + err  # shown, so the user can see what the file holds
+
+    code, out, err = run_main([*dry, "--on-invalid", "abort"], capsys)
+    assert code == 2 and "\x1b" not in out + err and "\\x1b[2J" in err
+
+    # Ann's name (a control character in a header) makes her row invalid; Carl's body may hold
+    # anything, and his refusal is a failure whose report must not carry the escape either.
+    smtp_server.handler.reject_rcpt = {"carl@example.org"}
+    code, out, err = run_main(smtp_send(csv, template_file, smtp_server, tmp_path), capsys)
+    assert code == 1
+    assert "\x1b" not in out + err and "\x07" not in out + err
+
+
+# --- start-up stays light ------------------------------------------------------------------------
+
+
+def test_help_imports_no_heavy_module() -> None:
+    code = (
+        "import sys\n"
+        "from smartmail.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ['smartmail.engine', 'rich', 'jinja2', 'boto3', 'tenacity', 'sqlite3']\n"
+        "print('loaded:', *[m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "Usage: smartmail" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "loaded:"
+
+
+def test_the_startup_benchmark_runs() -> None:
+    from benchmarks import bench_startup
+
+    result = bench_startup.main(["--runs", "1"])
+    assert result["python -m smartmail --help"]["cpu_ms"] > 0
+
+
+def test_option_constants_copied_into_the_cli_match_the_library() -> None:
+    assert cli_module.STATE_ENV == state.STATE_ENV
+    assert cli_module.SQS_MAX_WAIT == events.SQS_MAX_WAIT
+    assert cli_module.SQS_MAX_VISIBILITY == events.SQS_MAX_VISIBILITY
+    assert cli_module.SUPPRESSION_REASONS == suppression.REASONS
+
+
+# --- a second Ctrl-C, and a declined prompt, in a real process -----------------------------------
+
+
+@dataclass
+class SlowHandler:
+    """Answers the first `fast` DATA commands at once, then holds each reply (up to 30 s)."""
+
+    fast: int
+    data_commands: int = 0
+    accepted: int = 0
+    released: bool = False
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        self.data_commands += 1
+        if self.data_commands > self.fast:
+            for _ in range(300):
+                if self.released:
+                    break
+                await asyncio.sleep(0.1)
+        self.accepted += 1
+        return "250 2.0.0 Ok"
+
+
+@pytest.fixture
+def slow_server() -> Iterator[tuple[str, SlowHandler]]:
+    handler = SlowHandler(fast=2)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield f"smtp://127.0.0.1:{controller.port}", handler
+    finally:
+        handler.released = True
+        controller.stop()
+
+
+def smartmail_command() -> list[str]:
+    return [sys.executable, "-m", "smartmail"]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_and_says_what_was_sent(
+    slow_server: tuple[str, SlowHandler], tmp_path: Path, template_file: Path
+) -> None:
+    url, handler = slow_server
+    csv = make_csv(tmp_path / "r.csv", 5)
+    db = tmp_path / "state.db"
+    proc = subprocess.Popen(
+        [*smartmail_command(), "send", str(csv), "-t", str(template_file), "--transport", url,
+         "--smtp-security", "none", "--workers", "1", "--timeout", "60", "--state", str(db),
+         "--campaign", "slow", "--yes", "--progress", "none"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while handler.data_commands < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert handler.data_commands == 3, "the third message should be waiting for its reply"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the first Ctrl-C waits for the message in flight"
+        second = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=15)
+        took = time.monotonic() - second
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    # The server would hold the reply for 30 s: the abort does not wait for it.
+    assert took < 10, f"the second Ctrl-C took {took:.1f}s to end the run"
+    assert "SIGINT again: aborted" in err and "sent 2," in err and "in doubt" in err
+    assert "Traceback" not in err
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    conn.close()
+    assert statuses.get("sent") == 2 and statuses.get("sending") == 1  # in doubt, not re-sent
+
+
+@pytest.mark.slow
+def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 2)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*smartmail_command(), "send", str(csv), "-t", str(template_file),
+             "--transport", smtp_server.url, "--smtp-security", "none",
+             "--state", str(tmp_path / "s.db"), "--progress", "none"],
+            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path,
+        )  # fmt: skip
+        os.write(controller, b"n\n")
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "Send 2 message(s) to their recipients via" in err
+    assert proc.returncode == 2, err
+    assert "not confirmed; nothing was sent" in err
+    assert not smtp_server.handler.received
+
+
+def test_the_live_display_renders_counts_on_a_terminal() -> None:
+    """rich is imported only when a live display starts: check the display still works."""
+    import io
+
+    from rich.console import Console
+
+    from smartmail.progress import RichProgress
+    from smartmail.report import Metrics, Outcome
+    from smartmail.sources import Row
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    metrics = Metrics(3)
+    metrics.record(Outcome(Row(2, {}), "a@x.org", "sent"))
+    display = RichProgress(console)
+    display.start(metrics, "sending via file://outbox")
+    time.sleep(0.3)
+    display.stop()
+    raw = console.file.getvalue()  # type: ignore[attr-defined]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)  # the display's own styling
+    assert "sending via file://outbox" in shown and "sent 1" in shown
