@@ -48,6 +48,27 @@ _CONFIG_CODES = {
 }
 
 Item = dict[str, Any]
+# The table's keys and index, as created on first use; deploy/template.yaml declares the same
+# (a test compares them).
+TABLE_SCHEMA: dict[str, Any] = {
+    "AttributeDefinitions": [
+        {"AttributeName": name, "AttributeType": "S"} for name in ("pk", "sk", "gsi1pk", "gsi1sk")
+    ],
+    "KeySchema": [
+        {"AttributeName": "pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
+    ],
+    "GlobalSecondaryIndexes": [
+        {
+            "IndexName": GSI,
+            "KeySchema": [
+                {"AttributeName": "gsi1pk", "KeyType": "HASH"},
+                {"AttributeName": "gsi1sk", "KeyType": "RANGE"},
+            ],
+            "Projection": {"ProjectionType": "ALL"},
+        }
+    ],
+}
 
 
 class StateError(SmartmailError):
@@ -223,30 +244,8 @@ class StateTable:
     def _create(self) -> Item:
         from botocore.exceptions import WaiterError
 
-        string = "S"
         try:
-            self.call(
-                "create_table",
-                BillingMode="PAY_PER_REQUEST",
-                AttributeDefinitions=[
-                    {"AttributeName": a, "AttributeType": string}
-                    for a in ("pk", "sk", "gsi1pk", "gsi1sk")
-                ],
-                KeySchema=[
-                    {"AttributeName": "pk", "KeyType": "HASH"},
-                    {"AttributeName": "sk", "KeyType": "RANGE"},
-                ],
-                GlobalSecondaryIndexes=[
-                    {
-                        "IndexName": GSI,
-                        "KeySchema": [
-                            {"AttributeName": "gsi1pk", "KeyType": "HASH"},
-                            {"AttributeName": "gsi1sk", "KeyType": "RANGE"},
-                        ],
-                        "Projection": {"ProjectionType": "ALL"},
-                    }
-                ],
-            )
+            self.call("create_table", BillingMode="PAY_PER_REQUEST", **TABLE_SCHEMA)
         except StateError as exc:
             # Another worker created it a moment ago: wait for it like our own.
             if "ResourceInUseException" not in str(exc):
