@@ -65,7 +65,12 @@ TABLE_SCHEMA: dict[str, Any] = {
                 {"AttributeName": "gsi1pk", "KeyType": "HASH"},
                 {"AttributeName": "gsi1sk", "KeyType": "RANGE"},
             ],
-            "Projection": {"ProjectionType": "ALL"},
+            # Only what listing suppressions reads: a sent delivery's index entry (found by
+            # the provider's message id) stays a few bytes, not a copy of its row.
+            "Projection": {
+                "ProjectionType": "INCLUDE",
+                "NonKeyAttributes": ["address", "reason", "detail", "created_at"],
+            },
         }
     ],
 }

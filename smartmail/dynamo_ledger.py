@@ -154,8 +154,11 @@ class DynamoLedger:
         """One consistent batch read of the delivery and the suppression, then the SQLite
         ledger's rules, with an expired lease in place of "no run holds the lock"."""
         key = recipient_key(recipient)
-        self.table.ensure()
-        found = self.table.get_many([delivery_key(self.campaign, key), suppression_key(key)])
+        try:
+            self.table.ensure()
+            found = self.table.get_many([delivery_key(self.campaign, key), suppression_key(key)])
+        except SmartmailError as exc:
+            raise LedgerError(f"cannot read the ledger: {exc}") from None
         delivery = found.get(("D#" + self.campaign, key))
         suppressed = found.get(("S#" + key, "S"))
         status = text(delivery, "st") if delivery else None
