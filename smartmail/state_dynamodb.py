@@ -49,6 +49,9 @@ class DynamoState:
     def __str__(self) -> str:
         return str(self.url)
 
+    def close(self) -> None:
+        """Nothing to release (every write is made when it happens); for symmetry with SQLite."""
+
     def ensure(self) -> None:
         """Check the table now (creating it when missing) rather than at the first write."""
         self.table.ensure()
