@@ -32,8 +32,9 @@ from smartmail.transports import TransportOptions, get_transport
 from .aws_helpers import REGION
 from .conftest import make_csv
 from .dynamo_helpers import atomic_moto, serialise_moto_item_writes
+from .test_ledger_processes import slow_server
 
-__all__ = ["atomic_moto"]
+__all__ = ["atomic_moto", "slow_server"]
 TABLE = "smartmail-state"
 URL = f"dynamodb://{TABLE}?region={REGION}&lease=60"
 
@@ -363,3 +364,97 @@ def test_suppression_round_trip(state: DynamoState, tmp_path: Path) -> None:
     assert sup.reason("zed@example.org") is None and len(sup) == 2
     ledger = state.ledger("news")
     assert ledger.skip_reason("new@example.org", Row(2, {})) == "suppressed: unsubscribe"
+
+
+# --- a worker killed mid-job ----------------------------------------------------------------
+
+
+def _send_in_child(endpoint: str, url: str, csv_path: str, template: str, smtp: str) -> None:
+    """A worker: the engine with a DynamoDB ledger, through SMTP (spawned: a fresh process)."""
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    from smartmail import TokenBucket
+
+    send_campaign(
+        RecipientSource(SourceSpec(csv_path)),
+        MessageTemplate.load(template),
+        get_transport(smtp, TransportOptions(smtp_security="none")),
+        options=SendOptions(workers=WORKERS, campaign="killed"),
+        limiter=TokenBucket(20.0),
+        journal=open_state(url).ledger("killed"),
+    )
+
+
+WORKERS = 4
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_leaves_at_most_its_in_flight_rows_in_doubt(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch, slow_server: Any, tmp_path: Path
+) -> None:
+    """SIGKILL while messages are in flight (the SMTP server holds its 250 back): at most one
+    row per worker thread is in doubt; a re-delivered job sends the rest once and skips those;
+    only `retry --in-doubt` sends them again."""
+    import signal
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    from smartmail.campaigns import LedgerSource
+
+    from .conftest import free_port
+
+    serialise_moto_item_writes(monkeypatch)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        url = f"dynamodb://killed-state?region={REGION}&lease=2"
+        state = open_state(url)
+        state.ensure()
+        n = 30
+        csv_path = make_csv(tmp_path / "list.csv", n)
+        template = tmp_path / "msg.txt"
+        template.write_text("From: a@acme.example\nSubject: Hi {{ name }}\n\nCode {{ code }}\n")
+        args = (endpoint, url, str(csv_path), str(template), slow_server.url)
+        child = multiprocessing.get_context("spawn").Process(target=_send_in_child, args=args)
+        child.start()
+        deadline = time.monotonic() + 60
+        while len(slow_server.handler.received) < 6 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(slow_server.handler.received) >= 6, "the worker never got going"
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+        time.sleep(2.1)  # past the 2 s lease: the dead worker's claims are now in doubt
+        [status] = state.statuses("killed")
+        assert 1 <= status.in_doubt <= WORKERS and status.in_flight == 0
+        in_doubt = {row.values["email"] for row in state.retry_rows("killed", "in-doubt")}
+        assert len(in_doubt) == status.in_doubt
+
+        def send(journal: Any, source: Any) -> Any:
+            return send_campaign(
+                source,
+                MessageTemplate.load(template),
+                get_transport(slow_server.url, TransportOptions(smtp_security="none")),
+                options=SendOptions(workers=WORKERS, campaign="killed"),
+                journal=journal,
+            )
+
+        rerun = send(state.ledger("killed"), RecipientSource(SourceSpec(str(csv_path))))
+        assert rerun.in_doubt == len(in_doubt)
+        got = Counter(a for r in slow_server.handler.received for a in r.rcpt_tos)
+        for i in range(n):
+            address = f"user{i}@example.org"
+            assert got[address] <= 1 if address in in_doubt else got[address] == 1, address
+        rows = state.retry_rows("killed", "in-doubt")
+        retry = send(state.ledger("killed", resend="in-doubt"), LedgerSource("x", rows, "email"))
+        assert retry.sent == len(in_doubt)
+        again = Counter(a for r in slow_server.handler.received for a in r.rcpt_tos)
+        assert all(again[f"user{i}@example.org"] >= 1 for i in range(n))
+        assert {a for a, c in again.items() if c > 1} <= in_doubt
+        [status] = state.statuses("killed")
+        assert (status.sent, status.in_doubt) == (n, 0)
+    finally:
+        server.stop()
