@@ -155,7 +155,7 @@ class SqliteFeedback:
 State = sqlite3.Connection | FeedbackStore
 
 
-def store_for(state: State) -> FeedbackStore:
+def _store(state: State) -> FeedbackStore:
     return SqliteFeedback(state) if isinstance(state, sqlite3.Connection) else state
 
 
@@ -166,7 +166,7 @@ def apply(state: State, fb: Feedback) -> Applied:
     dies in between (where there is no transaction: DynamoDB) applies it again in full when
     the message comes back, never skipping a suppression.
     """
-    store = store_for(state)
+    store = _store(state)
     result = Applied(fb.type)
     with store.transaction():
         for rcpt in fb.recipients:
