@@ -57,6 +57,26 @@ def state_from_env() -> DynamoState:
     return found
 
 
+def rate_from_env() -> float | None:
+    """This function's share of the account's SES rate: $SMARTMAIL_ACCOUNT_RATE divided by
+    $SMARTMAIL_EXPECTED_WORKERS (the reserved concurrency the template sets), so that all the
+    senders together never exceed the quota. None when the rate is not set."""
+    rate = os.environ.get("SMARTMAIL_ACCOUNT_RATE")
+    if not rate:
+        return None
+    workers = os.environ.get("SMARTMAIL_EXPECTED_WORKERS") or "1"
+    try:
+        share = float(rate) / int(workers)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"SMARTMAIL_ACCOUNT_RATE ({rate!r}) must be a number and "
+            f"SMARTMAIL_EXPECTED_WORKERS ({workers!r}) a whole number above 0"
+        ) from None
+    if share <= 0:
+        raise ConfigError(f"SMARTMAIL_ACCOUNT_RATE ({rate!r}) must be above 0")
+    return share
+
+
 def feedback_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
     """SES feedback from SNS or SQS into the suppression list and the ledger's deliveries."""
     records = event.get("Records")

@@ -203,3 +203,14 @@ def test_the_handler_needs_a_dynamodb_state(aws_env: None, monkeypatch: pytest.M
     monkeypatch.setenv("SMARTMAIL_STATE", URL)
     with pytest.raises(ConfigError, match="no Records"):
         aws_lambda.feedback_handler({"detail-type": "Object Created"}, None)
+
+
+def test_each_sender_takes_its_share_of_the_account_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SMARTMAIL_ACCOUNT_RATE", raising=False)
+    assert aws_lambda.rate_from_env() is None
+    monkeypatch.setenv("SMARTMAIL_ACCOUNT_RATE", "14")
+    monkeypatch.setenv("SMARTMAIL_EXPECTED_WORKERS", "4")
+    assert aws_lambda.rate_from_env() == 3.5  # 4 senders x 3.5/s = the account's 14/s
+    monkeypatch.setenv("SMARTMAIL_EXPECTED_WORKERS", "0")
+    with pytest.raises(ConfigError, match="SMARTMAIL_EXPECTED_WORKERS"):
+        aws_lambda.rate_from_env()
