@@ -12,6 +12,7 @@ import contextlib
 import csv
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import IO
 
@@ -33,6 +34,8 @@ from .ses_feedback import Feedback, RecipientEvent
 from .suppression import EXPORT_COLUMNS, MAX_DETAIL, REASONS, Suppression, key
 
 Clock = Callable[[], float]
+_PARALLEL = 8
+_CHUNK = 256
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -108,10 +111,22 @@ class DynamoSuppressionList:
     def add_many(self, entries: Iterable[tuple[str, str, str]]) -> int:
         """Suppress (address, reason, detail) entries; return how many were new.
 
-        One conditional write each (a batch write cannot keep the first reason); the order
-        and the result are those of the SQLite list's `add_many`.
+        One conditional write each (a batch write cannot keep the first reason), several in
+        flight at once. Chunks go in file order and an address repeated within a chunk keeps
+        its first entry, so the first reason wins as in the SQLite list's `add_many`.
         """
-        return sum(self.add(address, reason, detail) for address, reason, detail in entries)
+        added = 0
+        chunk: dict[str, tuple[str, str, str]] = {}
+        with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="smartmail-suppress") as pool:
+            for address, reason, detail in entries:
+                if reason not in REASONS:
+                    raise ValueError(f"reason must be one of {', '.join(REASONS)}")
+                chunk.setdefault(key(address), (address, reason, detail))
+                if len(chunk) >= _CHUNK:
+                    added += sum(pool.map(lambda e: self.add(*e), chunk.values()))
+                    chunk = {}
+            added += sum(pool.map(lambda e: self.add(*e), chunk.values()))
+        return added
 
     def export_csv(self, out: IO[str]) -> int:
         """Write the list as CSV (email, reason, detail, created_at), as the SQLite list does."""

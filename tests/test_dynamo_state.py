@@ -458,3 +458,17 @@ def test_a_worker_killed_mid_job_leaves_at_most_its_in_flight_rows_in_doubt(
         assert (status.sent, status.in_doubt) == (n, 0)
     finally:
         server.stop()
+
+
+def test_a_large_import_keeps_the_first_reason_and_counts_right(
+    state: DynamoState, tmp_path: Path
+) -> None:
+    lines = ["email,reason"] + [f"u{i}@example.org,bounce" for i in range(300)]
+    lines += ["u5@example.org,manual", "U299@example.org,complaint", "fresh@example.org,manual"]
+    csv_path = tmp_path / "big.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    result = import_csv(state.suppressions, str(csv_path))
+    assert (result.rows, result.added, result.already) == (303, 301, 2)
+    assert state.suppressions.reason("u5@example.org") == "bounce"
+    assert state.suppressions.reason("u299@example.org") == "bounce"
+    assert len(state.suppressions) == 301
