@@ -124,7 +124,9 @@ def test_uploads_start_the_enqueue_function_and_ses_feedback_reaches_its_handler
     assert rule["EventPattern"]["detail-type"] == ["Object Created"]
     assert rule["EventPattern"]["detail"]["bucket"]["name"] == [{"Ref": "UploadBucket"}]
     assert rule["Targets"][0]["Arn"] == {"Fn::GetAtt": ["UploadFunction", "Arn"]}
-    assert "DeadLetterConfig" in rule["Targets"][0]
+    assert rule["Targets"][0]["DeadLetterConfig"] == {
+        "Arn": {"Fn::GetAtt": ["UploadDeadLetterQueue", "Arn"]}
+    }
     subscriptions = of_type(resources, "AWS::SNS::Subscription")
     lambda_subs = [s for s in subscriptions.values() if s["Protocol"] == "lambda"]
     assert lambda_subs == [
@@ -156,6 +158,12 @@ def test_alarms_on_the_dead_letter_queue_and_sender_errors_mail_the_alert_addres
         {"Name": "QueueName", "Value": {"Fn::GetAtt": ["SendDeadLetterQueue", "QueueName"]}}
     ]
     assert (dlq["Threshold"], dlq["ComparisonOperator"]) == (1, "GreaterThanOrEqualToThreshold")
+    watched = {
+        a["Dimensions"][0]["Value"]["Fn::GetAtt"][0]
+        for a in alarms.values()
+        if a["Namespace"] == "AWS/SQS"
+    }
+    assert watched == {"SendDeadLetterQueue", "FeedbackDeadLetterQueue", "UploadDeadLetterQueue"}
     errors = alarms["SenderErrorsAlarm"]
     assert (errors["Namespace"], errors["MetricName"]) == ("AWS/Lambda", "Errors")
     assert errors["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "SenderFunction"}}]
