@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check smartmail tests benchmarks
 	$(BIN)/ruff format --check smartmail tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/cfn-lint deploy/template.yaml
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q

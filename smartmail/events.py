@@ -17,9 +17,9 @@ import re
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .errors import EXIT_SOME_FAILED, ConfigError, SmartmailError
@@ -30,9 +30,11 @@ __all__ = [
     "Applied",
     "ConsumeSummary",
     "Feedback",
+    "FeedbackStore",
     "MalformedMessage",
     "QueueError",
     "RecordResult",
+    "SqliteFeedback",
     "apply",
     "batch_item_failures",
     "consume",
@@ -93,42 +95,106 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def apply(conn: sqlite3.Connection, fb: Feedback) -> Applied:
-    """Record the event and act on it, in one transaction. Applying it again changes nothing."""
+class FeedbackStore(Protocol):
+    """Where feedback is applied: the SQLite state (`SqliteFeedback`) or DynamoDB
+    (`smartmail.dynamo_suppression.DynamoFeedback`). `apply` acts through it, so the CLI and
+    the Lambda handler share one set of rules whatever holds the state."""
+
+    def transaction(self) -> AbstractContextManager[None]: ...
+
+    def seen(self, fb: Feedback, rcpt: RecipientEvent) -> bool:
+        """True when this recipient's event was applied before (a re-delivered message)."""
+        ...
+
+    def suppress(self, address: str, reason: str, detail: str) -> bool:
+        """Suppress the address; False when it already was (the first reason is kept)."""
+        ...
+
+    def mark(self, provider_id: str, recipient: str, feedback: str) -> int:
+        """Raise the delivery's feedback (never lower it); return how many were changed."""
+        ...
+
+    def record(self, fb: Feedback, rcpt: RecipientEvent) -> bool:
+        """Keep the event, after acting on it; False when another consumer kept it first."""
+        ...
+
+
+class SqliteFeedback:
+    """The SQLite state database as a `FeedbackStore`: one transaction per message."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.suppressions = SuppressionList(conn)
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return transaction(self.conn)
+
+    def seen(self, fb: Feedback, rcpt: RecipientEvent) -> bool:
+        found = self.conn.execute(
+            "SELECT 1 FROM events WHERE feedback_id = ? AND recipient = ? AND type = ?",
+            (fb.feedback_id, rcpt.address, fb.type),
+        ).fetchone()
+        return found is not None
+
+    def suppress(self, address: str, reason: str, detail: str) -> bool:
+        return self.suppressions.add(address, reason, detail)
+
+    def mark(self, provider_id: str, recipient: str, feedback: str) -> int:
+        return _mark(self.conn, provider_id, recipient, feedback)
+
+    def record(self, fb: Feedback, rcpt: RecipientEvent) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO events"
+            "(provider_id, recipient, type, subtype, detail, feedback_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (fb.provider_id, rcpt.address, fb.type, rcpt.subtype, rcpt.detail, fb.feedback_id),
+        )
+        return cur.rowcount > 0
+
+
+State = sqlite3.Connection | FeedbackStore
+
+
+def _store(state: State) -> FeedbackStore:
+    return SqliteFeedback(state) if isinstance(state, sqlite3.Connection) else state
+
+
+def apply(state: State, fb: Feedback) -> Applied:
+    """Act on the event and keep it. Applying it again changes nothing.
+
+    The event is kept after its actions, and every action is idempotent, so a consumer that
+    dies in between (where there is no transaction: DynamoDB) applies it again in full when
+    the message comes back, never skipping a suppression.
+    """
+    store = _store(state)
     result = Applied(fb.type)
-    suppressions = SuppressionList(conn)
-    with transaction(conn):
+    with store.transaction():
         for rcpt in fb.recipients:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO events"
-                "(provider_id, recipient, type, subtype, detail, feedback_id) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (fb.provider_id, rcpt.address, fb.type, rcpt.subtype, rcpt.detail, fb.feedback_id),
-            )
-            if cur.rowcount == 0:
+            if store.seen(fb, rcpt):
                 result.duplicates += 1
                 continue
-            result.recorded += 1
-            feedback = _act(suppressions, fb, rcpt, result)
+            feedback = _act(store, fb, rcpt, result)
             if feedback and fb.provider_id and rcpt.address:
-                result.deliveries += _mark(conn, fb.provider_id, rcpt.address, feedback)
+                result.deliveries += store.mark(fb.provider_id, rcpt.address, feedback)
+            if store.record(fb, rcpt):
+                result.recorded += 1
+            else:
+                result.duplicates += 1
     return result
 
 
-def _act(
-    suppressions: SuppressionList, fb: Feedback, rcpt: RecipientEvent, result: Applied
-) -> str | None:
+def _act(store: FeedbackStore, fb: Feedback, rcpt: RecipientEvent, result: Applied) -> str | None:
     """Suppress when the event calls for it; return the delivery feedback to set, if any."""
     if fb.type == "Bounce":
         if not fb.permanent:
             return "soft-bounced"
         sub = (rcpt.subtype or "").partition("/")[2] or "Permanent"
         detail = f"{sub}: {rcpt.detail}" if rcpt.detail else sub
-        if rcpt.address and suppressions.add(rcpt.address, "bounce", detail):
+        if rcpt.address and store.suppress(rcpt.address, "bounce", detail):
             result.suppressed += 1
         return "bounced"
     if fb.type == "Complaint":
-        if rcpt.address and suppressions.add(rcpt.address, "complaint", rcpt.subtype or ""):
+        if rcpt.address and store.suppress(rcpt.address, "complaint", rcpt.subtype or ""):
             result.suppressed += 1
         return "complained"
     if fb.type == "Delivery":
@@ -168,9 +234,7 @@ class RecordResult:
     error: str = ""
 
 
-def handle_sqs_records(
-    records: Iterable[Mapping[str, Any]], conn: sqlite3.Connection
-) -> list[RecordResult]:
+def handle_sqs_records(records: Iterable[Mapping[str, Any]], state: State) -> list[RecordResult]:
     """Apply each record (SQS ReceiveMessage `Body`/`MessageId`, or Lambda `body`/`messageId`).
 
     Never raises for one bad record: each gets a result, so a Lambda handler can return the
@@ -188,9 +252,12 @@ def handle_sqs_records(
             results.append(RecordResult(message_id, False, malformed=True, error=str(exc)))
             continue
         try:
-            applied = apply(conn, feedback)
+            applied = apply(state, feedback)
         except sqlite3.Error as exc:
             results.append(RecordResult(message_id, False, error=f"state database: {exc}"))
+            continue
+        except SmartmailError as exc:
+            results.append(RecordResult(message_id, False, error=f"state: {exc}"))
             continue
         results.append(RecordResult(message_id, True, applied))
     return results
@@ -258,7 +325,7 @@ def check_queue_url(url: str) -> None:
 
 def consume(
     queue_url: str,
-    conn: sqlite3.Connection,
+    conn: State,
     *,
     max_messages: int = 100,
     wait_seconds: int = 5,

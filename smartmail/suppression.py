@@ -12,7 +12,7 @@ import csv
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Protocol
 
 from . import addresses
 from .addresses import normalise
@@ -141,6 +141,12 @@ class SuppressionList:
         return count
 
 
+class SuppressionStore(Protocol):
+    """What `import_csv` needs: the SQLite list or the DynamoDB one (`dynamo_suppression`)."""
+
+    def add_many(self, entries: Iterable[tuple[str, str, str]]) -> int: ...
+
+
 @dataclass
 class ImportResult:
     """What an import did. `problems` are one line each, naming file, row and column."""
@@ -153,7 +159,7 @@ class ImportResult:
 
 
 def import_csv(
-    suppressions: SuppressionList,
+    suppressions: SuppressionStore,
     location: str,
     *,
     column: str = "email",

@@ -1,0 +1,437 @@
+"""The send ledger in the DynamoDB state table: no double send across workers and machines.
+
+Same statuses and rules as the SQLite `Ledger` (pending -> sending -> sent | failed | skipped),
+but many workers share a campaign at once, so there is no campaign lock. Instead `sending` is
+a **claim**: one conditional write that succeeds only when the delivery is new, pending or
+skipped (or failed, for `retry`), so of two workers holding the same job exactly one wins
+and the other gets `ClaimLost` and must not send. A claim carries a lease
+(`lease_until`, `dynamodb://TABLE?lease=SECONDS`, 15 minutes by default): a row still
+`sending` after its lease was in flight when its worker died. It is *in doubt*: reported,
+never sent again except by `retry --in-doubt`, whose claim may take over an expired lease.
+`sent` is never overwritten, and an outcome only moves a row this worker claimed (checked
+with its claim token), so a slow worker can never undo another's work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from .campaigns import CampaignStatus, Which
+from .dynamo import (
+    CAMPAIGNS_PK,
+    Item,
+    StateTable,
+    campaign_key,
+    code_of,
+    delivery_key,
+    n,
+    now_iso,
+    number,
+    opt_text,
+    s,
+    suppression_key,
+    text,
+)
+from .errors import SmartmailError
+from .ledger import CampaignRecord, LedgerError, Resend, in_doubt_reason, recipient_key
+from .message import OutgoingMessage
+from .report import Outcome
+from .sources import Row
+
+Clock = Callable[[], float]
+_CHANGEABLE = "attribute_not_exists(pk) OR st IN (:pending, :skipped)"
+
+
+class ClaimLost(SmartmailError):
+    """Another worker has claimed (or finished) this delivery: this one must not send it."""
+
+    exit_code = 1
+
+    def __init__(self, campaign: str, recipient: str, status: str) -> None:
+        self.recipient = recipient
+        self.status = status
+        why = {
+            "sent": "already sent",
+            "sending": "already being sent",
+            "failed": "failed before",
+        }.get(status, f"already {status}")
+        super().__init__(f"{recipient}: {why} (campaign {campaign}); not sent by this worker")
+
+
+class DynamoLedger:
+    """The ledger of one campaign in a state table; implements the engine's `Journal`.
+
+    The methods of the SQLite `Ledger` that the CLI calls (`acquire`, `begin`, `close`,
+    context manager) are here too; `acquire` takes no lock, since sharing a campaign between
+    workers is the point, and only makes sure the table and the campaign exist.
+    """
+
+    def __init__(
+        self,
+        table: StateTable,
+        campaign: str,
+        *,
+        resend: Resend = None,
+        clock: Clock = time.time,
+        worker: str | None = None,
+    ) -> None:
+        self.table = table
+        self.path = str(table.url)
+        self.campaign = campaign
+        self.resend: Resend = resend
+        self.clock = clock
+        self.lease = table.url.lease_seconds
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._claims: dict[str, str] = {}
+        self._guard = threading.Lock()
+        self._numbers = itertools.count(1)
+        self._acquired = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Make sure the table and the campaign item exist; no lock (see the class doc)."""
+        self.table.ensure()
+        self._acquired = True
+        now = self.clock()
+        self._update(
+            campaign_key(self.campaign),
+            "SET #source = if_not_exists(#source, :empty), "
+            "created_at = if_not_exists(created_at, :now), updated_at = :now, expires_at = :exp",
+            {":empty": s(""), ":now": s(now_iso(now)), ":exp": self.table.expires(now)},
+            names={"#source": "source"},
+        )
+
+    def begin(self, record: CampaignRecord | None = None) -> None:
+        """Create or update the campaign item (None: keep its settings, note this run)."""
+        self.table.ensure()
+        now = self.clock()
+        values: dict[str, Any] = {":now": s(now_iso(now)), ":exp": self.table.expires(now)}
+        update = "SET last_run = :now, updated_at = :now, expires_at = :exp"
+        names: dict[str, str] = {}
+        if record is None:
+            update += ", #source = if_not_exists(#source, :empty)"
+            values[":empty"] = s("")
+        else:
+            update += (
+                ", #source = :source, template_hash = :hash, transport = :transport, "
+                "settings = :settings"
+            )
+            values.update(
+                {
+                    ":source": s(record.source),
+                    ":hash": s(record.template_hash),
+                    ":transport": s(record.transport),
+                    ":settings": s(json.dumps(record.settings, sort_keys=True)),
+                }
+            )
+        update += ", created_at = if_not_exists(created_at, :now)"
+        names["#source"] = "source"
+        self._update(campaign_key(record.id if record else self.campaign), update, values, names)
+
+    def close(self) -> None:
+        """Nothing to flush: every write is made when it happens. Safe to call twice."""
+
+    def __enter__(self) -> DynamoLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the Journal protocol ----------------------------------------------------------------
+
+    def skip_reason(self, recipient: str, row: Row) -> str | None:
+        """One consistent batch read of the delivery and the suppression, then the SQLite
+        ledger's rules, with an expired lease in place of "no run holds the lock"."""
+        key = recipient_key(recipient)
+        try:
+            self.table.ensure()
+            found = self.table.get_many([delivery_key(self.campaign, key), suppression_key(key)])
+        except SmartmailError as exc:
+            raise LedgerError(f"cannot read the ledger: {exc}") from None
+        delivery = found.get(("D#" + self.campaign, key))
+        suppressed = found.get(("S#" + key, "S"))
+        status = text(delivery, "st") if delivery else None
+        if status == "sent":
+            return "already sent"
+        if status == "sending" and delivery is not None:
+            if not self._expired(delivery):
+                return "already being sent"
+            if self.resend != "in-doubt":
+                return in_doubt_reason(self.campaign)
+        if status == "failed" and self.resend != "failed":
+            return f"failed before (smartmail retry {self.campaign} sends it again)"
+        if suppressed is not None:
+            return f"suppressed: {text(suppressed, 'reason')}"
+        return None
+
+    def sending(self, message: OutgoingMessage) -> None:
+        """Claim the delivery before the first attempt, or raise `ClaimLost` (do not send)."""
+        if not self._acquired:
+            # Library users may never call acquire(); deliveries still need their campaign.
+            self.acquire()
+        key = recipient_key(message.recipient)
+        token = f"{self.worker}#{next(self._numbers)}"
+        now = self.clock()
+        condition = _CHANGEABLE
+        values: dict[str, Any] = {":pending": s("pending"), ":skipped": s("skipped")}
+        if self.resend == "failed":
+            condition += " OR st = :failed"
+            values[":failed"] = s("failed")
+        elif self.resend == "in-doubt":
+            condition += " OR (st = :sending AND lease_until < :clock)"
+            values[":clock"] = n(now)
+        values.update(
+            {
+                ":sending": s("sending"),
+                ":zero": n(0),
+                ":one": n(1),
+                ":mid": s(message.message_id or ""),
+                ":row": n(message.row.number),
+                ":json": s(_row_json(message.row)),
+                ":token": s(token),
+                ":lease": n(now + self.lease),
+                ":now": s(now_iso(now)),
+                ":exp": self.table.expires(now),
+            }
+        )
+        try:
+            self.table.call(
+                "update_item",
+                Key=delivery_key(self.campaign, key),
+                UpdateExpression=(
+                    "SET st = :sending, attempts = if_not_exists(attempts, :zero) + :one, "
+                    "message_id = :mid, row_no = :row, row_json = :json, claim = :token, "
+                    "lease_until = :lease, updated_at = :now, "
+                    "created_at = if_not_exists(created_at, :now), expires_at = :exp"
+                ),
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if code_of(exc) != "ConditionalCheckFailedException":
+                raise
+            old: Item = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
+            raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+        except SmartmailError as exc:
+            raise LedgerError(str(exc)) from None
+        with self._guard:
+            self._claims[key] = token
+
+    def record(self, outcome: Outcome) -> None:
+        key = recipient_key(outcome.recipient)
+        if not key:
+            return
+        with self._guard:
+            token = self._claims.pop(key, None)
+        now = self.clock()
+        stamp = {":now": s(now_iso(now)), ":exp": self.table.expires(now)}
+        row = {":row": n(outcome.row.number), ":json": s(_row_json(outcome.row))}
+        dkey = delivery_key(self.campaign, key)
+        common = "updated_at = :now, expires_at = :exp"
+        born = "created_at = if_not_exists(created_at, :now)"
+        keep_row = "row_no = if_not_exists(row_no, :row), row_json = if_not_exists(row_json, :json)"
+        if outcome.status == "sent":
+            values: dict[str, Any] = {**stamp, **row, ":sent": s("sent")}
+            update = f"SET st = :sent, sent_at = :now, {common}, {born}, {keep_row}"
+            if outcome.message_id:
+                # The provider's id finds this delivery again when SES feedback arrives.
+                values.update(
+                    {
+                        ":pid": s(outcome.message_id),
+                        ":gpk": s(f"P#{outcome.message_id}"),
+                        ":gsk": s(key),
+                    }
+                )
+                update += ", provider_id = :pid, gsi1pk = :gpk, gsi1sk = :gsk"
+            self._update(dkey, update + " REMOVE claim, lease_until, last_error", values)
+            return
+        why = {":why": s(outcome.reason)}
+        changeable = {":pending": s("pending"), ":skipped": s("skipped")}
+        if outcome.status == "failed":
+            values = {**stamp, **row, **why, ":failed": s("failed")}
+            update = (
+                f"SET st = :failed, last_error = :why, {common}, {born}, {keep_row} "
+                "REMOVE claim, lease_until"
+            )
+            if token is not None:
+                condition = "claim = :token"
+                values[":token"] = s(token)
+            else:
+                # Never over a row another worker holds, or one that was sent.
+                condition = _CHANGEABLE + " OR st = :failed"
+                values.update(changeable)
+        elif outcome.status == "skipped":
+            values = {**stamp, **row, **why, **changeable}
+            update = (
+                f"SET st = :skipped, last_error = :why, row_no = :row, row_json = :json, "
+                f"{common}, {born}"
+            )
+            condition = _CHANGEABLE
+        elif token is not None:
+            values = {**stamp, **why, ":pending": s("pending"), ":token": s(token)}
+            update = f"SET st = :pending, last_error = :why, {common} REMOVE claim, lease_until"
+            condition = "claim = :token"
+        else:
+            values = {**stamp, **row, **why, ":pending": s("pending")}
+            update = (
+                f"SET st = :pending, last_error = :why, row_no = :row, row_json = :json, "
+                f"{common}, {born}"
+            )
+            condition = "attribute_not_exists(pk)"
+        self._update(dkey, update, values, condition=condition)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _expired(self, delivery: Item) -> bool:
+        return number(delivery, "lease_until") < self.clock()
+
+    def _update(
+        self,
+        key: Item,
+        update: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+        *,
+        condition: str | None = None,
+    ) -> bool:
+        """One UpdateItem; False when its condition did not hold (the row was not ours)."""
+        request: dict[str, Any] = {
+            "Key": key,
+            "UpdateExpression": update,
+            "ExpressionAttributeValues": values,
+        }
+        if names:
+            request["ExpressionAttributeNames"] = names
+        if condition:
+            request["ConditionExpression"] = condition
+        try:
+            self.table.call("update_item", **request)
+        except ClientError as exc:
+            if code_of(exc) == "ConditionalCheckFailedException":
+                return False
+            raise LedgerError(f"{self.path}: could not record to the ledger ({exc})") from None
+        except SmartmailError as exc:
+            raise LedgerError(f"could not record to the ledger: {exc}") from None
+        return True
+
+
+# --- reading the ledger back (status, retry) ------------------------------------------------
+
+
+def load(table: StateTable, campaign: str) -> CampaignRecord | None:
+    """The stored campaign, or None when the table has no such campaign."""
+    table.ensure()
+    item = table.call("get_item", Key=campaign_key(campaign), ConsistentRead=True).get("Item")
+    return None if not item else _record(item)
+
+
+def _record(item: Item) -> CampaignRecord:
+    return CampaignRecord(
+        text(item, "sk"),
+        text(item, "source"),
+        text(item, "template_hash"),
+        text(item, "transport"),
+        json.loads(text(item, "settings") or "{}"),
+    )
+
+
+def statuses(
+    table: StateTable, campaign: str | None = None, *, clock: Clock = time.time
+) -> list[CampaignStatus]:
+    """Each campaign's counts, most recent run first, as `campaigns.statuses` gives them.
+
+    A campaign is `running` while any of its claims holds an unexpired lease; those rows are
+    `in_flight`, and the expired ones `in_doubt`. Counting reads the campaign's deliveries
+    (a few attributes each); DynamoDB keeps no running totals that could drift.
+    """
+    table.ensure()
+    if campaign is not None:
+        found = table.call("get_item", Key=campaign_key(campaign)).get("Item")
+        items = [found] if found else []
+    else:
+        items = list(
+            table.query(
+                KeyConditionExpression="pk = :p", ExpressionAttributeValues={":p": s(CAMPAIGNS_PK)}
+            )
+        )
+    now = clock()
+    out = [_status(table, item, now) for item in items]
+    out.sort(key=lambda c: c.campaign)
+    out.sort(key=lambda c: c.last_run or "", reverse=True)
+    return out
+
+
+def _status(table: StateTable, item: Item, now: float) -> CampaignStatus:
+    counts: dict[str, int] = {}
+    name = text(item, "sk")
+    for d in table.query(
+        KeyConditionExpression="pk = :p",
+        ExpressionAttributeValues={":p": s(f"D#{name}")},
+        ProjectionExpression="st, lease_until, feedback",
+    ):
+        status = text(d, "st")
+        if status == "sending":
+            status = "in_flight" if number(d, "lease_until") >= now else "in_doubt"
+        counts[status] = counts.get(status, 0) + 1
+        feedback = opt_text(d, "feedback")
+        if feedback:
+            counts[f"fb:{feedback}"] = counts.get(f"fb:{feedback}", 0) + 1
+    return CampaignStatus(
+        campaign=name,
+        source=text(item, "source"),
+        transport=text(item, "transport"),
+        last_run=opt_text(item, "last_run"),
+        running=counts.get("in_flight", 0) > 0,
+        addresses=sum(v for k, v in counts.items() if not k.startswith("fb:")),
+        sent=counts.get("sent", 0),
+        failed=counts.get("failed", 0),
+        skipped=counts.get("skipped", 0),
+        pending=counts.get("pending", 0),
+        in_doubt=counts.get("in_doubt", 0),
+        in_flight=counts.get("in_flight", 0),
+        delivered=counts.get("fb:delivered", 0),
+        bounced=counts.get("fb:bounced", 0),
+        soft_bounced=counts.get("fb:soft-bounced", 0),
+        complained=counts.get("fb:complained", 0),
+    )
+
+
+def retry_rows(
+    table: StateTable, campaign: str, which: Which, *, clock: Clock = time.time
+) -> list[Row]:
+    """The stored rows of the failed (or in-doubt: lease expired) deliveries, in row order."""
+    table.ensure()
+    values: dict[str, Any] = {":p": s(f"D#{campaign}")}
+    if which == "failed":
+        condition = "st = :failed"
+        values[":failed"] = s("failed")
+    else:
+        condition = "st = :sending AND lease_until < :clock"
+        values.update({":sending": s("sending"), ":clock": n(clock())})
+    found = [
+        (int(number(d, "row_no")), text(d, "sk"), text(d, "row_json"))
+        for d in table.query(
+            KeyConditionExpression="pk = :p",
+            FilterExpression=condition + " AND attribute_exists(row_json)",
+            ExpressionAttributeValues=values,
+            ProjectionExpression="sk, row_no, row_json",
+        )
+    ]
+    found.sort()
+    return [Row(number_, json.loads(values_)) for number_, _key, values_ in found]
+
+
+def _row_json(row: Row) -> str:
+    return json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))

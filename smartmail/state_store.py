@@ -1,0 +1,101 @@
+"""One front for either state: `open_state(value)` gives the SQLite file or the DynamoDB table
+behind the same calls, so `send`, `status`, `retry`, `suppress` and `events` need not know
+which one `--state` named.
+
+    state = open_state(kw["state_path"])        # None, a path, or dynamodb://TABLE[?region=R]
+    ledger = state.ledger(campaign, resend=None)  # a Journal with acquire/begin/close
+    state.statuses(campaign); state.load(campaign); state.retry_rows(campaign, "failed")
+    state.suppressions.add(address, "manual")     # add/remove/reason/get/iter/len/export_csv
+    events.consume(queue_url, state.feedback)
+
+The SQLite side only wraps what ledger.py, campaigns.py and suppression.py already do.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import campaigns, state
+from .campaigns import CampaignStatus, Which
+from .dynamo import is_dynamodb_url
+from .events import FeedbackStore, SqliteFeedback
+from .ledger import CampaignRecord, Ledger, Resend
+from .sources import Row
+from .state_dynamodb import DynamoState
+from .state_dynamodb import open_state as open_dynamodb
+from .suppression import SuppressionList
+
+
+class StateStore(Protocol):
+    """What the commands need from a state, whichever holds it."""
+
+    def ledger(self, campaign: str, *, resend: Resend = None) -> Any: ...
+
+    def statuses(self, campaign: str | None = None) -> list[CampaignStatus]: ...
+
+    def load(self, campaign: str) -> CampaignRecord | None: ...
+
+    def retry_rows(self, campaign: str, which: Which) -> list[Row]: ...
+
+    @property
+    def suppressions(self) -> Any: ...
+
+    @property
+    def feedback(self) -> FeedbackStore: ...
+
+
+class SqliteState:
+    """The SQLite state file (one machine), behind the `StateStore` calls."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else state.default_state_path()
+        self._conn: sqlite3.Connection | None = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def conn(self) -> sqlite3.Connection:
+        """This state's connection (created, with the schema, on first use); one thread."""
+        if self._conn is None:
+            self._conn = state.connect(self.path)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def ledger(self, campaign: str, *, resend: Resend = None) -> Ledger:
+        return Ledger(self.path, campaign, resend=resend)
+
+    def statuses(self, campaign: str | None = None) -> list[CampaignStatus]:
+        if not self.path.exists():
+            return []
+        return campaigns.statuses(self.conn(), self.path, campaign)
+
+    def load(self, campaign: str) -> CampaignRecord | None:
+        return campaigns.load(self.conn(), campaign)
+
+    def retry_rows(self, campaign: str, which: Which) -> list[Row]:
+        return campaigns.retry_rows(self.conn(), campaign, which)
+
+    @property
+    def suppressions(self) -> SuppressionList:
+        return SuppressionList(self.conn())
+
+    @property
+    def feedback(self) -> SqliteFeedback:
+        return SqliteFeedback(self.conn())
+
+
+def open_state(value: str | os.PathLike[str] | None) -> SqliteState | DynamoState:
+    """The state `--state` names: dynamodb://TABLE[?…], else a SQLite path (None: the default,
+    $SMARTMAIL_STATE or the XDG state directory)."""
+    if value is None:
+        value = os.environ.get(state.STATE_ENV) or None
+    if value is not None and is_dynamodb_url(str(value)):
+        return open_dynamodb(str(value))
+    return SqliteState(value)

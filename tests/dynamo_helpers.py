@@ -1,0 +1,46 @@
+"""Set-up for the DynamoDB state tests: moto with DynamoDB's per-item atomicity.
+
+DynamoDB evaluates a condition and applies the write as one atomic step per item. moto does
+not lock: two threads of its server can both pass a condition before either writes. The
+property under test is smartmail's conditions, not moto's locking, so item writes in moto are
+serialised here, as the real service serialises them.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+_WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
+_LOCK = threading.RLock()
+
+
+def serialise_moto_item_writes(monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    """Wrap moto's DynamoDB item writes in one lock (this process's moto, server included)."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    for name in _WRITES:
+        original = getattr(DynamoDBBackend, name)
+        if getattr(original, "_serialised", False):
+            continue
+
+        def locked(*args: Any, __original: Callable[..., Any] = original, **kw: Any) -> Any:
+            with _LOCK:
+                return __original(*args, **kw)
+
+        wrapped = functools.wraps(original)(locked)
+        wrapped._serialised = True  # type: ignore[attr-defined]
+        if monkeypatch is not None:
+            monkeypatch.setattr(DynamoDBBackend, name, wrapped)
+        else:
+            setattr(DynamoDBBackend, name, wrapped)
+
+
+@pytest.fixture
+def atomic_moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    serialise_moto_item_writes(monkeypatch)
+    yield
