@@ -91,7 +91,7 @@ class Job:
             raise JobError(f"a job of version {data['v']!r}; this smartmail reads {JOB_VERSION}")
         try:
             template = data["template"]
-            rows = [Row(int(n), {str(k): str(v) for k, v in vals.items()}) for n, vals in data["rows"]]
+            rows = [Row(int(i), {str(k): str(v) for k, v in vs.items()}) for i, vs in data["rows"]]
             job = cls(
                 campaign=str(data["campaign"]),
                 template=TemplateRef(str(template["sha256"]), template.get("s3")),
@@ -121,7 +121,8 @@ def pack(
     """
     jobs: list[Job] = []
     for start in range(0, len(rows), rows_per_job):
-        jobs.extend(_fit(Job(campaign, template, columns, rows[start : start + rows_per_job]), limit))
+        chunk = rows[start : start + rows_per_job]
+        jobs.extend(_fit(Job(campaign, template, columns, chunk), limit))
     return jobs
 
 

@@ -171,7 +171,9 @@ def enqueue_campaign(
     try:
         ledger = dstate.ledger(campaign)
         with readable(snap.name):
-            checked = preflight(snap, template, options, allow_utf8_local=allow_utf8, journal=ledger)
+            checked = preflight(
+                snap, template, options, allow_utf8_local=allow_utf8, journal=ledger
+            )
         if not checked.ok:
             exc = PreflightError(checked.fatal, checked.fatal_count)
             exc.args = (str(exc).replace("nothing was sent", "nothing was queued"),)
@@ -476,7 +478,7 @@ class Worker:
             return found
         record = self.state.load(job.campaign)
         if record is None:
-            raise JobError(f"job for campaign {job.campaign!r}, which the state table does not hold")
+            raise JobError(f"a job of campaign {job.campaign!r}, which the state table lacks")
         settings = dict(record.settings)
         stored = settings.pop("queue_template", None) or {}
         bundle = self._bundle(job, stored)
@@ -662,4 +664,3 @@ def _one(
     log.info("%s", line)
     if on_job:
         on_job(outcome, line)
-
