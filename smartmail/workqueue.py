@@ -609,6 +609,8 @@ def run_worker(
             )
             messages = got.get("Messages", [])
             if not messages:
+                if wait == 0:
+                    stop.wait(0.1)  # no long poll to wait in: do not spin
                 continue
             message = messages[0]
             if stop.is_set():
