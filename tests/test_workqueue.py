@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -282,10 +283,10 @@ def test_one_transient_failure_in_ten_jobs_reports_only_that_job(aws: None, tmp_
     url = make_queue()
     state = open_state(URL)
     enqueue_campaign(
-        config(tmp_path, make_csv(tmp_path / "a.csv", 18), campaign="a"),
+        config(tmp_path, make_csv(tmp_path / "a.csv", 9), campaign="a"),
         url,
         state,
-        rows_per_job=2,
+        rows_per_job=1,
     )
     # Campaign b's SMTP server is down: its job stops with its row unsent, to come back later.
     down = config(tmp_path, make_csv(tmp_path / "b.csv", 1, domain="b.example"), campaign="b")
@@ -298,7 +299,7 @@ def test_one_transient_failure_in_ten_jobs_reports_only_that_job(aws: None, tmp_
 
     result = aws_lambda.send_handler(sqs_event(messages, url), LambdaContext())
     assert result == {"batchItemFailures": [{"itemIdentifier": bad}]}
-    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(18))
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(9))
     [b] = state.statuses("b")
     assert (b.sent, b.pending, b.failed) == (0, 1, 0)  # unsent, not failed: it comes back
 
@@ -509,3 +510,47 @@ def test_three_worker_processes_share_one_queue_and_send_every_row_once(
     assert (status.sent, status.addresses, status.in_doubt, status.pending) == (rows, rows, 0, 0)
     taken = sum(int(out.split("worker: ")[1].split(" job")[0]) for out, _ in outputs)
     assert taken == 16  # 12 jobs and the 4 copies, each taken once
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_job_in_hand_and_leaves_the_rest_on_the_queue(
+    moto_server: str, tmp_path: Path
+) -> None:
+    verify_sender(endpoint_url=moto_server)
+    url = make_queue(visibility=30)
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="term")
+    cfg.rate = 1  # a job of 3 rows takes two seconds
+    enqueue_campaign(cfg, url, state, rows_per_job=3)
+    env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_STATE"}
+    command = [sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ses_sent(moto_server):
+            time.sleep(0.05)
+        assert ses_sent(moto_server), "the worker never started sending"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "finishing the job in hand" in err
+    assert "1 job(s) taken, 1 done" in out
+    assert sorted(ses_sent(moto_server)) == [
+        "user0@example.org",
+        "user1@example.org",
+        "user2@example.org",
+    ]
+    assert depth(url) == (1, 0)  # the other job, untouched, for the next worker
+    [status] = state.statuses("term")
+    assert (status.sent, status.in_doubt, status.in_flight) == (3, 0, 0)
+
+
+def ses_sent(endpoint: str) -> list[str]:
+    with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=10) as answer:
+        data = json.load(answer)
+    return [m["destinations"][0] for m in data["ses"]["RawMessage"]]
