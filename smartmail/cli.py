@@ -1288,8 +1288,16 @@ def enqueue_cmd(queue_url: str, template_bucket: str | None, rows_per_job: int, 
     setup_logging(kw["debug"])
     state = open_state(kw["state_path"])
 
+    import time
+
+    shown = [0.0]
+
     def progress(done: int, total: int) -> None:
-        say_err(f"queued {done} of {total} row(s)")
+        # A line every few seconds (a million rows are 10,000 batches), and the last one.
+        now = time.monotonic()
+        if done == total or now - shown[0] >= 5:
+            shown[0] = now
+            say_err(f"queued {done} of {total} row(s)")
 
     result = enqueue_campaign(
         _config(kw),
@@ -1380,8 +1388,10 @@ def worker_cmd(
     setup_logging(debug)
     state = open_state(state_path)
     stop, abort = threading.Event(), threading.Event()
+    received: list[int] = []
 
     def handle(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
         name = signal.Signals(signum).name
         if stop.is_set():
             abort.set()
@@ -1417,7 +1427,7 @@ def worker_cmd(
         + (f" ({summary.stopped})" if summary.stopped else ""),
         markup=False,
     )
-    if abort.is_set() or stop.is_set():
-        raise SystemExit(EXIT_TERMINATED)
+    if received:
+        raise SystemExit(EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED)
     if summary.failed or summary.failed_jobs:
         raise SystemExit(EXIT_SOME_FAILED)
