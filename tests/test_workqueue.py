@@ -265,6 +265,33 @@ def test_a_template_bucket_keeps_the_template_once_content_addressed(
     assert summary.sent == 12
 
 
+def test_the_enqueue_command_prints_a_summary_and_queues_nothing_twice(
+    aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_ses_cli import run_cli
+
+    url = make_queue()
+    csv = make_csv(tmp_path / "r.csv", 12)
+    write(tmp_path / "msg.txt", TEMPLATE)
+    args = [
+        "enqueue", str(csv), "-t", str(tmp_path / "msg.txt"), "--transport", f"ses://{REGION}",
+        "--queue", url, "--state", URL, "--campaign", "cli", "--rows-per-job", "5",
+    ]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "queued 12 of 12 row(s)" in err
+    assert "queued (rows)" in out and "jobs" in out
+    assert depth(url) == (3, 0)
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "nothing new to queue (campaign cli)" in out
+    assert depth(url) == (3, 0)
+    # The default (SQLite) state cannot be shared by workers: refused, nothing queued.
+    monkeypatch.delenv("SMARTMAIL_STATE")
+    code, _, err = run_cli([a for a in args if a not in ("--state", URL)], capsys)
+    assert code == 2 and "give --state dynamodb://TABLE" in err
+    assert depth(url) == (3, 0)
+
+
 # --- the Lambda sender -------------------------------------------------------------------------
 
 
