@@ -76,7 +76,8 @@ class Job:
             "columns": self.columns,
             "rows": [[r.number, r.values] for r in self.rows],
         }
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        # ASCII only: SQS refuses some characters (U+FFFE, U+FFFF…) a CSV value may hold.
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Job:

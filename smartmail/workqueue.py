@@ -199,7 +199,11 @@ def enqueue_campaign(
             rows.append((row, key))
         result.valid = checked.valid
         if checked.valid == 0 and checked.skipped:
-            pipeline._refuse_if_nothing_to_send(checked, options, transport_url)
+            try:
+                pipeline._refuse_if_nothing_to_send(checked, options, transport_url)
+            except NothingToSendError as exc:
+                exc.args = (str(exc).replace("nothing was sent", "nothing was queued"),)
+                raise
         bundle = _bundle(config, template.header_names)
         ref = _store_bundle(bundle, template_bucket, s3)
         result.template = ref
@@ -289,6 +293,7 @@ def _send_jobs(
     for batch in _batches(jobs):
         pending = {str(i): job for i, job in enumerate(batch)}
         last_error = ""
+        refused = False
         for attempt in range(SEND_ATTEMPTS):
             if attempt:
                 time.sleep(min(0.2 * 2**attempt, 5.0))
@@ -307,9 +312,10 @@ def _send_jobs(
                 result.queued_rows += len(job.rows)
             for bad in answer.get("Failed", []):
                 last_error = f"{bad.get('Code')}: {bad.get('Message', '')}"
-                if bad.get("SenderFault"):
-                    break
-            if not pending:
+                # The request's own fault (too large, refused characters): sending it again
+                # cannot help.
+                refused = refused or bool(bad.get("SenderFault"))
+            if not pending or refused:
                 break
         if pending:
             raise QueueError(

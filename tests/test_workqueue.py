@@ -265,6 +265,54 @@ def test_a_template_bucket_keeps_the_template_once_content_addressed(
     assert summary.sent == 12
 
 
+def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SendMessageBatch answers 200 with some entries failed (SQS's own trouble): those
+    entries, and only those, are sent again."""
+    from botocore.stub import ANY, Stubber
+
+    from smartmail import workqueue
+
+    monkeypatch.setattr(workqueue.time, "sleep", lambda _: None)
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/send"
+    sqs = boto3.client("sqs", region_name=REGION)
+    stub = Stubber(sqs)
+    fail = {"Id": "1", "SenderFault": False, "Code": "InternalError", "Message": "try again"}
+    ok = [{"Id": i, "MessageId": f"m{i}", "MD5OfMessageBody": "x"} for i in ("0", "1", "2")]
+    stub.add_response(
+        "send_message_batch",
+        {"Successful": [ok[0], ok[2]], "Failed": [fail]},
+        {"QueueUrl": url, "Entries": ANY},
+    )
+    stub.add_response(
+        "send_message_batch",
+        {"Successful": [ok[1]], "Failed": []},
+        {"QueueUrl": url, "Entries": ANY},
+    )
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="c")
+    with stub:
+        result = enqueue_campaign(cfg, url, state, rows_per_job=2, sqs=sqs)
+        stub.assert_no_pending_responses()
+    assert (result.jobs, result.queued_rows) == (3, 6)
+    assert len(queued_keys(state, "c")) == 6
+
+    # A refusal that is the request's own fault is not sent again: the command says what
+    # was queued, and a re-run queues the rest.
+    stub = Stubber(sqs)
+    refused = {"Id": "0", "SenderFault": True, "Code": "InvalidMessageContents", "Message": "no"}
+    stub.add_response(
+        "send_message_batch",
+        {"Successful": [], "Failed": [refused]},
+        {"QueueUrl": url, "Entries": ANY},
+    )
+    more = config(tmp_path, make_csv(tmp_path / "r.csv", 8), campaign="c")
+    with stub, pytest.raises(workqueue.QueueError, match=r"1 job.*InvalidMessageContents.*0 row"):
+        enqueue_campaign(more, url, state, rows_per_job=2, sqs=sqs)
+    assert len(queued_keys(state, "c")) == 6
+
+
 def test_the_enqueue_command_prints_a_summary_and_queues_nothing_twice(
     aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
