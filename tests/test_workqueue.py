@@ -274,7 +274,7 @@ def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_
 
     from smartmail import workqueue
 
-    monkeypatch.setattr(workqueue.time, "sleep", lambda _: None)
+    monkeypatch.setattr("smartmail.workqueue.time.sleep", lambda _: None)
     url = "https://sqs.us-east-1.amazonaws.com/123456789012/send"
     sqs = boto3.client("sqs", region_name=REGION)
     stub = Stubber(sqs)
