@@ -184,7 +184,8 @@ class RunOptions:
     failed_csv: str | None = None
     """Where failed and unsent rows go; default SOURCE-STEM.failed.csv in the current folder."""
     state_path: str | None = None
-    """The state database; default $SMARTMAIL_STATE or the XDG state folder."""
+    """The state: a SQLite file or `dynamodb://TABLE[?region=R]` (`state_store.open_state`);
+    default $SMARTMAIL_STATE or the XDG state folder."""
     no_state: bool = False
     resend: Resend | None = None
     """Retry mode: send the campaign's failed (or in-doubt) rows again, from the ledger."""

@@ -477,3 +477,55 @@ def test_two_send_processes_of_one_campaign_send_each_recipient_once(
         assert (status["sent"], status["failed"], status["in_doubt"]) == (n, 0, 0)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("allowed", "expected"),
+    [
+        ([], "not authorized to perform: dynamodb:DescribeTable"),
+        (["dynamodb:DescribeTable"], "not authorized to perform: dynamodb:CreateTable"),
+    ],
+    ids=["access-denied", "table-missing-cannot-create"],
+)
+def test_state_refused_by_iam_is_one_line_exit_2_without_secrets(
+    aws_env: None,
+    tmp_path: Path,
+    template_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    allowed: list[str],
+    expected: str,
+) -> None:
+    """Credentials that may not use the table (or may not create the missing one): nothing is
+    sent, one line says why, and the secret key appears nowhere."""
+    from moto.core import set_initial_no_auth_action_count
+
+    from .aws_helpers import _fresh_session
+
+    outbox = tmp_path / "outbox"
+    csv_path = make_csv(tmp_path / "list.csv", 2)
+
+    @set_initial_no_auth_action_count(3)  # the IAM set-up below
+    def scenario() -> tuple[int, str, str]:
+        iam = boto3.client("iam", region_name=REGION)
+        iam.create_user(UserName="mailer")
+        statement = [{"Effect": "Allow", "Action": allowed or ["s3:GetObject"], "Resource": "*"}]
+        iam.put_user_policy(
+            UserName="mailer",
+            PolicyName="state",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statement}),
+        )
+        key = iam.create_access_key(UserName="mailer")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        _fresh_session()
+        code, out, err = run_main(outbox_send(csv_path, template_file, outbox, URL), capsys)
+        return code, out + err, key["SecretAccessKey"]
+
+    with mock_aws():
+        code, output, secret = scenario()
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "nothing was sent" in lines[0]
+    assert secret not in output
+    assert not list(outbox.glob("*.eml"))
