@@ -529,3 +529,45 @@ def test_state_refused_by_iam_is_one_line_exit_2_without_secrets(
     assert len(lines) == 1 and expected in lines[0] and "nothing was sent" in lines[0]
     assert secret not in output
     assert not list(outbox.glob("*.eml"))
+
+
+def test_status_shows_in_doubt_and_live_claims_side_by_side(
+    ddb: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a shared table a dead worker's expired claims and a live worker's claims coexist."""
+    dead = open_state(f"{ddb}&lease=1").ledger("spring")
+    dead.sending(_message("ann@example.org", Row(2, {"email": "ann@example.org"})))
+    time.sleep(1.2)
+    live = open_state(ddb).ledger("spring")
+    live.sending(_message("bob@example.org", Row(3, {"email": "bob@example.org"})))
+    code, out, _ = run_main(["status", "--state", ddb], capsys)
+    assert code == 0
+    assert "spring (running)" in out and "1 + 1 sending" in out
+    status = status_of(ddb, "spring", capsys)
+    assert (status["in_doubt"], status["in_flight"], status["running"]) == (1, 1, True)
+
+
+def test_expected_workers_is_stored_with_the_campaign_and_checked() -> None:
+    from smartmail.config import CampaignConfig
+    from smartmail.errors import ConfigError
+
+    config = CampaignConfig(template="t.txt", expected_workers=4)
+    assert CampaignConfig.from_dict(config.to_dict()).expected_workers == 4
+    older = {k: v for k, v in config.to_dict().items() if k != "expected_workers"}
+    assert CampaignConfig.from_dict(older).expected_workers == 1  # stored before it existed
+    with pytest.raises(ConfigError, match="--expected-workers"):
+        CampaignConfig(template="t.txt", expected_workers=0).check()
+
+
+def test_a_lambda_sender_reads_its_expected_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smartmail import aws_lambda
+    from smartmail.errors import ConfigError
+
+    monkeypatch.delenv("SMARTMAIL_EXPECTED_WORKERS", raising=False)
+    assert aws_lambda.expected_workers_from_env() == 1
+    monkeypatch.setenv("SMARTMAIL_EXPECTED_WORKERS", "5")
+    assert aws_lambda.expected_workers_from_env() == 5
+    for bad in ("0", "two"):
+        monkeypatch.setenv("SMARTMAIL_EXPECTED_WORKERS", bad)
+        with pytest.raises(ConfigError, match="SMARTMAIL_EXPECTED_WORKERS"):
+            aws_lambda.expected_workers_from_env()
