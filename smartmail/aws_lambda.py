@@ -84,23 +84,42 @@ def state_from_env() -> DynamoState:
     return found
 
 
+EXPECTED_WORKERS_ENV = "SMARTMAIL_EXPECTED_WORKERS"
+ACCOUNT_RATE_ENV = "SMARTMAIL_ACCOUNT_RATE"
+
+
+def expected_workers_from_env() -> int:
+    """How many senders run at once: $SMARTMAIL_EXPECTED_WORKERS, which the template sets to
+    the sender's reserved concurrency (1 when unset). A sender's `CampaignConfig` takes it as
+    `expected_workers`, so without a rate of its own each takes 1/N of the account's."""
+    workers = os.environ.get(EXPECTED_WORKERS_ENV) or "1"
+    try:
+        count = int(workers)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{EXPECTED_WORKERS_ENV} ({workers!r}) must be a whole number above 0")
+    return count
+
+
 def rate_from_env() -> float | None:
     """This function's share of the account's SES rate: $SMARTMAIL_ACCOUNT_RATE divided by
     $SMARTMAIL_EXPECTED_WORKERS (the reserved concurrency the template sets), so that all the
-    senders together never exceed the quota. None when the rate is not set."""
-    rate = os.environ.get("SMARTMAIL_ACCOUNT_RATE")
+    senders together never exceed the quota. None when the rate is not set (then the
+    account's rate is asked of SES and divided by `expected_workers_from_env()`)."""
+    rate = os.environ.get(ACCOUNT_RATE_ENV)
     if not rate:
         return None
-    workers = os.environ.get("SMARTMAIL_EXPECTED_WORKERS") or "1"
+    workers = expected_workers_from_env()
     try:
-        share = float(rate) / int(workers)
-    except (ValueError, ZeroDivisionError):
+        share = float(rate) / workers
+    except ValueError:
         raise ConfigError(
-            f"SMARTMAIL_ACCOUNT_RATE ({rate!r}) must be a number and "
-            f"SMARTMAIL_EXPECTED_WORKERS ({workers!r}) a whole number above 0"
+            f"{ACCOUNT_RATE_ENV} ({rate!r}) must be a number and "
+            f"{EXPECTED_WORKERS_ENV} ({workers!r}) a whole number above 0"
         ) from None
     if share <= 0:
-        raise ConfigError(f"SMARTMAIL_ACCOUNT_RATE ({rate!r}) must be above 0")
+        raise ConfigError(f"{ACCOUNT_RATE_ENV} ({rate!r}) must be above 0")
     return share
 
 
@@ -165,7 +184,12 @@ def worker_from_env() -> Worker:
     found = _WORKERS.get(str(state))
     if found is None:
         secrets = Secrets(smtp_password=os.environ.get("SMARTMAIL_SMTP_PASSWORD"))
-        found = _WORKERS[str(state)] = Worker(state, rate=rate_from_env(), secrets=secrets)
+        found = _WORKERS[str(state)] = Worker(
+            state,
+            rate=rate_from_env(),
+            expected_workers=expected_workers_from_env(),
+            secrets=secrets,
+        )
     return found
 
 

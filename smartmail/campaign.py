@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .config import CONFIG_VERSION, CampaignConfig, Resend, RunOptions, parse_tags
 from .errors import (
     EXIT_INTERRUPTED,
+    EXIT_LOCKED,
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_STOPPED,
@@ -43,13 +44,18 @@ from .errors import (
 from .files import check_writable, check_writable_dir, readable
 
 if TYPE_CHECKING:
+    from .dynamo_ledger import DynamoLedger
     from .engine import PreflightResult, Run, SendOptions
     from .ledger import CampaignRecord, Ledger
     from .progress import ProgressDisplay
     from .report import Summary
     from .sources import RecipientSource
+    from .state_dynamodb import DynamoState
+    from .state_store import SqliteState
     from .templates import MessageTemplate
     from .transports import Transport
+
+    CampaignLedger = Ledger | DynamoLedger
 
 __all__ = [
     "CONFIG_VERSION",
@@ -239,7 +245,8 @@ class CampaignRun:
         self.options = options or RunOptions()
         self.hooks = hooks or Hooks()
         self.stop_event = self.hooks.stop or threading.Event()
-        self.ledger: Ledger | None = None
+        self.ledger: CampaignLedger | None = None
+        self.state: SqliteState | DynamoState | None = None
         self.engine_run: Run | None = None
         self.campaign: str | None = config.campaign
         self._snapshots: list[RecipientSource] = []
@@ -282,6 +289,12 @@ class CampaignRun:
         however the run ends."""
         try:
             return self._run()
+        except SmartmailError as exc:
+            # Raised before the first message: whatever failed (the DynamoDB state unreachable,
+            # say), nothing was sent, and the exit code says so (2; 3 locked, 4 quota).
+            if exc.exit_code not in (EXIT_USAGE, EXIT_LOCKED, EXIT_STOPPED):
+                exc.exit_code = EXIT_USAGE
+            raise
         finally:
             for snap in self._snapshots:
                 with contextlib.suppress(Exception):
@@ -333,7 +346,8 @@ class CampaignRun:
             if opts.resend:
                 assert record is not None and ledger is not None
                 self._warn_if_template_changed(record, template)
-                rows = campaigns.retry_rows(ledger.conn(), self.campaign, opts.resend)
+                assert self.state is not None
+                rows = self.state.retry_rows(self.campaign, opts.resend)
                 if not rows:
                     transport.close()
                     return self._nothing_to_retry(record.source, str(transport.url))
@@ -375,7 +389,7 @@ class CampaignRun:
         """Pre-flight only (a dry run): validate and render every row, send nothing, lock
         nothing. The ledger is read, so rows already sent or suppressed show as skipped."""
         from .engine import SendOptions, dry_run_summary, preflight
-        from .ledger import Ledger
+        from .state_store import open_state
         from .unsubscribe import missing_warning
 
         config, opts = self.config, self.options
@@ -401,8 +415,10 @@ class CampaignRun:
             check_writable(opts.report_path, "--report")
         transport = self._transport() if config.transport else None
         ledger = None
+        state = None
         if not (opts.no_state or opts.test_to):
-            ledger = Ledger(opts.state_path, self.campaign)
+            state = open_state(opts.state_path)
+            ledger = state.ledger(self.campaign)
         try:
             with readable(source.name):
                 checked = preflight(
@@ -415,6 +431,8 @@ class CampaignRun:
         finally:
             if ledger is not None:
                 ledger.close()
+            if state is not None:
+                state.close()
             if transport is not None:
                 transport.close()
         url = str(transport.url) if transport else "(none)"
@@ -569,10 +587,16 @@ class CampaignRun:
                 raise
         return transport
 
-    def _open_ledger(self, send_options: SendOptions) -> Ledger | None:
-        """The campaign's ledger, locked. None with no_state, and for a proof (--test-to):
-        a message sent to one test address must not count as sending the campaign."""
-        from .ledger import Ledger
+    def _open_ledger(self, send_options: SendOptions) -> CampaignLedger | None:
+        """The campaign's ledger in the state `state_path` names (`state_store.open_state`:
+        a SQLite file, or `dynamodb://TABLE`), acquired. None with no_state, and for a proof
+        (--test-to): a message sent to one test address must not count as sending the campaign.
+
+        The SQLite ledger's `acquire` locks the campaign (another run: `LockedError`, exit 3);
+        the DynamoDB one takes no lock, since workers share campaigns, and claims each row
+        before sending it instead, so two runs at once still never send a row twice.
+        """
+        from .state_store import open_state
 
         opts = self.options
         if opts.no_state or opts.test_to:
@@ -585,7 +609,8 @@ class CampaignRun:
                 "address and campaign; add --no-state to send to every duplicate row"
             )
         assert self.campaign is not None
-        ledger = Ledger(opts.state_path, self.campaign, resend=opts.resend)
+        self.state = open_state(opts.state_path)
+        ledger = self.state.ledger(self.campaign, resend=opts.resend)
         self.ledger = ledger
         ledger.acquire()
         return ledger
@@ -598,6 +623,10 @@ class CampaignRun:
             self.ledger.close()
         except SmartmailError as exc:
             return str(exc)
+        finally:
+            if self.state is not None:
+                with contextlib.suppress(Exception):
+                    self.state.close()
         return None
 
     def _close_ledger_quietly(self) -> None:
@@ -681,9 +710,15 @@ class CampaignRun:
         )
 
     def _limiter(self, transport: Transport) -> Any:
+        """`rate` is this process's; by default the transport's rate (SES: the account's
+        MaxSendRate) divided by `expected_workers`, so N workers together stay within it."""
         from .ratelimit import TokenBucket, Unlimited
 
-        rate = self.config.rate if self.config.rate is not None else transport.default_rate()
+        rate = self.config.rate
+        if rate is None:
+            # The account's rate is shared: each of the expected workers takes its share.
+            account = transport.default_rate()
+            rate = account / self.config.expected_workers if account else None
         return TokenBucket(rate, self.config.burst) if rate else Unlimited()
 
     def _record(
@@ -747,22 +782,22 @@ class CampaignRun:
 
 
 def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignConfig:
-    """The config a campaign was last sent with, from the state database (for `retry`)."""
+    """The config a campaign was last sent with, from the state (for `retry`)."""
     return CampaignConfig.from_dict(load_record(state_path, campaign).settings, campaign=campaign)
 
 
 def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignRecord:
-    """The campaign's row in the state database, or a one-line error naming the database."""
-    from . import campaigns, state
+    """The campaign's record in the state `state_path` names (a SQLite file, None for the
+    default, or `dynamodb://TABLE`), or a one-line error naming the state."""
+    from .state_store import open_state
 
-    path = state_path or state.default_state_path()
-    conn = state.connect(path)
+    state = open_state(state_path)
     try:
-        record = campaigns.load(conn, campaign)
+        record = state.load(campaign)
     finally:
-        conn.close()
+        state.close()
     if record is None:
-        raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
+        raise ConfigError(f"no campaign {campaign!r} in {state}; `smartmail status` lists them")
     return record
 
 

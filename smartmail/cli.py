@@ -16,13 +16,13 @@ the commands that use them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from .events import ConsumeSummary
     from .progress import ProgressDisplay
     from .report import Summary
+    from .state_dynamodb import DynamoState
+    from .state_store import SqliteState
 
 F = TypeVar("F", bound=Callable[..., Any])
 PASSWORD_ENV = "SMARTMAIL_SMTP_PASSWORD"
@@ -67,7 +69,11 @@ STATE_ENV = "SMARTMAIL_STATE"  # smartmail.state.STATE_ENV
 SQS_MAX_WAIT = 20  # smartmail.events.SQS_MAX_WAIT
 SQS_MAX_VISIBILITY = 43200  # smartmail.events.SQS_MAX_VISIBILITY
 SUPPRESSION_REASONS = ("bounce", "complaint", "unsubscribe", "manual")  # suppression.REASONS
-STATE_HELP = "State database. Default: $XDG_STATE_HOME/smartmail/smartmail.db."
+STATE_METAVAR = "PATH|dynamodb://TABLE"
+STATE_HELP = (
+    "State: a SQLite file, or dynamodb://TABLE[?region=R] shared by many machines. "
+    "Default: $XDG_STATE_HOME/smartmail/smartmail.db."
+)
 
 _consoles: dict[str, Console] = {}
 
@@ -254,10 +260,12 @@ def state_options(func: F) -> F:
             "--state",
             "state_path",
             type=click.Path(),
+            metavar=STATE_METAVAR,
             envvar=STATE_ENV,
             show_envvar=True,
-            help="State database (ledger, suppression list). "
-            "Default: $XDG_STATE_HOME/smartmail/smartmail.db.",
+            help="Ledger and suppression list: a SQLite file (one machine; a run locks its "
+            "campaign), or dynamodb://TABLE[?region=R] shared by many machines (rows claimed "
+            "one by one). Default: $XDG_STATE_HOME/smartmail/smartmail.db.",
         ),
         click.option(
             "--no-state",
@@ -378,7 +386,16 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
-    help="Messages per second across all workers. Default: the transport's (none for SMTP).",
+    help="Messages per second of this process (all its --workers together). Default: the "
+    "transport's (SES: the account's rate divided by --expected-workers; none for SMTP).",
+)
+@click.option(
+    "--expected-workers",
+    type=click.IntRange(1, 10000),
+    default=1,
+    show_default=True,
+    help="How many smartmail processes (machines, queue workers) send on this account at "
+    "once; without --rate each takes this share of the SES account's rate.",
 )
 @click.option(
     "--burst",
@@ -457,6 +474,7 @@ def send_cmd(**kw: Any) -> None:
     "--state",
     "state_path",
     type=click.Path(),
+    metavar=STATE_METAVAR,
     envvar=STATE_ENV,
     show_envvar=True,
     help=STATE_HELP,
@@ -481,6 +499,7 @@ def send_cmd(**kw: Any) -> None:
 @click.option(
     "--rate", type=click.FloatRange(min=0, min_open=True), help="Default: the campaign's."
 )
+@click.option("--expected-workers", type=click.IntRange(1, 10000), help="Default: the campaign's.")
 @click.option("--max-retries", type=click.IntRange(0, 20), help="Default: the campaign's.")
 @click.option(
     "--max-connect-failures", type=click.IntRange(1, 1000), help="Default: the campaign's."
@@ -511,6 +530,7 @@ def retry_cmd(campaign: str, in_doubt: bool, state_path: str | None, **given: An
         timeout=given["timeout"],
         workers=given["workers"],
         rate=given["rate"],
+        expected_workers=given["expected_workers"],
         max_retries=given["max_retries"],
         max_connect_failures=given["max_connect_failures"],
         allow_plaintext_auth=given["allow_plaintext_auth"],
@@ -547,6 +567,7 @@ def _config(kw: dict[str, Any]) -> CampaignConfig:
         tags=parse_tags(kw["tags"]),
         workers=kw.get("workers", 4),
         rate=kw.get("rate"),
+        expected_workers=kw.get("expected_workers", 1),
         burst=kw.get("burst", 1),
         max_retries=kw.get("max_retries", 3),
         retry_wait=kw.get("retry_wait", 1.0),
@@ -842,6 +863,7 @@ def _progress(mode: str, interval: float) -> ProgressDisplay:
     "--state",
     "state_path",
     type=click.Path(dir_okay=False),
+    metavar=STATE_METAVAR,
     envvar=STATE_ENV,
     show_envvar=True,
     help=STATE_HELP,
@@ -857,16 +879,14 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     from rich.console import Console
     from rich.table import Table
 
-    from . import campaigns, state
+    from .state_store import open_state
 
-    path = Path(state_path) if state_path else state.default_state_path()
-    found: list[campaigns.CampaignStatus] = []
-    if path.exists():
-        conn = state.connect(path)
-        try:
-            found = campaigns.statuses(conn, path, campaign)
-        finally:
-            conn.close()
+    state = open_state(state_path)
+    try:
+        found = state.statuses(campaign)
+    finally:
+        state.close()
+    path = str(state)
     if campaign and not found:
         raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
     if as_json:
@@ -890,7 +910,12 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     ):
         table.add_column(name, justify="right")
     for c in found:
-        doubt = f"{c.in_flight} sending" if c.running else str(c.in_doubt)
+        doubt = str(c.in_doubt)
+        if c.running:
+            # A shared ledger can have both: rows a live worker is sending, rows a dead one left.
+            doubt = f"{c.in_flight} sending"
+            if c.in_doubt:
+                doubt = f"{c.in_doubt} + {doubt}"
         table.add_row(
             c.campaign + (" (running)" if c.running else ""),
             (c.last_run or "")[:16].replace("T", " "),
@@ -958,9 +983,10 @@ def _feedback_state_option(func: F) -> F:
         "--state",
         "state_path",
         type=click.Path(dir_okay=False),
+        metavar=STATE_METAVAR,
         envvar=STATE_ENV,
         show_envvar=True,
-        help="State database. Default: $XDG_STATE_HOME/smartmail/smartmail.db.",
+        help=STATE_HELP,
     )
     return option(func)
 
@@ -989,14 +1015,10 @@ def suppress_add_cmd(
     addresses_: tuple[str, ...], reason: str, detail: str, state_path: str | None
 ) -> None:
     """Suppress addresses (an address already on the list keeps its first reason)."""
-    from .events import transaction
-    from .state import connect
-    from .suppression import SuppressionList
-
     valid = _valid_addresses(addresses_)
-    conn = connect(state_path)
-    with transaction(conn):
-        added = sum(SuppressionList(conn).add(a, reason, detail) for a in valid)
+    with _open_state(state_path) as state, state.feedback.transaction():
+        suppressions = state.suppressions
+        added = sum(suppressions.add(a, reason, detail) for a in valid)
     click.echo(f"suppressed {added} address(es); {len(valid) - added} already on the list")
 
 
@@ -1005,13 +1027,9 @@ def suppress_add_cmd(
 @_feedback_state_option
 def suppress_remove_cmd(addresses_: tuple[str, ...], state_path: str | None) -> None:
     """Take addresses off the list, so they can be sent to again."""
-    from .events import transaction
-    from .state import connect
-    from .suppression import SuppressionList
-
-    conn = connect(state_path)
-    with transaction(conn):
-        removed = sum(SuppressionList(conn).remove(a) for a in addresses_)
+    with _open_state(state_path) as state, state.feedback.transaction():
+        suppressions = state.suppressions
+        removed = sum(suppressions.remove(a) for a in addresses_)
     click.echo(f"removed {removed} address(es); {len(addresses_) - removed} were not on the list")
 
 
@@ -1025,10 +1043,8 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .state import connect
-    from .suppression import SuppressionList
-
-    entries = list(SuppressionList(connect(state_path)))
+    with _open_state(state_path) as state:
+        entries = list(state.suppressions)
     if as_json:
         click.echo(json.dumps([asdict(e) for e in entries], indent=2))
         return
@@ -1065,16 +1081,12 @@ def suppress_import_cmd(
 
     Bad rows are reported with file, row and column and skipped; the exit status is then 1.
     """
-    from .state import connect
-    from .suppression import SuppressionList, import_csv
+    from .suppression import import_csv
 
-    result = import_csv(
-        SuppressionList(connect(state_path)),
-        csv_path,
-        column=column,
-        reason=reason,
-        encoding=encoding,
-    )
+    with _open_state(state_path) as state:
+        result = import_csv(
+            state.suppressions, csv_path, column=column, reason=reason, encoding=encoding
+        )
     for problem in result.problems[:20]:
         warn(problem)
     if result.problem_count > 20:
@@ -1092,18 +1104,16 @@ def suppress_import_cmd(
 @_feedback_state_option
 def suppress_export_cmd(csv_path: str, state_path: str | None) -> None:
     """Write the list as CSV (email, reason, detail, created_at) to a file or stdout (-)."""
-    from .state import connect
-    from .suppression import SuppressionList
-
-    suppressions = SuppressionList(connect(state_path))
-    if csv_path == "-":
-        suppressions.export_csv(sys.stdout)
-        return
-    try:
-        with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-            count = suppressions.export_csv(fh)
-    except OSError as exc:
-        raise ConfigError(f"{csv_path}: cannot write ({exc.strerror})") from None
+    with _open_state(state_path) as state:
+        suppressions = state.suppressions
+        if csv_path == "-":
+            suppressions.export_csv(sys.stdout)
+            return
+        try:
+            with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+                count = suppressions.export_csv(fh)
+        except OSError as exc:
+            raise ConfigError(f"{csv_path}: cannot write ({exc.strerror})") from None
     err_console().print(f"exported {count} address(es) to {csv_path}")
 
 
@@ -1153,23 +1163,35 @@ def events_cmd(
     dead-letter policy, and the exit status is then 1.
     """
     from .events import consume
-    from .state import connect
 
     setup_logging(debug)
-    summary = consume(
-        queue_url,
-        connect(state_path),
-        max_messages=max_messages,
-        wait_seconds=wait_seconds,
-        visibility_timeout=visibility_timeout,
-        on_problem=lambda line: say_err("[red]error:[/] ", line),
-    )
+    with _open_state(state_path) as state:
+        summary = consume(
+            queue_url,
+            state.feedback,
+            max_messages=max_messages,
+            wait_seconds=wait_seconds,
+            visibility_timeout=visibility_timeout,
+            on_problem=lambda line: say_err("[red]error:[/] ", line),
+        )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
     else:
         out_console().print(_events_table(summary))
     if not summary.ok:
         raise SystemExit(EXIT_SOME_FAILED)
+
+
+@contextlib.contextmanager
+def _open_state(state_path: str | None) -> Iterator[SqliteState | DynamoState]:
+    """The state `--state` names (a SQLite file or dynamodb://TABLE), closed afterwards."""
+    from .state_store import open_state
+
+    state = open_state(state_path)
+    try:
+        yield state
+    finally:
+        state.close()
 
 
 def _valid_addresses(values: tuple[str, ...]) -> list[str]:
@@ -1253,7 +1275,16 @@ def _events_table(summary: ConsumeSummary) -> Table:
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
-    help="Messages per second for each worker (workers can override it). Default: the transport's.",
+    help="Messages per second for each worker (workers can override it). Default: the "
+    "transport's, divided by --expected-workers.",
+)
+@click.option(
+    "--expected-workers",
+    type=click.IntRange(1, 10000),
+    default=1,
+    show_default=True,
+    help="How many workers send on this account at once; without --rate each takes this "
+    "share of the SES account's rate.",
 )
 @click.option(
     "--max-retries",
@@ -1357,7 +1388,8 @@ def enqueue_cmd(queue_url: str, template_bucket: str | None, rows_per_job: int, 
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
-    help="This worker's messages per second (its share of the account's). Default: the campaign's.",
+    help="This worker's messages per second (its share of the account's). Default: the "
+    "campaign's (its --rate, or the account's rate / its --expected-workers).",
 )
 @click.option(
     "--visibility-timeout",

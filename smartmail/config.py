@@ -53,6 +53,11 @@ class CampaignConfig:
     tags: dict[str, str] = field(default_factory=dict)
     workers: int = 4
     rate: float | None = None
+    """This process's messages/second; None: the transport's default (SES: the account's
+    MaxSendRate) divided by `expected_workers`."""
+    expected_workers: int = 1
+    """How many processes (machines, queue workers, Lambda senders) share the provider's
+    account rate at once; each takes 1/N of it when `rate` is not given."""
     burst: int = 1
     max_retries: int = 3
     retry_wait: float = 1.0
@@ -78,6 +83,8 @@ class CampaignConfig:
             raise ConfigError("--workers must be between 1 and 256")
         if self.rate is not None and self.rate <= 0:
             raise ConfigError("--rate must be more than 0")
+        if not isinstance(self.expected_workers, int) or self.expected_workers < 1:
+            raise ConfigError("--expected-workers must be a whole number, at least 1")
         if self.burst < 1:
             raise ConfigError("--burst must be at least 1")
         if self.max_retries < 0 or self.retry_wait < 0:
@@ -177,7 +184,8 @@ class RunOptions:
     failed_csv: str | None = None
     """Where failed and unsent rows go; default SOURCE-STEM.failed.csv in the current folder."""
     state_path: str | None = None
-    """The state database; default $SMARTMAIL_STATE or the XDG state folder."""
+    """The state: a SQLite file or `dynamodb://TABLE[?region=R]` (`state_store.open_state`);
+    default $SMARTMAIL_STATE or the XDG state folder."""
     no_state: bool = False
     resend: Resend | None = None
     """Retry mode: send the campaign's failed (or in-doubt) rows again, from the ledger."""

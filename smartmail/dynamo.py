@@ -219,7 +219,9 @@ class StateTable:
             line = f"{self.url}: DynamoDB {api}: {code} {err.get('Message', '')}".strip()
             if code == "ResourceNotFoundException":
                 raise TableMissing(line) from None
-            if code in _CONFIG_CODES:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _CONFIG_CODES or status == 403:
+                # Credentials or permissions: the set-up is wrong, not the moment (exit 2).
                 raise ConfigError(line) from None
             raise StateError(line) from None
         except NoCredentialsError:

@@ -42,7 +42,7 @@ from .dynamo import (
     suppression_key,
     text,
 )
-from .errors import SmartmailError
+from .errors import AlreadyClaimedError, SmartmailError
 from .ledger import CampaignRecord, LedgerError, Resend, in_doubt_reason, recipient_key
 from .message import OutgoingMessage
 from .report import Outcome
@@ -52,10 +52,8 @@ Clock = Callable[[], float]
 _CHANGEABLE = "attribute_not_exists(pk) OR st IN (:pending, :skipped)"
 
 
-class ClaimLost(SmartmailError):
+class ClaimLost(AlreadyClaimedError):
     """Another worker has claimed (or finished) this delivery: this one must not send it."""
-
-    exit_code = 1
 
     def __init__(self, campaign: str, recipient: str, status: str) -> None:
         self.recipient = recipient
@@ -63,9 +61,11 @@ class ClaimLost(SmartmailError):
         why = {
             "sent": "already sent",
             "sending": "already being sent",
-            "failed": "failed before",
+            "failed": f"failed before (smartmail retry {campaign} sends it again)",
         }.get(status, f"already {status}")
-        super().__init__(f"{recipient}: {why} (campaign {campaign}); not sent by this worker")
+        super().__init__(
+            f"{recipient}: {why} (campaign {campaign}); not sent by this worker", skip_reason=why
+        )
 
 
 class DynamoLedger:
@@ -141,6 +141,10 @@ class DynamoLedger:
 
     def close(self) -> None:
         """Nothing to flush: every write is made when it happens. Safe to call twice."""
+
+    def flush(self) -> None:
+        """Nothing queued: every outcome was written when it was recorded (as `Ledger.flush`
+        waits for its writer)."""
 
     def __enter__(self) -> DynamoLedger:
         return self

@@ -11,7 +11,9 @@ Memory is bounded by the queue and the cache budget, whatever the file size.
 
 The engine knows nothing of which transport it drives: it acts on the error classes of
 `smartmail.errors` alone. A `Journal` (the ledger, when there is one) is told before each send
-and after each outcome, and can veto a row (suppressed, already sent). Every other envelope
+and after each outcome, and can veto a row (suppressed, already sent); a shared ledger can
+also refuse the claim `sending()` makes (`AlreadyClaimedError`: another worker has the row),
+and the row is skipped, never sent twice. Every other envelope
 address (Cc, Bcc, a second To) is checked against the suppression list too: a suppressed one
 is left out of that message, envelope and visible header alike, and the row still goes to the
 rest. The ledger's "already sent" applies to the row's recipient only: its key is the
@@ -44,6 +46,7 @@ from typing import IO, Protocol
 from . import addresses
 from .addresses import Mailbox
 from .errors import (
+    AlreadyClaimedError,
     ConfigError,
     ConnectionFailedError,
     InDoubtError,
@@ -133,7 +136,11 @@ class Journal(Protocol):
         ...
 
     def sending(self, message: OutgoingMessage) -> None:
-        """Called just before the first attempt; must be durable before it returns."""
+        """Called just before the first attempt; must be durable before it returns.
+
+        A ledger shared by many workers may refuse with `AlreadyClaimedError` (another worker
+        holds the row, or sent it meanwhile): the row is then skipped, and nothing is sent.
+        """
         ...
 
     def record(self, outcome: Outcome) -> None:
@@ -657,6 +664,10 @@ class Run:
             result, attempts = self.retry.call(attempt, before_retry=before_retry)
         except _Interrupted:
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
+        except AlreadyClaimedError as exc:
+            # Another worker won the row between our check and our claim: theirs to send.
+            log.debug("row %s: %s", row.number, exc)
+            self._outcome(row, recipient, "skipped", exc.skip_reason)
         except StopRunError as exc:
             self._stop_run(str(exc))
             self._outcome(row, recipient, "unsent", str(exc))

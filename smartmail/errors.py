@@ -83,6 +83,22 @@ class LockedError(SmartmailError):
     exit_code = EXIT_LOCKED
 
 
+class AlreadyClaimedError(SmartmailError):
+    """A shared ledger refused this worker's claim on a row: another worker holds it, or it
+    was sent (or failed) meanwhile. The row must not be sent by this worker; the engine
+    records it as skipped with `skip_reason`, not as a failure.
+
+    Raised by a journal's `sending()`; the engine catches this class, so it never needs to
+    know which ledger (the DynamoDB one's `ClaimLost`) raised it.
+    """
+
+    exit_code = EXIT_SOME_FAILED
+
+    def __init__(self, message: str, skip_reason: str) -> None:
+        self.skip_reason = skip_reason
+        super().__init__(message)
+
+
 # --- transport outcomes -------------------------------------------------------------------
 
 

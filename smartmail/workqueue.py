@@ -57,7 +57,6 @@ from .sources import Row
 
 if TYPE_CHECKING:
     from .engine import SendOptions
-    from .ledger import Ledger
     from .sources import RecipientSource
     from .state_dynamodb import DynamoState
 
@@ -402,12 +401,12 @@ class _JobRun(CampaignRun):
         super().__init__(*args, **kwargs)
         self._state = state
 
-    def _open_ledger(self, send_options: SendOptions) -> Ledger | None:
+    def _open_ledger(self, send_options: SendOptions) -> Any:
         assert self.campaign is not None
         ledger: Any = _LedgerOfJob(self._state.ledger(self.campaign))
         self.ledger = ledger
         ledger.acquire()
-        return ledger  # type: ignore[no-any-return]
+        return ledger
 
 
 class Worker:
@@ -419,6 +418,7 @@ class Worker:
         state: Any,
         *,
         rate: float | None = None,
+        expected_workers: int | None = None,
         secrets: Secrets | None = None,
         s3: Any = None,
         workdir: str | Path | None = None,
@@ -426,6 +426,7 @@ class Worker:
     ) -> None:
         self.state = require_dynamodb(state)
         self.rate = rate
+        self.expected_workers = expected_workers
         self.secrets = secrets or Secrets()
         self._s3 = s3
         self._own_dir = workdir is None
@@ -500,6 +501,7 @@ class Worker:
             on_malformed="abort",
             on_duplicate="once",
             rate=self.rate if self.rate is not None else config.rate,
+            expected_workers=self.expected_workers or config.expected_workers,
         )
         self._configs[cache_key] = config
         return config
