@@ -632,3 +632,46 @@ def ses_sent(endpoint: str) -> list[str]:
     with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=10) as answer:
         data = json.load(answer)
     return [m["destinations"][0] for m in data["ses"]["RawMessage"]]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_leaves_it_to_the_next_and_at_most_its_row_in_flight(
+    moto_server: str, tmp_path: Path
+) -> None:
+    """SIGKILL: no clean-up at all. The job is not deleted, so it comes back when its
+    visibility runs out; the next worker sends what was not sent, and the row the dead worker
+    was sending is held back (being sent, then in doubt), never sent twice."""
+    verify_sender(endpoint_url=moto_server)
+    url = make_queue(visibility=2)
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="crash", workers=1)
+    cfg.rate = 2
+    enqueue_campaign(cfg, url, state, rows_per_job=6)
+    env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_STATE"}
+    command = [sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(ses_sent(moto_server)) < 2:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = ses_sent(moto_server)
+    assert 2 <= len(before) < 6, "the worker was not killed mid-job"
+    assert depth(url) == (0, 1)  # still held by the dead worker
+
+    summary = run_worker(url, state, max_jobs=1, idle_exit=10, wait_seconds=1)
+    assert (summary.jobs, summary.done) == (1, 1)
+    sent = Counter(ses_sent(moto_server))
+    assert max(sent.values()) == 1  # nobody twice
+    [status] = state.statuses("crash")
+    held = status.in_flight + status.in_doubt  # claimed by the dead worker, outcome unknown
+    assert status.sent + held == 6 and held <= 1  # at most the row it was sending
+    # That row may or may not have reached SES before the kill: that is what "in doubt" means.
+    assert status.sent <= len(sent) <= status.sent + held
+    assert depth(url) == (0, 0)
