@@ -592,13 +592,17 @@ def run_worker(
     client = sqs or aws.client("sqs")
     stop = stop or threading.Event()
     if visibility is None:
-        attrs = client.get_queue_attributes(
-            QueueUrl=queue_url, AttributeNames=["VisibilityTimeout"]
-        )
+        try:
+            attrs = client.get_queue_attributes(
+                QueueUrl=queue_url, AttributeNames=["VisibilityTimeout"]
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise ConfigError(f"{queue_url}: cannot read the queue ({exc})") from None
         visibility = int(attrs["Attributes"]["VisibilityTimeout"])
     worker = Worker(state, rate=rate, secrets=secrets, s3=s3, abort=abort)
     summary = WorkerSummary()
     idle_since = time.monotonic()
+    failures = 0
     try:
         while not stop.is_set() and (max_jobs is None or summary.jobs < max_jobs):
             wait = wait_seconds
@@ -608,13 +612,24 @@ def run_worker(
                     summary.stopped = f"idle for {idle_exit:g} s"
                     break
                 wait = max(0, min(wait, int(left + 0.999)))
-            got = client.receive_message(
-                QueueUrl=queue_url,
-                MaxNumberOfMessages=1,
-                WaitTimeSeconds=wait,
-                VisibilityTimeout=visibility,
-                AttributeNames=["ApproximateReceiveCount"],
-            )
+            try:
+                got = client.receive_message(
+                    QueueUrl=queue_url,
+                    MaxNumberOfMessages=1,
+                    WaitTimeSeconds=wait,
+                    VisibilityTimeout=visibility,
+                    AttributeNames=["ApproximateReceiveCount"],
+                )
+            except (ClientError, BotoCoreError) as exc:
+                # The queue gone or forbidden is for a person to fix; anything else (the
+                # network, throttling past botocore's own retries) is waited out.
+                if isinstance(exc, ClientError) and not _retryable(exc):
+                    raise ConfigError(f"{queue_url}: cannot receive jobs ({exc})") from None
+                failures += 1
+                log.warning("receiving from the queue failed (%s); trying again", exc)
+                stop.wait(min(2.0**failures, 30.0))
+                continue
+            failures = 0
             messages = got.get("Messages", [])
             if not messages:
                 if wait == 0:
@@ -651,10 +666,15 @@ def _one(
     try:
         with _Heartbeat(client, queue_url, receipt, visibility):
             outcome = worker.run_job(message.get("Body", ""))
-    except SmartmailError as exc:
+    except Exception as exc:
+        # Left on the queue either way: it comes back, and after maxReceiveCount it is in
+        # the dead-letter queue. A bug in one job must not end the worker.
         summary.failed_jobs += 1
         line = f"job {message.get('MessageId')} (receive {received}) not run: {exc}"
-        log.error("%s", line)
+        if isinstance(exc, SmartmailError):
+            log.error("%s", line)
+        else:
+            log.exception("%s", line)
         if on_job:
             on_job(None, line)
         return
@@ -662,12 +682,16 @@ def _one(
     summary.failed += outcome.failed
     summary.skipped += outcome.skipped
     if outcome.done:
-        client.delete_message(QueueUrl=queue_url, ReceiptHandle=receipt)
-        summary.done += 1
         line = (
             f"job {outcome.job_id}: {outcome.sent} sent, {outcome.failed} failed, "
             f"{outcome.skipped} skipped"
         )
+        try:
+            client.delete_message(QueueUrl=queue_url, ReceiptHandle=receipt)
+        except (ClientError, BotoCoreError) as exc:
+            # Harmless: the job comes back and finds every row in the ledger.
+            line += f" (not deleted: {exc}; it will come back and be skipped)"
+        summary.done += 1
     else:
         summary.left += 1
         line = f"job {outcome.job_id} left for redelivery: {outcome.reason}"

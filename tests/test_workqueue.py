@@ -675,3 +675,9 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_next_and_at_most_its_row_in_fl
     # That row may or may not have reached SES before the kill: that is what "in doubt" means.
     assert status.sent <= len(sent) <= status.sent + held
     assert depth(url) == (0, 0)
+
+
+def test_a_worker_on_a_queue_that_does_not_exist_says_so_in_one_line(aws: None) -> None:
+    url = f"https://sqs.{REGION}.amazonaws.com/123456789012/no-such-queue"
+    with pytest.raises(ConfigError, match="no-such-queue: cannot read the queue"):
+        run_worker(url, open_state(URL), max_jobs=1, wait_seconds=0)
