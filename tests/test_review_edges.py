@@ -1,0 +1,31 @@
+"""Edges a hostile-input review found after issue 7: each test is a way a user or an attacker
+broke a README promise, tried with the real CLI, an aiosmtpd server, real files and SQLite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import SmtpServer, write
+from .test_ledger import run_cli, send_args
+
+NO_TO = "From: Acme <news@acme.example>\nSubject: Hello {{ name }}\n\nHi {{ name }}\n"
+
+
+@pytest.mark.parametrize("evil", ["\x01", "\x07", "\x7f", "\x9b", "\x1bc", "\x00"])
+def test_a_control_character_in_the_recipient_column_never_reaches_the_server(
+    smtp_server: SmtpServer, tmp_path: Path, evil: str
+) -> None:
+    """Without a To: header the recipient column is the To: and the envelope; a non-ASCII
+    local part (SMTPUTF8) must not smuggle a control character into either."""
+    template = write(tmp_path / "t.txt", NO_TO)
+    rows = f"email,name\nzoë{evil}x@example.org,Zoë\nann@example.org,Ann\n"
+    csv = write(tmp_path / "r.csv", rows)
+    code, out = run_cli(send_args(csv, template, smtp_server, tmp_path / "s.db"))
+    received = smtp_server.handler.received
+    assert [r.rcpt_tos for r in received] == [["ann@example.org"]]
+    assert code == 0  # an invalid row is skipped and reported; the others go
+    (line,) = [line for line in out.splitlines() if "row 2, column 'email'" in line]
+    assert "invalid local part" in line and line.isprintable()
