@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from smartmail.cli import main
+from smartmail.errors import EXIT_USAGE
+
 from .conftest import SmtpServer, write
 from .test_ledger import run_cli, send_args
 
@@ -29,3 +32,23 @@ def test_a_control_character_in_the_recipient_column_never_reaches_the_server(
     assert code == 0  # an invalid row is skipped and reported; the others go
     (line,) = [line for line in out.splitlines() if "row 2, column 'email'" in line]
     assert "invalid local part" in line and line.isprintable()
+
+
+@pytest.mark.parametrize("what", ["a CSV file", "/dev/null"])
+def test_a_state_path_that_is_not_a_database_is_one_line_and_nothing_is_sent(
+    smtp_server: SmtpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
+) -> None:
+    template = write(tmp_path / "t.txt", NO_TO)
+    csv = write(tmp_path / "r.csv", "email,name\nann@example.org,Ann\n")
+    state = csv if what == "a CSV file" else Path(what)  # `--state r.csv`: a slip of the hand
+    args = send_args(csv, template, smtp_server, tmp_path / "s.db")
+    args[args.index("--state") + 1] = str(state)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert str(state) in line and "state database" in line
+    assert smtp_server.handler.received == []
+    assert csv.read_text() == "email,name\nann@example.org,Ann\n"
