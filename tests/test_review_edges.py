@@ -34,6 +34,24 @@ def test_a_control_character_in_the_recipient_column_never_reaches_the_server(
     assert "invalid local part" in line and line.isprintable()
 
 
+def test_debug_keeps_the_documented_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--debug adds a traceback; it must not turn "nothing was sent" (2) into 1."""
+    monkeypatch.setenv("SMARTMAIL_SMTP_PASSWORD", "hunter2-SECRET")
+    monkeypatch.setenv("SMARTMAIL_DEBUG", "")  # --debug sets it; restored after the test
+    template = write(tmp_path / "t.txt", NO_TO)
+    csv = write(tmp_path / "r.csv", "email,name\nann@example.org,Ann\n")
+    args = ["send", str(csv), "-t", str(template), "--yes", "--state", str(tmp_path / "s.db")]
+    bad_url = "smpt://mailer:hunter2-SECRET@mail.example.org"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--transport", bad_url, "--debug"])
+    assert exit_info.value.code == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert "Traceback" in err and "unknown transport" in err
+    assert "hunter2" not in out + err
+
+
 @pytest.mark.parametrize("what", ["a CSV file", "/dev/null"])
 def test_a_state_path_that_is_not_a_database_is_one_line_and_nothing_is_sent(
     smtp_server: SmtpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
