@@ -4,6 +4,7 @@ broke a README promise, tried with the real CLI, an aiosmtpd server, real files 
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,35 @@ def test_a_state_path_that_is_not_a_database_is_one_line_and_nothing_is_sent(
     assert str(state) in line and "state database" in line
     assert smtp_server.handler.received == []
     assert csv.read_text() == "email,name\nann@example.org,Ann\n"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "smtp://127.0.0.1:{port}/?password=hunter2-SECRET",
+        "smtp://127.0.0.1:{port}/hunter2-SECRET",
+        "smtp://127.0.0.1:{port}#hunter2-SECRET",
+        "ses+smtp://eu-west-1/hunter2-SECRET?endpoint=127.0.0.1:{port}",
+        "ses+smtp://eu-west-1?endpoint=127.0.0.1:{port}#hunter2-SECRET",
+    ],
+)
+def test_an_smtp_url_with_more_than_a_host_is_refused_and_never_stored(
+    smtp_server: SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A password typed into the URL's path or query (as other tools take it) is not
+    ignored, sent anyway and kept in the ledger: the URL is refused, nothing is sent."""
+    monkeypatch.setenv("SMARTMAIL_SMTP_PASSWORD", "hunter2-SECRET")
+    template = write(tmp_path / "t.txt", NO_TO)
+    csv = write(tmp_path / "r.csv", "email,name\nann@example.org,Ann\n")
+    db = tmp_path / "s.db"
+    args = send_args(csv, template, smtp_server, db)
+    args[args.index("--transport") + 1] = url.format(port=smtp_server.port)
+    if url.startswith("ses+smtp"):
+        args[args.index("--smtp-security") + 1] = "tls"  # ses+smtp refuses "none" anyway
+    code, out = run_cli([*args, "--smtp-user", "mailer", "--rate", "10"])
+    assert code == EXIT_USAGE
+    assert "hunter2" not in out
+    assert smtp_server.handler.received == []
+    if db.exists():
+        dump = "\n".join(sqlite3.connect(db).iterdump())
+        assert "hunter2" not in dump
