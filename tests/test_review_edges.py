@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from smartmail.cli import main
-from smartmail.errors import EXIT_USAGE
+from smartmail.errors import EXIT_STOPPED, EXIT_USAGE
 
-from .conftest import SmtpServer, write
+from .conftest import SmtpServer, free_port, write
 from .test_ledger import run_cli, send_args
 
 NO_TO = "From: Acme <news@acme.example>\nSubject: Hello {{ name }}\n\nHi {{ name }}\n"
@@ -103,3 +103,37 @@ def test_an_smtp_url_with_more_than_a_host_is_refused_and_never_stored(
     if db.exists():
         dump = "\n".join(sqlite3.connect(db).iterdump())
         assert "hunter2" not in dump
+
+
+def test_a_re_drive_file_never_offers_rows_a_later_run_has_sent(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """An outage leaves the rows unsent and lists them in the failed-rows CSV; the next cron
+    run sends them. The file from the first run must not outlive that: fed back to `send`
+    as the README suggests, it would mail every one of them a second time."""
+    template = write(tmp_path / "t.txt", NO_TO)
+    csv = write(tmp_path / "r.csv", "email,name\na@example.org,A\nb@example.org,B\n")
+    db = tmp_path / "s.db"
+    failed = tmp_path / "failed.csv"  # where send_args puts it
+    dead = SmtpServer("127.0.0.1", free_port(), smtp_server.handler)
+    code, _ = run_cli(send_args(csv, template, dead, db, "--max-connect-failures", "1"))
+    assert code == EXIT_STOPPED
+    assert "a@example.org" in failed.read_text()
+    code, _ = run_cli(send_args(csv, template, smtp_server, db))
+    assert code == 0
+    assert len(smtp_server.handler.received) == 2
+    if failed.exists():  # fed back as a new campaign, it must offer nothing to send again
+        code, _ = run_cli(send_args(failed, template, smtp_server, db))
+        assert len(smtp_server.handler.received) == 2
+
+
+def test_a_proof_run_leaves_the_re_drive_file_alone(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    template = write(tmp_path / "t.txt", NO_TO)
+    csv = write(tmp_path / "r.csv", "email,name\na@example.org,A\n")
+    failed = write(tmp_path / "failed.csv", "email,name,error\na@example.org,A,550 no\n")
+    db = tmp_path / "s.db"
+    code, _ = run_cli(send_args(csv, template, smtp_server, db, "--test-to", "me@acme.example"))
+    assert code == 0 and [r.rcpt_tos for r in smtp_server.handler.received] == [["me@acme.example"]]
+    assert failed.read_text() == "email,name,error\na@example.org,A,550 no\n"
