@@ -453,6 +453,15 @@ class MessageTemplate:
                 if not text:
                     continue
                 if lower == "list-unsubscribe" and not spec.fixed:
+                    # No URI holds '<' or '>': from data they could only close the template's
+                    # <...> item and open another (a mailto: or a one-click POST elsewhere).
+                    brackets = [d for d in _DATA.findall(value) if "<" in d or ">" in d]
+                    if brackets:
+                        column = _column_for(brackets, row, self._header_columns)
+                        raise InvalidRowError(
+                            Location(where.file, row.number, column),
+                            f"{spec.name}: the value holds '<' or '>', which no URL may",
+                        )
                     problem = unsubscribe.check_header(text)
                     if problem:
                         raise InvalidRowError(where, f"{spec.name}: {_printable(problem)}")

@@ -137,3 +137,24 @@ def test_a_proof_run_leaves_the_re_drive_file_alone(
     code, _ = run_cli(send_args(csv, template, smtp_server, db, "--test-to", "me@acme.example"))
     assert code == 0 and [r.rcpt_tos for r in smtp_server.handler.received] == [["me@acme.example"]]
     assert failed.read_text() == "email,name,error\na@example.org,A,550 no\n"
+
+
+@pytest.mark.parametrize(
+    "token", ["abc>, <https://evil.example/x", "abc>,<mailto:spy@evil.example", "<x>"]
+)
+def test_a_value_in_the_unsubscribe_url_cannot_add_an_unsubscribe_target(
+    smtp_server: SmtpServer, tmp_path: Path, token: str
+) -> None:
+    """The value fills its slot in the template's one URL; it cannot close the <...> item and
+    open another (a mailto: to the attacker, a one-click POST to their site)."""
+    template = write(tmp_path / "t.txt", NO_TO)
+    rows = f'email,name,token\na@example.org,A,"{token}"\nb@example.org,B,b7\n'
+    csv = write(tmp_path / "r.csv", rows)
+    url = "https://acme.example/u?t={{ token }}"
+    args = send_args(csv, template, smtp_server, tmp_path / "s.db", "--unsubscribe-url", url)
+    code, out = run_cli(args)
+    assert code == 0
+    (message,) = smtp_server.handler.received
+    assert message.rcpt_tos == ["b@example.org"]
+    assert message.message["List-Unsubscribe"] == "<https://acme.example/u?t=b7>"
+    assert "row 2, column 'token'" in out
