@@ -158,3 +158,19 @@ def test_a_value_in_the_unsubscribe_url_cannot_add_an_unsubscribe_target(
     assert message.rcpt_tos == ["b@example.org"]
     assert message.message["List-Unsubscribe"] == "<https://acme.example/u?t=b7>"
     assert "row 2, column 'token'" in out
+
+
+def test_a_from_that_renders_empty_is_an_invalid_row_not_a_null_sender(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """`From: {{ sender }}` with an empty value left the header out and sent with MAIL
+    FROM:<>, the null sender of a bounce: no From: (RFC 5322 requires one) and no way back."""
+    template = write(tmp_path / "t.txt", "From: {{ sender }}\nSubject: Hi\n\nbody\n")
+    rows = "email,sender\na@example.org, \nb@example.org,news@acme.example\n"
+    csv = write(tmp_path / "r.csv", rows)
+    code, out = run_cli(send_args(csv, template, smtp_server, tmp_path / "s.db"))
+    assert code == 0
+    (message,) = smtp_server.handler.received
+    assert (message.mail_from, message.rcpt_tos) == ("news@acme.example", ["b@example.org"])
+    (line,) = [line for line in out.splitlines() if "row 2" in line]
+    assert "column 'sender'" in line and "From" in line
