@@ -174,3 +174,37 @@ def test_a_from_that_renders_empty_is_an_invalid_row_not_a_null_sender(
     assert (message.mail_from, message.rcpt_tos) == ("news@acme.example", ["b@example.org"])
     (line,) = [line for line in out.splitlines() if "row 2" in line]
     assert "column 'sender'" in line and "From" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "target"),
+    [
+        ("--report", "r.csv"),
+        ("--failed-csv", "r.csv"),
+        ("--report", "t.txt"),
+        ("--report", "t.html"),
+        ("--failed-csv", "s.db"),
+    ],
+)
+def test_an_output_that_is_an_input_is_refused_before_anything_is_sent(
+    smtp_server: SmtpServer, tmp_path: Path, option: str, target: str
+) -> None:
+    """`--report list.csv` (a slip of the hand) overwrote the recipients list with JSON; a
+    failed-rows CSV on the list would replace or remove it; the ledger would be destroyed."""
+    template = write(tmp_path / "t.txt", NO_TO)
+    write(tmp_path / "t.html", "<p>Hi {{ name }}</p>\n")
+    csv = write(tmp_path / "r.csv", "email,name\nann@example.org,Ann\n")
+    db = tmp_path / "s.db"
+    run_cli(send_args(csv, template, smtp_server, db, "--campaign", "first"))
+    assert len(smtp_server.handler.received) == 1
+    before = {p.name: p.read_bytes() for p in (template, tmp_path / "t.html", csv, db)}
+    args = send_args(csv, template, smtp_server, db, option, str(tmp_path / target))
+    if option == "--failed-csv":
+        index = args.index("--failed-csv")
+        del args[index : index + 2]  # send_args gives one; this is the one under test
+        args += [option, str(tmp_path / target)]
+    code, out = run_cli(args)
+    assert code == EXIT_USAGE
+    assert target in out and "nothing was sent" in out
+    assert len(smtp_server.handler.received) == 1
+    assert {p.name: p.read_bytes() for p in (template, tmp_path / "t.html", csv, db)} == before
