@@ -208,3 +208,19 @@ def test_an_output_that_is_an_input_is_refused_before_anything_is_sent(
     assert target in out and "nothing was sent" in out
     assert len(smtp_server.handler.received) == 1
     assert {p.name: p.read_bytes() for p in (template, tmp_path / "t.html", csv, db)} == before
+
+
+@pytest.mark.parametrize(
+    "option", [("--rate", "nan"), ("--rate", "inf"), ("--timeout", "nan"), ("--retry-wait", "nan")]
+)
+def test_a_number_that_is_not_a_number_is_a_usage_error(
+    smtp_server: SmtpServer, tmp_path: Path, option: tuple[str, str]
+) -> None:
+    """Click's range check lets NaN through (every comparison with it is false): `--rate nan`
+    sent as fast as the server took it, `--timeout nan` stopped the run as an outage."""
+    template = write(tmp_path / "t.txt", NO_TO)
+    csv = write(tmp_path / "r.csv", "email,name\nann@example.org,Ann\n")
+    code, out = run_cli(send_args(csv, template, smtp_server, tmp_path / "s.db", *option))
+    assert code == EXIT_USAGE
+    assert option[0] in out
+    assert smtp_server.handler.received == []
