@@ -784,8 +784,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="smartmail", standalone_mode=False)
     except SmartmailError as exc:
-        if _debug():
-            raise
+        if _debug():  # the traceback, and still the documented exit code
+            import traceback
+
+            sys.stderr.write(printable(traceback.format_exc(), newlines=True))
         say_err("[bold red]error:[/] ", str(exc))
         raise SystemExit(exc.exit_code) from None
     except click.exceptions.Abort:

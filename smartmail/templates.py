@@ -422,6 +422,12 @@ class MessageTemplate:
                         )
                 elif lower in ADDRESS_HEADERS:
                     if not _strip_marks(value).strip(_WSP):
+                        if lower == "from":  # else MAIL FROM:<>, a bounce's null sender
+                            column = _empty_column(row, self._header_columns)
+                            raise InvalidRowError(
+                                Location(where.file, row.number, column),
+                                f"{spec.name}: renders empty; every message needs a sender",
+                            )
                         continue
                     mailboxes = _row_mailboxes(
                         spec.name,
@@ -453,6 +459,15 @@ class MessageTemplate:
                 if not text:
                     continue
                 if lower == "list-unsubscribe" and not spec.fixed:
+                    # No URI holds '<' or '>': from data they could only close the template's
+                    # <...> item and open another (a mailto: or a one-click POST elsewhere).
+                    brackets = [d for d in _DATA.findall(value) if "<" in d or ">" in d]
+                    if brackets:
+                        column = _column_for(brackets, row, self._header_columns)
+                        raise InvalidRowError(
+                            Location(where.file, row.number, column),
+                            f"{spec.name}: the value holds '<' or '>', which no URL may",
+                        )
                     problem = unsubscribe.check_header(text)
                     if problem:
                         raise InvalidRowError(where, f"{spec.name}: {_printable(problem)}")
@@ -565,6 +580,11 @@ def _column_for(texts: list[str], row: Row, prefer: frozenset[str]) -> str | Non
             if value.strip() and (value.strip() in text or text in value):
                 return column
     return None
+
+
+def _empty_column(row: Row, used: frozenset[str]) -> str | None:
+    """The blank column a header uses: the likely reason it rendered empty."""
+    return next((c for c, v in _columns(row, used) if c in used and not v.strip()), None)
 
 
 def _control_error(
