@@ -490,7 +490,14 @@ class MessageTemplate:
     def _attachments(self, value: str, row: Row, where: Location) -> list[Path]:
         found: list[Path] = []
         segments = [d.strip() for d in _DATA.findall(value) if d.strip()]
-        for part in value.split(";"):
+        for part in _attachment_parts(value):
+            if part is None:
+                texts = [d for d in segments if ";" in d]
+                raise InvalidRowError(
+                    Location(where.file, row.number, _column_for(texts, row, self._header_columns)),
+                    "a value inside an attachment path cannot hold ';' (it would name another "
+                    "file); a column may list several files only when it is the whole path",
+                )
             has_data = _OPEN in part or _CLOSE in part
             text = _strip_marks(part).strip()
             if not text:
@@ -546,6 +553,23 @@ class _Problem(Exception):
         super().__init__(message)
         self.message = message
         self.data = data or []
+
+
+def _attachment_parts(value: str) -> list[str | None]:
+    """Split an Attachment value into paths: at the template's own ';', and inside a value
+    that fills a whole path slot (`{{ files }}` may list several). A ';' in a value that
+    stands inside a path the template writes (`invoices/{{ n }}.pdf`) is None: refused,
+    since the row would then choose a file the template did not let it choose."""
+    parts: list[str | None] = []
+    for part in re.split(r";(?![^\x0e\x0f]*\x0f)", value):
+        data = _DATA.findall(part)
+        if not any(";" in d for d in data):
+            parts.append(part)
+        elif part.strip().startswith(_OPEN) and part.strip().endswith(_CLOSE) and len(data) == 1:
+            parts.extend(f"{_OPEN}{p}{_CLOSE}" for p in data[0].split(";"))
+        else:
+            parts.append(None)
+    return parts
 
 
 def _strip_marks(value: str) -> str:
