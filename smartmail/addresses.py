@@ -19,7 +19,10 @@ import idna
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL_ASCII = re.compile(rf"{_ATOM}(?:\.{_ATOM})*\Z")
-_LOCAL_UTF8 = re.compile(r"[^\s\"(),:;<>@\[\\\]]+(?:\.[^\s\"(),:;<>@\[\\\].]+)*\Z")
+# Non-ASCII (RFC 6531) local parts: anything printable but the specials; never a control
+# character (C0, DEL, C1), which would go into RCPT TO and the To: header as it is.
+_UTF8_SPECIALS = r"\s\"(),:;<>@\[\\\]\x00-\x1f\x7f-\x9f"
+_LOCAL_UTF8 = re.compile(rf"[^{_UTF8_SPECIALS}]+(?:\.[^{_UTF8_SPECIALS}.]+)*\Z")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 

@@ -336,9 +336,10 @@ class CampaignRun:
         failed_csv = opts.failed_csv or campaigns.failed_csv_name(
             (source.name if source else record.source if record else "") or "recipients"
         )
-        check_writable(failed_csv, "--failed-csv")
+        inputs = self._inputs(record.source if record else None)
+        check_writable(failed_csv, "--failed-csv", inputs)
         if opts.report_path:
-            check_writable(opts.report_path, "--report")
+            check_writable(opts.report_path, "--report", inputs)
         send_options.failed_csv = Path(failed_csv)
         transport = self._transport()
         try:
@@ -412,7 +413,7 @@ class CampaignRun:
         )
         send_options.check()
         if opts.report_path:
-            check_writable(opts.report_path, "--report")
+            check_writable(opts.report_path, "--report", self._inputs(None))
         transport = self._transport() if config.transport else None
         ledger = None
         state = None
@@ -552,6 +553,19 @@ class CampaignRun:
             assert source is not None
             spec = source.spec
         return default_campaign_id(describe(spec), template.source_text)
+
+    def _inputs(self, stored_source: str | None) -> list[str | None]:
+        """The local files this run reads, which no output may be."""
+        from .state import default_state_path
+
+        config = self.config
+        source = config.source or stored_source
+        return [
+            None if source and source.startswith("s3://") else source,
+            config.template,
+            config.html_template or str(Path(config.template).with_suffix(".html")),
+            str(self.options.state_path or default_state_path()),
+        ]
 
     def _stored_record(self) -> CampaignRecord:
         if not self.config.campaign:

@@ -784,8 +784,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="smartmail", standalone_mode=False)
     except SmartmailError as exc:
-        if _debug():
-            raise
+        if _debug():  # the traceback, and still the documented exit code
+            import traceback
+
+            sys.stderr.write(printable(traceback.format_exc(), newlines=True))
         say_err("[bold red]error:[/] ", str(exc))
         raise SystemExit(exc.exit_code) from None
     except click.exceptions.Abort:
@@ -878,6 +880,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .state_store import open_state
 
@@ -917,7 +920,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
             if c.in_doubt:
                 doubt = f"{c.in_doubt} + {doubt}"
         table.add_row(
-            c.campaign + (" (running)" if c.running else ""),
+            Text(printable(c.campaign) + (" (running)" if c.running else "")),
             (c.last_run or "")[:16].replace("T", " "),
             *(str(n) for n in (c.sent, c.failed, c.skipped, c.pending)),
             doubt,

@@ -9,6 +9,7 @@ migrated on read. Light on purpose: the CLI imports it to declare its options.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -81,18 +82,19 @@ class CampaignConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
         if not 1 <= self.workers <= 256:
             raise ConfigError("--workers must be between 1 and 256")
-        if self.rate is not None and self.rate <= 0:
-            raise ConfigError("--rate must be more than 0")
+        # `not x > 0`, not `x <= 0`: NaN passes every comparison (Click's range check too).
+        if self.rate is not None and not 0 < self.rate < math.inf:
+            raise ConfigError("--rate must be a number more than 0")
         if not isinstance(self.expected_workers, int) or self.expected_workers < 1:
             raise ConfigError("--expected-workers must be a whole number, at least 1")
         if self.burst < 1:
             raise ConfigError("--burst must be at least 1")
-        if self.max_retries < 0 or self.retry_wait < 0:
-            raise ConfigError("--max-retries and --retry-wait cannot be negative")
+        if self.max_retries < 0 or not self.retry_wait >= 0:
+            raise ConfigError("--max-retries and --retry-wait must be numbers, not negative")
         if self.max_connect_failures < 1:
             raise ConfigError("--max-connect-failures must be at least 1")
-        if self.timeout <= 0:
-            raise ConfigError("--timeout must be more than 0 seconds")
+        if not self.timeout > 0:
+            raise ConfigError("--timeout must be a number more than 0 seconds")
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ConfigError("--delimiter must be one character (use $'\\t' for a tab)")
 

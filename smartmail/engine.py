@@ -430,10 +430,17 @@ class FailedRows:
             self._writer.writerow({**outcome.row.values, "error": outcome.reason})
             self.count += 1
 
-    def close(self) -> None:
+    def close(self, *, remove_stale: bool = True) -> None:
+        """Finish the file. When this run had no row to re-drive, a file an earlier run left
+        at this path goes too: it would offer rows since sent, to be sent a second time."""
         with self._lock:
             if self._fh is not None:
                 self._fh.close()
+            elif remove_stale:
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("%s is from an earlier run; cannot remove it: %s", self.path, exc)
 
 
 class Run:
@@ -751,7 +758,7 @@ class Run:
             self.metrics.finish()
             self.progress.stop()
             if self.failed_rows is not None:
-                self.failed_rows.close()
+                self.failed_rows.close(remove_stale=not opts.test_to)  # a proof changes nothing
             self.transport.close()
         return Summary.build(
             self.metrics,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import ConfigError
@@ -27,13 +27,22 @@ def readable(name: str | None = None) -> Iterator[None]:
         raise ConfigError(f"{where}: cannot read ({reason}); nothing was sent") from None
 
 
-def check_writable(path: str | os.PathLike[str], what: str) -> None:
+def check_writable(
+    path: str | os.PathLike[str], what: str, inputs: Iterable[str | None] = ()
+) -> None:
     """Refuse an output file that could not be written, before anything is sent.
 
     An existing file is opened for appending (its content untouched); a new one is created
-    and removed again. Works as root too, where permission bits do not stop writes.
+    and removed again. Works as root too, where permission bits do not stop writes. An
+    output that is one of `inputs` (the list, the template, the ledger) is refused: writing
+    it would destroy what the run reads.
     """
     p = Path(path)
+    for other in inputs:
+        if other and _same_file(p, other):
+            raise ConfigError(
+                f"{what} {p}: is {other}, which this run reads; give another file; nothing was sent"
+            )
     try:
         if p.exists():
             if p.is_dir():
@@ -61,3 +70,10 @@ def check_writable_dir(directory: Path, what: str) -> None:
         raise ConfigError(
             f"{what} {directory}: cannot write ({reason}); nothing was sent"
         ) from None
+
+
+def _same_file(a: Path, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet): not the same file
+        return False

@@ -92,17 +92,18 @@ def connect(path: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=True)
+        conn.row_factory = sqlite3.Row
+        # sqlite3 opens any file lazily: `--state recipients.csv` or /dev/null fails only here.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(f"{db}: cannot open the state database ({exc})") from None
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version < SCHEMA_VERSION:
-        conn.executescript(SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    elif version > SCHEMA_VERSION:
+    if version > SCHEMA_VERSION:
         raise ConfigError(f"{db}: made by a newer smartmail (schema {version}); upgrade smartmail")
     return conn

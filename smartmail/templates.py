@@ -422,6 +422,12 @@ class MessageTemplate:
                         )
                 elif lower in ADDRESS_HEADERS:
                     if not _strip_marks(value).strip(_WSP):
+                        if lower == "from":  # else MAIL FROM:<>, a bounce's null sender
+                            column = _empty_column(row, self._header_columns)
+                            raise InvalidRowError(
+                                Location(where.file, row.number, column),
+                                f"{spec.name}: renders empty; every message needs a sender",
+                            )
                         continue
                     mailboxes = _row_mailboxes(
                         spec.name,
@@ -453,6 +459,15 @@ class MessageTemplate:
                 if not text:
                     continue
                 if lower == "list-unsubscribe" and not spec.fixed:
+                    # No URI holds '<' or '>': from data they could only close the template's
+                    # <...> item and open another (a mailto: or a one-click POST elsewhere).
+                    brackets = [d for d in _DATA.findall(value) if "<" in d or ">" in d]
+                    if brackets:
+                        column = _column_for(brackets, row, self._header_columns)
+                        raise InvalidRowError(
+                            Location(where.file, row.number, column),
+                            f"{spec.name}: the value holds '<' or '>', which no URL may",
+                        )
                     problem = unsubscribe.check_header(text)
                     if problem:
                         raise InvalidRowError(where, f"{spec.name}: {_printable(problem)}")
@@ -475,7 +490,14 @@ class MessageTemplate:
     def _attachments(self, value: str, row: Row, where: Location) -> list[Path]:
         found: list[Path] = []
         segments = [d.strip() for d in _DATA.findall(value) if d.strip()]
-        for part in value.split(";"):
+        for part in _attachment_parts(value):
+            if part is None:
+                texts = [d for d in segments if ";" in d]
+                raise InvalidRowError(
+                    Location(where.file, row.number, _column_for(texts, row, self._header_columns)),
+                    "a value inside an attachment path cannot hold ';' (it would name another "
+                    "file); a column may list several files only when it is the whole path",
+                )
             has_data = _OPEN in part or _CLOSE in part
             text = _strip_marks(part).strip()
             if not text:
@@ -533,6 +555,23 @@ class _Problem(Exception):
         self.data = data or []
 
 
+def _attachment_parts(value: str) -> list[str | None]:
+    """Split an Attachment value into paths: at the template's own ';', and inside a value
+    that fills a whole path slot (`{{ files }}` may list several). A ';' in a value that
+    stands inside a path the template writes (`invoices/{{ n }}.pdf`) is None: refused,
+    since the row would then choose a file the template did not let it choose."""
+    parts: list[str | None] = []
+    for part in re.split(r";(?![^\x0e\x0f]*\x0f)", value):
+        data = _DATA.findall(part)
+        if not any(";" in d for d in data):
+            parts.append(part)
+        elif part.strip().startswith(_OPEN) and part.strip().endswith(_CLOSE) and len(data) == 1:
+            parts.extend(f"{_OPEN}{p}{_CLOSE}" for p in data[0].split(";"))
+        else:
+            parts.append(None)
+    return parts
+
+
 def _strip_marks(value: str) -> str:
     if _OPEN not in value and _CLOSE not in value:
         return value
@@ -565,6 +604,11 @@ def _column_for(texts: list[str], row: Row, prefer: frozenset[str]) -> str | Non
             if value.strip() and (value.strip() in text or text in value):
                 return column
     return None
+
+
+def _empty_column(row: Row, used: frozenset[str]) -> str | None:
+    """The blank column a header uses: the likely reason it rendered empty."""
+    return next((c for c, v in _columns(row, used) if c in used and not v.strip()), None)
 
 
 def _control_error(

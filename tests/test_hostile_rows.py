@@ -86,6 +86,22 @@ def test_a_column_inside_a_fixed_path_is_still_confined(folder: Path) -> None:
         template.render(row(n="../../secret"), "email")
 
 
+def test_a_value_inside_a_template_path_cannot_name_a_second_file(folder: Path) -> None:
+    (folder / "internal.txt").write_text("not for customers")
+    template = attaching(folder, "Attachment: invoices/{{ n }}.pdf")
+    with pytest.raises(InvalidRowError, match="cannot hold ';'") as err:
+        template.render(row(n="7.pdf; internal.txt"), "email")
+    assert "column 'n'" in str(err.value)
+    # A column that is the whole path slot may still list several files, as documented.
+    listing = attaching(folder, "Attachment: {{ files }}")
+    out = build(listing.render(row(files="invoices/7.pdf; internal.txt"), "email"))
+    assert len(list(parse(out.data).iter_attachments())) == 2
+    # And the template's own ';' still separates its own paths.
+    both = attaching(folder, "Attachment: invoices/{{ n }}.pdf; internal.txt")
+    out = build(both.render(row(n="7"), "email"))
+    assert len(list(parse(out.data).iter_attachments())) == 2
+
+
 def test_a_symlink_leading_out_is_refused_and_one_staying_in_is_followed(folder: Path) -> None:
     (folder / "escape.pdf").symlink_to(folder.parent / "secret")
     (folder / "alias.pdf").symlink_to(folder / "invoices" / "7.pdf")

@@ -365,3 +365,15 @@ def test_on_duplicate_all_needs_no_state(
     code, _ = run_cli(send_args(csv, template_file, smtp_server, db, "--on-duplicate", "all",
                                 "--no-state"))  # fmt: skip
     assert code == 0 and len(smtp_server.handler.received) == 2
+
+
+def test_status_shows_a_campaign_name_as_written_not_as_markup(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    db = tmp_path / "state.db"
+    csv = make_csv(tmp_path / "r.csv", 1)
+    name = "[bold red]x[/]\x1b[2J"
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", name))[0] == 0
+    code, out = run_cli(["status", "--state", str(db)])
+    assert code == 0
+    assert "[bold red]x[/]" in out and "\x1b" not in out

@@ -162,6 +162,8 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
 def _factory(url: SplitResult, options: TransportOptions) -> SesSmtpTransport:
     if not url.hostname:
         raise ConfigError("an SES SMTP transport needs a region: ses+smtp://REGION[:PORT]")
+    if url.path.strip("/") or url.fragment:  # not echoed: it may be a password
+        raise ConfigError("an SES SMTP transport URL is ses+smtp://REGION[:PORT][?endpoint=HOST]")
     query = parse_qs(url.query)
     unknown = set(query) - {"endpoint"}
     if unknown:

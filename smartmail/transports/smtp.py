@@ -374,6 +374,12 @@ def _os_reason(exc: BaseException) -> str:
 def _factory(url: SplitResult, options: TransportOptions) -> SmtpTransport:
     if not url.hostname:
         raise ConfigError("an SMTP transport needs a host: smtp://HOST[:PORT]")
+    if url.path.strip("/") or url.query or url.fragment:
+        # Not echoed: a password is what people put there (`?password=...`).
+        raise ConfigError(
+            "an SMTP transport URL is smtp://HOST[:PORT], with nothing after the port; "
+            "the password comes from SMARTMAIL_SMTP_PASSWORD"
+        )
     user = options.smtp_user or url.username
     return SmtpTransport(
         url.hostname,
