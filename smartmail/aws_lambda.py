@@ -13,6 +13,16 @@ either event source:
   `batchItemFailures`, so only the records that failed stay on the queue and the rest are
   deleted; a malformed one goes to the queue's dead-letter queue after maxReceiveCount.
 
+`send_handler` is the SQS-triggered sender: each record is a job (`smartmail.jobs`), run by
+the same `Worker` as `smartmail worker`; it returns `batchItemFailures` naming only the jobs
+that must come back (could not be run, or stopped before every row had its outcome), so one
+bad job never re-sends its neighbours, and a poison job reaches the dead-letter queue after the
+queue's maxReceiveCount.
+
+`upload_handler` takes the S3 "Object Created" event (EventBridge) for
+`incoming/<folder>/<name>.csv` and enqueues it with the settings in
+`incoming/<folder>/campaign.json` (docs/scale-out.md, "The upload convention").
+
 Logs are plain `logging` records, written as JSON by the Lambda runtime when the function's
 LoggingConfig says `LogFormat: JSON` (deploy/template.yaml does): no logging library needed.
 """
@@ -22,19 +32,36 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from . import aws
 from .errors import ConfigError, SmartmailError
 from .events import RecordResult, batch_item_failures, handle_sqs_records
 from .state import STATE_ENV
 from .state_dynamodb import DynamoState, is_dynamodb_url, open_state
+
+if TYPE_CHECKING:
+    from .config import CampaignConfig
+    from .workqueue import EnqueueResult, Worker
 
 log = logging.getLogger("smartmail.aws_lambda")
 log.setLevel(os.environ.get("SMARTMAIL_LOG_LEVEL", "INFO"))
 
 # One state per container (Lambda reuses it across invocations): the table is checked once.
 _STATES: dict[str, DynamoState] = {}
+_WORKERS: dict[str, Worker] = {}
+QUEUE_ENV = "SMARTMAIL_QUEUE_URL"
+UPLOAD_BUCKET_ENV = "SMARTMAIL_UPLOAD_BUCKET"
+UPLOAD_PREFIX = "incoming/"
+UPLOAD_SETTINGS = "campaign.json"
+STOP_BEFORE_TIMEOUT_MS = 15_000
+"""A job is not started with less time than this left: it would be cut off mid-send."""
 
 
 class FeedbackFailed(SmartmailError):
@@ -142,4 +169,187 @@ def _log(results: list[RecordResult], source: str) -> None:
         sum(1 for r in results if r.ok),
         duplicates,
         suppressed,
+    )
+
+
+# --- the SQS sender ------------------------------------------------------------------------
+
+
+def worker_from_env() -> Worker:
+    """One `Worker` per container: campaigns and templates loaded once, reused across jobs."""
+    from .campaign import Secrets
+    from .workqueue import Worker
+
+    state = state_from_env()
+    found = _WORKERS.get(str(state))
+    if found is None:
+        secrets = Secrets(smtp_password=os.environ.get("SMARTMAIL_SMTP_PASSWORD"))
+        found = _WORKERS[str(state)] = Worker(
+            state,
+            rate=rate_from_env(),
+            expected_workers=expected_workers_from_env(),
+            secrets=secrets,
+        )
+    return found
+
+
+def send_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
+    """Run each SQS record's job; report the ones that must come back as partial failures."""
+    records = event.get("Records")
+    if not isinstance(records, list):
+        raise ConfigError("send_handler: the event has no Records (expected SQS)")
+    worker = worker_from_env()
+    failures: list[str] = []
+    for record in records:
+        if not isinstance(record, Mapping):
+            continue
+        message_id = str(record.get("messageId", "?"))
+        if _time_left_ms(context) < STOP_BEFORE_TIMEOUT_MS:
+            log.warning("job %s not started: the function is about to time out", message_id)
+            failures.append(message_id)
+            continue
+        received = (record.get("attributes") or {}).get("ApproximateReceiveCount", "?")
+        try:
+            outcome = worker.run_job(str(record.get("body", "")))
+        except SmartmailError as exc:
+            log.error("job %s (receive %s) not run: %s", message_id, received, exc)
+            failures.append(message_id)
+            continue
+        except Exception:
+            log.exception("job %s (receive %s): unexpected error", message_id, received)
+            failures.append(message_id)
+            continue
+        if not outcome.done:
+            log.warning("job %s left for redelivery: %s", outcome.job_id, outcome.reason)
+            failures.append(message_id)
+        else:
+            log.info(
+                "job %s: %d sent, %d failed, %d skipped",
+                outcome.job_id,
+                outcome.sent,
+                outcome.failed,
+                outcome.skipped,
+            )
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
+
+
+def _time_left_ms(context: Any) -> float:
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return float(remaining()) if callable(remaining) else float("inf")
+
+
+# --- the S3 upload trigger -----------------------------------------------------------------
+
+
+def upload_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
+    """Enqueue a CSV uploaded as incoming/<folder>/<name>.csv, with the settings and template
+    found beside it (incoming/<folder>/campaign.json). Anything else is ignored."""
+    from .workqueue import enqueue_campaign
+
+    bucket, key = _uploaded_object(event)
+    if not key.startswith(UPLOAD_PREFIX) or not key.lower().endswith(".csv"):
+        log.info("s3://%s/%s: not a list under %s*.csv; ignored", bucket, key, UPLOAD_PREFIX)
+        return {"ignored": key}
+    queue_url = os.environ.get(QUEUE_ENV, "")
+    if not queue_url:
+        raise ConfigError(f"${QUEUE_ENV} must name the send queue for upload_handler")
+    folder = key.rsplit("/", 1)[0] + "/"
+    s3 = aws.client("s3")
+    with tempfile.TemporaryDirectory(prefix="smartmail-upload-") as scratch:
+        config, rows_per_job = upload_config(s3, bucket, folder, key, Path(scratch))
+        result = enqueue_campaign(
+            config,
+            queue_url,
+            state_from_env(),
+            template_bucket=os.environ.get(UPLOAD_BUCKET_ENV) or bucket,
+            rows_per_job=rows_per_job,
+            warn=lambda line: log.warning("s3://%s/%s: %s", bucket, key, line),
+            s3=s3,
+        )
+    _log_enqueued(result, bucket, key)
+    return {
+        "campaign": result.campaign,
+        "queued": result.queued_rows,
+        "jobs": result.jobs,
+        "already_queued": result.already_queued,
+        "skipped": result.skipped,
+    }
+
+
+def upload_config(
+    s3: Any, bucket: str, folder: str, key: str, scratch: Path
+) -> tuple[CampaignConfig, int]:
+    """The campaign's config from `folder`campaign.json, its template files downloaded into
+    `scratch`. Template names are relative to the folder and may not leave it."""
+    from .campaign import CampaignConfig
+
+    where = f"s3://{bucket}/{folder}{UPLOAD_SETTINGS}"
+    try:
+        raw = s3.get_object(Bucket=bucket, Key=folder + UPLOAD_SETTINGS)["Body"].read()
+        settings = json.loads(raw)
+    except (ClientError, BotoCoreError) as exc:
+        raise ConfigError(f"{where}: cannot read the campaign settings ({exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(settings, dict) or not settings.get("template"):
+        raise ConfigError(f'{where}: a JSON object naming at least "template" is needed')
+    if settings.get("attachments_dir"):
+        raise ConfigError(
+            f"{where}: attachments are not taken from uploads; use `smartmail enqueue`"
+        )
+    rows_per_job = int(settings.pop("rows_per_job", 10))
+    for name in ("template", "html_template"):
+        if settings.get(name):
+            settings[name] = str(_download(s3, bucket, folder, str(settings[name]), scratch))
+    settings["source"] = f"s3://{bucket}/{key}"
+    settings.setdefault("transport", os.environ.get("SMARTMAIL_TRANSPORT") or _ses_here())
+    if os.environ.get("SMARTMAIL_CONFIGURATION_SET"):
+        settings.setdefault("configuration_set", os.environ["SMARTMAIL_CONFIGURATION_SET"])
+    settings.setdefault("version", 1)
+    return CampaignConfig.from_dict(settings), rows_per_job
+
+
+def _download(s3: Any, bucket: str, folder: str, name: str, scratch: Path) -> Path:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1:
+        raise ConfigError(
+            f"s3://{bucket}/{folder}{UPLOAD_SETTINGS}: {name!r} must be a file name in the "
+            "same folder"
+        )
+    target = scratch / rel.name
+    try:
+        body = s3.get_object(Bucket=bucket, Key=folder + name)["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise ConfigError(f"s3://{bucket}/{folder}{name}: cannot read it ({exc})") from None
+    target.write_bytes(body)
+    return target
+
+
+def _ses_here() -> str:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    return f"ses://{region}" if region else "ses://"
+
+
+def _uploaded_object(event: Mapping[str, Any]) -> tuple[str, str]:
+    """Bucket and key of an EventBridge "Object Created" event (or an S3 notification)."""
+    detail = event.get("detail")
+    try:
+        if isinstance(detail, Mapping):
+            return str(detail["bucket"]["name"]), str(detail["object"]["key"])
+        record = event["Records"][0]["s3"]
+        return str(record["bucket"]["name"]), unquote_plus(str(record["object"]["key"]))
+    except (KeyError, IndexError, TypeError):
+        raise ConfigError("upload_handler: not an S3 Object Created event") from None
+
+
+def _log_enqueued(result: EnqueueResult, bucket: str, key: str) -> None:
+    log.info(
+        "s3://%s/%s: campaign %s, %d row(s) queued in %d job(s), %d already queued, %d skipped",
+        bucket,
+        key,
+        result.campaign,
+        result.queued_rows,
+        result.jobs,
+        result.already_queued,
+        result.skipped,
     )

@@ -1230,3 +1230,239 @@ def _events_table(summary: ConsumeSummary) -> Table:
     if summary.delete_failed:
         table.add_row("applied, not deleted", str(len(summary.delete_failed)))
     return table
+
+
+# --- the send queue: enqueue and worker (smartmail.workqueue) ---------------------------------
+
+
+@cli.command("enqueue")
+@common_options
+@transport_options
+@click.option(
+    "--queue",
+    "queue_url",
+    required=True,
+    envvar="SMARTMAIL_QUEUE_URL",
+    show_envvar=True,
+    help="URL of the SQS send queue.",
+)
+@click.option(
+    "--state",
+    "state_path",
+    envvar=STATE_ENV,
+    show_envvar=True,
+    help="The shared state: dynamodb://TABLE[?region=R] (workers claim rows in it).",
+)
+@click.option(
+    "--template-bucket",
+    metavar="BUCKET",
+    envvar="SMARTMAIL_TEMPLATE_BUCKET",
+    show_envvar=True,
+    help="Store the template (and attachments) in s3://BUCKET/templates/SHA256.json. "
+    "Default: inline in the campaign's record, when under 64 KB.",
+)
+@click.option(
+    "--rows-per-job",
+    type=click.IntRange(1, 1000),
+    default=10,
+    show_default=True,
+    help="Rows in each queue message.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=4,
+    show_default=True,
+    help="Parallel senders within each job, in each worker.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Messages per second for each worker (workers can override it). Default: the "
+    "transport's, divided by --expected-workers.",
+)
+@click.option(
+    "--expected-workers",
+    type=click.IntRange(1, 10000),
+    default=1,
+    show_default=True,
+    help="How many workers send on this account at once; without --rate each takes this "
+    "share of the SES account's rate.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 20),
+    default=3,
+    show_default=True,
+    help="Retries of a transient failure, in the worker.",
+)
+@click.option(
+    "--retry-wait",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="First backoff wait in seconds, in the worker.",
+)
+@click.option(
+    "--configuration-set",
+    envvar="SMARTMAIL_CONFIGURATION_SET",
+    show_envvar=True,
+    help="SES configuration set for every message (events, dedicated IPs).",
+)
+def enqueue_cmd(queue_url: str, template_bucket: str | None, rows_per_job: int, **kw: Any) -> None:
+    """Validate every row as `send` does, then queue the rows as jobs for `smartmail worker`
+    or the Lambda sender.
+
+    Nothing is queued if pre-flight finds a problem. Running it again for the same campaign
+    queues only rows that were neither queued nor sent before.
+    """
+    from .state_store import open_state
+    from .workqueue import enqueue_campaign
+
+    setup_logging(kw["debug"])
+    state = open_state(kw["state_path"])
+
+    import time
+
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        # A line every few seconds (a million rows are 10,000 batches), and the last one.
+        now = time.monotonic()
+        if done == total or now - shown[0] >= 5:
+            shown[0] = now
+            say_err(f"queued {done} of {total} row(s)")
+
+    result = enqueue_campaign(
+        _config(kw),
+        queue_url,
+        state,
+        template_bucket=template_bucket,
+        rows_per_job=rows_per_job,
+        warn=warn,
+        progress=progress,
+    )
+    from rich.table import Table
+
+    table = Table(title="smartmail enqueue", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_row("campaign", printable(result.campaign))
+    table.add_row("source", printable(result.source))
+    table.add_row("template", result.template.s3 or f"inline, sha256 {result.template.sha256[:12]}")
+    table.add_row("rows", str(result.rows))
+    table.add_row("queued (rows)", str(result.queued_rows))
+    table.add_row("jobs", str(result.jobs))
+    table.add_row("already queued", str(result.already_queued))
+    table.add_row("skipped", str(result.skipped))
+    for reason, count in sorted(result.skip_reasons.items()):
+        table.add_row(f"  {printable(reason)}", str(count))
+    table.add_row("elapsed", f"{result.elapsed_seconds:.1f} s")
+    out_console().print(table)
+    if not result.queued_rows:
+        out_console().print(
+            f"nothing new to queue (campaign {printable(result.campaign)})", markup=False
+        )
+
+
+@cli.command("worker")
+@click.option(
+    "--queue",
+    "queue_url",
+    required=True,
+    envvar="SMARTMAIL_QUEUE_URL",
+    show_envvar=True,
+    help="URL of the SQS send queue.",
+)
+@click.option(
+    "--state",
+    "state_path",
+    envvar=STATE_ENV,
+    show_envvar=True,
+    help="The shared state: dynamodb://TABLE[?region=R], as given to enqueue.",
+)
+@click.option("--max-jobs", type=click.IntRange(1), help="Exit after taking this many jobs.")
+@click.option(
+    "--idle-exit",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Exit when the queue has been empty this long. Default: run until stopped.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="This worker's messages per second (its share of the account's). Default: the "
+    "campaign's (its --rate, or the account's rate / its --expected-workers).",
+)
+@click.option(
+    "--visibility-timeout",
+    type=click.IntRange(1, SQS_MAX_VISIBILITY),
+    metavar="SECONDS",
+    help="How long a job stays hidden from other workers; extended while it is worked on. "
+    "Default: the queue's.",
+)
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV, help="Show tracebacks and debug logs.")
+def worker_cmd(
+    queue_url: str,
+    state_path: str | None,
+    max_jobs: int | None,
+    idle_exit: float | None,
+    rate: float | None,
+    visibility_timeout: int | None,
+    debug: bool,
+) -> None:
+    """Send queued jobs (long polling), deleting each job once its rows' outcomes are in
+    the ledger. Run as many as the rate allows, on one machine or many.
+
+    SIGTERM or Ctrl-C finishes the job in hand, then exits; a second one stops that job too
+    (messages in flight finish; the rest of the job goes back to the queue).
+    """
+    from .state_store import open_state
+    from .workqueue import JobOutcome, run_worker
+
+    setup_logging(debug)
+    state = open_state(state_path)
+    stop, abort = threading.Event(), threading.Event()
+    received: list[int] = []
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            abort.set()
+            say_err(f"[yellow]{name} again: stopping the job in hand (the rest goes back)[/]")
+        else:
+            stop.set()
+            say_err(f"[yellow]{name}: finishing the job in hand, then exiting (again: stop it)[/]")
+
+    def report(outcome: JobOutcome | None, line: str) -> None:
+        say_err("", line)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = run_worker(
+            queue_url,
+            state,
+            max_jobs=max_jobs,
+            idle_exit=idle_exit,
+            rate=rate,
+            visibility=visibility_timeout,
+            secrets=_secrets(),
+            stop=stop,
+            abort=abort,
+            on_job=report,
+        )
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    out_console().print(
+        f"worker: {summary.jobs} job(s) taken, {summary.done} done, {summary.left} left for "
+        f"redelivery, {summary.failed_jobs} could not be run; {summary.sent} sent, "
+        f"{summary.failed} failed, {summary.skipped} skipped"
+        + (f" ({summary.stopped})" if summary.stopped else ""),
+        markup=False,
+    )
+    if received:
+        raise SystemExit(EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+    if summary.failed or summary.failed_jobs:
+        raise SystemExit(EXIT_SOME_FAILED)

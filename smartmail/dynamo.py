@@ -10,6 +10,7 @@ everything, keyed by `pk`/`sk` (string), with one sparse global secondary index 
 | delivery | `D#<campaign>` | recipient key | `P#<provider id>` / recipient, once sent |
 | suppression | `S#<address>` | `S` | `SUPPRESSIONS` / address |
 | feedback event | `E#<feedback id>` | `<type>#<recipient>` | - |
+| queued job (`workqueue`) | `Q#<campaign>` | `<job id>#<digest>` | - |
 
 Deliveries, campaigns and events carry `expires_at` (epoch seconds; the table's TTL attribute),
 set `retention_days` after their last write: a campaign re-run after that sends again.

@@ -74,6 +74,8 @@ def test_policy_is_valid_least_privilege_json() -> None:
         "ses:GetSendQuota",
         "ses:GetEmailIdentity",
         "s3:GetObject",
+        "s3:PutObject",
+        "sqs:SendMessage",
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
@@ -230,3 +232,38 @@ def test_every_client_method_named_in_the_code_is_allowed_by_the_policy() -> Non
         if all(not_allowed([call]) for call in operations[name])
     }
     assert refused == {}
+
+
+@mock_aws
+@pytest.mark.usefixtures("aws_env")
+def test_every_call_of_the_send_queue_is_allowed_by_the_policy(
+    recorder: OperationRecorder, tmp_path: Path, template_file: Path
+) -> None:
+    """`enqueue` with a template bucket, and a worker slow enough to extend a job's visibility."""
+    from smartmail.config import CampaignConfig
+    from smartmail.workqueue import enqueue_campaign, run_worker
+
+    verify_sender()
+    boto3.client("s3", region_name=REGION).create_bucket(Bucket="TEMPLATE_BUCKET")
+    url = boto3.client("sqs", region_name=REGION).create_queue(QueueName="SEND_QUEUE")["QueueUrl"]
+    state = open_state(f"dynamodb://STATE_TABLE?region={REGION}")
+    config = CampaignConfig(
+        template=str(template_file),
+        source=str(make_csv(tmp_path / "r.csv", 3)),
+        transport=f"ses://{REGION}",
+        rate=2,  # three rows take a second: the heartbeat (every 0.5 s) extends the job
+        campaign="c",
+    )
+    assert enqueue_campaign(config, url, state, template_bucket="TEMPLATE_BUCKET").jobs == 1
+    summary = run_worker(url, state, max_jobs=1, wait_seconds=0, visibility=1)
+    assert summary.sent == 3
+    queue_calls = {c for c in recorder.calls if c[0] in ("sqs", "s3")}
+    assert queue_calls == {
+        ("s3", "PutObject"),
+        ("s3", "GetObject"),
+        ("sqs", "SendMessageBatch"),
+        ("sqs", "ReceiveMessage"),
+        ("sqs", "ChangeMessageVisibility"),
+        ("sqs", "DeleteMessage"),
+    }
+    assert not_allowed(recorder.calls) == []

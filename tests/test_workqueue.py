@@ -1,0 +1,683 @@
+"""The send queue: `enqueue` puts a campaign on SQS, workers (`smartmail worker` processes and
+the Lambda sender) send it through SES with the shared DynamoDB ledger. Offline: moto for
+SQS, S3, SES, SNS and DynamoDB; Lambda events shaped as Lambda delivers them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from smartmail import aws_lambda
+from smartmail.config import CampaignConfig
+from smartmail.errors import ConfigError, PreflightError, SmartmailError
+from smartmail.jobs import MAX_MESSAGE_BYTES, Job, JobError, TemplateRef, pack
+from smartmail.sources import Row
+from smartmail.state_dynamodb import open_state
+from smartmail.state_store import SqliteState
+from smartmail.workqueue import enqueue_campaign, queued_keys, run_worker
+
+from .aws_helpers import REGION, ses_backend, verify_sender
+from .conftest import TEMPLATE, free_port, make_csv, write
+from .dynamo_helpers import atomic_moto, serialise_moto_item_writes
+from .test_aws_lambda import sns_event
+from .test_events import bounce
+
+__all__ = ["atomic_moto"]
+URL = f"dynamodb://queue-state?region={REGION}"
+
+
+@pytest.fixture
+def aws(aws_env: None, atomic_moto: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("SMARTMAIL_STATE", URL)
+    aws_lambda._STATES.clear()
+    aws_lambda._WORKERS.clear()
+    with mock_aws():
+        verify_sender()
+        yield
+    for worker in aws_lambda._WORKERS.values():
+        worker.close()
+    aws_lambda._WORKERS.clear()
+    aws_lambda._STATES.clear()
+
+
+def make_queue(name: str = "send", *, visibility: int = 30, dlq: bool = False) -> str:
+    sqs: Any = boto3.client("sqs", region_name=REGION)
+    attributes: dict[str, Any] = {"VisibilityTimeout": str(visibility)}
+    if dlq:
+        dead = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        attributes["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": 3})
+    return str(sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"])
+
+
+def depth(url: str) -> tuple[int, int]:
+    attrs = boto3.client("sqs", region_name=REGION).get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(
+        attrs["ApproximateNumberOfMessagesNotVisible"]
+    )
+
+
+def config(tmp_path: Path, csv: Path, **kw: Any) -> CampaignConfig:
+    template = tmp_path / "msg.txt"
+    if not template.exists():
+        write(template, TEMPLATE)
+    return CampaignConfig(
+        template=str(template),
+        source=str(csv),
+        transport=f"ses://{REGION}",
+        rate=1000,
+        retry_wait=0,
+        **kw,
+    )
+
+
+def sent_per_recipient() -> Counter[str]:
+    return Counter(m.destinations[0] for m in ses_backend().sent_messages)
+
+
+def receive_all(url: str) -> list[dict[str, Any]]:
+    """Every message on the queue, made visible again at once (VisibilityTimeout 0)."""
+    sqs: Any = boto3.client("sqs", region_name=REGION)
+    found: dict[str, dict[str, Any]] = {}
+    for _ in range(20):
+        got = sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, AttributeNames=["All"]
+        ).get("Messages", [])
+        new = [m for m in got if m["MessageId"] not in found]
+        if not new and got:
+            break
+        if not got:
+            break
+        found.update({m["MessageId"]: m for m in new})
+    return list(found.values())
+
+
+def sqs_event(messages: list[dict[str, Any]], url: str) -> dict[str, Any]:
+    """The event an SQS event source mapping hands the sender function."""
+    arn = f"arn:aws:sqs:{REGION}:123456789012:{url.rsplit('/', 1)[-1]}"
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": arn,
+                "awsRegion": REGION,
+            }
+            for m in messages
+        ]
+    }
+
+
+class LambdaContext:
+    def __init__(self, millis: int = 120_000) -> None:
+        self.millis = millis
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.millis
+
+
+# --- the job format ------------------------------------------------------------------------
+
+
+def test_jobs_hold_a_few_rows_each_and_never_exceed_what_sqs_takes() -> None:
+    ref = TemplateRef("ab" * 32)
+    rows = [Row(i + 2, {"email": f"u{i}@example.org", "note": "x" * 30_000}) for i in range(25)]
+    jobs = pack("c", ref, ["email", "note"], rows, rows_per_job=10)
+    assert [r.number for j in jobs for r in j.rows] == [r.number for r in rows]  # all, in order
+    assert all(len(j.to_json().encode()) <= MAX_MESSAGE_BYTES for j in jobs)
+    assert max(len(j.rows) for j in jobs) < 10  # 10 such rows would be 300 KB: split
+    again = Job.from_json(jobs[0].to_json())
+    assert again == jobs[0]
+    huge = [Row(7, {"email": "u@example.org", "note": "x" * 300_000})]
+    with pytest.raises(ConfigError, match="row 7: too large for one queue message"):
+        pack("c", ref, ["email", "note"], huge)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("not json", "not JSON"),
+        ('{"v": 2, "campaign": "c"}', "version 2"),
+        ('{"v": 1, "campaign": "c"}', "malformed"),
+        (
+            '{"v": 1, "campaign": "c", "template": {"sha256": "x"}, "columns": [], "rows": []}',
+            "no rows",
+        ),
+    ],
+)
+def test_a_message_that_is_not_a_job_is_refused_in_one_line(body: str, problem: str) -> None:
+    with pytest.raises(JobError, match=problem):
+        Job.from_json(body)
+
+
+# --- enqueue and worker, in process ----------------------------------------------------------
+
+
+def test_enqueue_then_worker_sends_every_row_once_and_empties_the_queue(
+    aws: None, tmp_path: Path
+) -> None:
+    url = make_queue()
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 23), campaign="spring")
+    seen: list[tuple[int, int]] = []
+    first = enqueue_campaign(cfg, url, state, progress=lambda d, t: seen.append((d, t)))
+    assert (first.rows, first.queued_rows, first.jobs) == (23, 23, 3)
+    assert seen[-1] == (23, 23)
+    assert depth(url) == (3, 0)
+    # Idempotent: the same campaign again queues nothing new.
+    again = enqueue_campaign(cfg, url, state)
+    assert (again.queued_rows, again.already_queued, again.jobs) == (0, 23, 0)
+    assert depth(url) == (3, 0)
+
+    lines: list[str] = []
+    summary = run_worker(
+        url, state, idle_exit=0.5, wait_seconds=0, on_job=lambda _, line: lines.append(line)
+    )
+    assert (summary.jobs, summary.done, summary.sent) == (3, 3, 23)
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(23))
+    assert depth(url) == (0, 0)
+    [status] = state.statuses("spring")
+    assert (status.sent, status.pending, status.in_doubt) == (23, 0, 0)
+    assert lines[0] == "job spring:2-11: 10 sent, 0 failed, 0 skipped"
+    # The campaign record still holds the template reference (a job run did not replace it).
+    record = state.load("spring")
+    assert (
+        record is not None and record.settings["queue_template"]["sha256"] == first.template.sha256
+    )
+
+
+def test_rows_added_to_the_list_later_are_the_only_ones_queued_next_time(
+    aws: None, tmp_path: Path
+) -> None:
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 5), campaign="c"), url, state)
+    run_worker(url, state, idle_exit=0.2, wait_seconds=0)
+    result = enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "r.csv", 8), campaign="c"), url, state
+    )
+    assert (result.queued_rows, result.skip_reasons) == (3, {"already sent": 5})
+    assert len(queued_keys(state, "c")) == 8
+
+
+def test_a_preflight_problem_queues_nothing(aws: None, tmp_path: Path) -> None:
+    url = make_queue()
+    csv = write(tmp_path / "r.csv", "email,name,code\nok@example.org,A,1\nbad-address,B,2\n")
+    with pytest.raises(PreflightError, match=r"r.csv.*row 3.*nothing was queued"):
+        enqueue_campaign(config(tmp_path, csv, on_invalid="abort"), url, open_state(URL))
+    ragged = write(tmp_path / "g.csv", "email,name,code\nok@example.org,A\n")
+    with pytest.raises(SmartmailError, match="nothing was queued"):
+        enqueue_campaign(config(tmp_path, ragged), url, open_state(URL))
+    assert depth(url) == (0, 0)
+
+
+def test_enqueue_needs_the_shared_state(aws: None, tmp_path: Path) -> None:
+    url = make_queue()
+    with pytest.raises(ConfigError, match="dynamodb://TABLE"):
+        enqueue_campaign(
+            config(tmp_path, make_csv(tmp_path / "r.csv", 2)), url, SqliteState(tmp_path / "s.db")
+        )
+
+
+def test_a_template_bucket_keeps_the_template_once_content_addressed(
+    aws: None, tmp_path: Path
+) -> None:
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    url = make_queue()
+    state = open_state(URL)
+    result = enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "r.csv", 12), campaign="c"),
+        url,
+        state,
+        template_bucket="uploads",
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="uploads")["Contents"]]
+    assert keys == [f"templates/{result.template.sha256}.json"]
+    bodies = [m["Body"] for m in receive_all(url)]
+    assert len(bodies) == 2 and all("Hello" not in b for b in bodies)  # never per job
+    assert all(json.loads(b)["template"]["s3"] == result.template.s3 for b in bodies)
+    summary = run_worker(url, state, idle_exit=0.2, wait_seconds=0)
+    assert summary.sent == 12
+
+
+def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SendMessageBatch answers 200 with some entries failed (SQS's own trouble): those
+    entries, and only those, are sent again."""
+    from botocore.stub import ANY, Stubber
+
+    from smartmail import workqueue
+
+    monkeypatch.setattr("smartmail.workqueue.time.sleep", lambda _: None)
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/send"
+    sqs = boto3.client("sqs", region_name=REGION)
+    stub = Stubber(sqs)
+    fail = {"Id": "1", "SenderFault": False, "Code": "InternalError", "Message": "try again"}
+    ok = [{"Id": i, "MessageId": f"m{i}", "MD5OfMessageBody": "x"} for i in ("0", "1", "2")]
+    stub.add_response(
+        "send_message_batch",
+        {"Successful": [ok[0], ok[2]], "Failed": [fail]},
+        {"QueueUrl": url, "Entries": ANY},
+    )
+    stub.add_response(
+        "send_message_batch",
+        {"Successful": [ok[1]], "Failed": []},
+        {"QueueUrl": url, "Entries": ANY},
+    )
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="c")
+    with stub:
+        result = enqueue_campaign(cfg, url, state, rows_per_job=2, sqs=sqs)
+        stub.assert_no_pending_responses()
+    assert (result.jobs, result.queued_rows) == (3, 6)
+    assert len(queued_keys(state, "c")) == 6
+
+    # A refusal that is the request's own fault is not sent again: the command says what
+    # was queued, and a re-run queues the rest.
+    stub = Stubber(sqs)
+    refused = {"Id": "0", "SenderFault": True, "Code": "InvalidMessageContents", "Message": "no"}
+    stub.add_response(
+        "send_message_batch",
+        {"Successful": [], "Failed": [refused]},
+        {"QueueUrl": url, "Entries": ANY},
+    )
+    more = config(tmp_path, make_csv(tmp_path / "r.csv", 8), campaign="c")
+    with stub, pytest.raises(workqueue.QueueError, match=r"1 job.*InvalidMessageContents.*0 row"):
+        enqueue_campaign(more, url, state, rows_per_job=2, sqs=sqs)
+    assert len(queued_keys(state, "c")) == 6
+
+
+def test_the_enqueue_command_prints_a_summary_and_queues_nothing_twice(
+    aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_ses_cli import run_cli
+
+    url = make_queue()
+    csv = make_csv(tmp_path / "r.csv", 12)
+    write(tmp_path / "msg.txt", TEMPLATE)
+    args = [
+        "enqueue", str(csv), "-t", str(tmp_path / "msg.txt"), "--transport", f"ses://{REGION}",
+        "--queue", url, "--state", URL, "--campaign", "cli", "--rows-per-job", "5",
+    ]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "queued 12 of 12 row(s)" in err
+    assert "queued (rows)" in out and "jobs" in out
+    assert depth(url) == (3, 0)
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "nothing new to queue (campaign cli)" in out
+    assert depth(url) == (3, 0)
+    # The default (SQLite) state cannot be shared by workers: refused, nothing queued.
+    monkeypatch.delenv("SMARTMAIL_STATE")
+    code, _, err = run_cli([a for a in args if a not in ("--state", URL)], capsys)
+    assert code == 2 and "give --state dynamodb://TABLE" in err
+    assert depth(url) == (3, 0)
+
+
+# --- the Lambda sender -------------------------------------------------------------------------
+
+
+def test_the_same_job_twice_in_one_event_sends_each_row_once(aws: None, tmp_path: Path) -> None:
+    url = make_queue()
+    enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "r.csv", 4), campaign="c"), url, open_state(URL)
+    )
+    [message] = receive_all(url)
+    event = sqs_event([message, {**message, "MessageId": "copy-of-the-same-job"}], url)
+    assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(4))
+
+
+def test_one_transient_failure_in_ten_jobs_reports_only_that_job(aws: None, tmp_path: Path) -> None:
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "a.csv", 9), campaign="a"),
+        url,
+        state,
+        rows_per_job=1,
+    )
+    # Campaign b's SMTP server is down: its job stops with its row unsent, to come back later.
+    down = config(tmp_path, make_csv(tmp_path / "b.csv", 1, domain="b.example"), campaign="b")
+    down.transport = f"smtp://127.0.0.1:{free_port()}"
+    down.smtp_security, down.max_retries, down.timeout = "none", 0, 2.0
+    enqueue_campaign(down, url, state)
+    messages = receive_all(url)
+    assert len(messages) == 10
+    bad = next(m["MessageId"] for m in messages if json.loads(m["Body"])["campaign"] == "b")
+
+    result = aws_lambda.send_handler(sqs_event(messages, url), LambdaContext())
+    assert result == {"batchItemFailures": [{"itemIdentifier": bad}]}
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(9))
+    [b] = state.statuses("b")
+    assert (b.sent, b.pending, b.failed) == (0, 1, 0)  # unsent, not failed: it comes back
+
+
+def test_a_poison_job_lands_in_the_dead_letter_queue_after_three_receives(
+    aws: None, tmp_path: Path
+) -> None:
+    url = make_queue(visibility=1, dlq=True)
+    state = open_state(URL)
+    result = enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="c"), url, state
+    )
+    # A job whose row the template cannot render (no `name` or `code` column).
+    poison = Job("c", result.template, ["email"], [Row(9, {"email": "p@example.org"})])
+    sqs: Any = boto3.client("sqs", region_name=REGION)
+    sqs.send_message(QueueUrl=url, MessageBody=poison.to_json())
+
+    receives: Counter[str] = Counter()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and depth(url) != (0, 0):
+        got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["All"]).get(
+            "Messages", []
+        )
+        if not got:
+            time.sleep(0.3)
+            continue
+        failed = aws_lambda.send_handler(sqs_event(got, url), LambdaContext())
+        reported = {f["itemIdentifier"] for f in failed["batchItemFailures"]}
+        for m in got:  # what the event source mapping does with the answer
+            receives[m["Body"]] += 1
+            if m["MessageId"] not in reported:
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    assert receives[poison.to_json()] == 3
+    dlq = sqs.get_queue_url(QueueName="send-dlq")["QueueUrl"]
+    [dead] = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10)["Messages"]
+    assert dead["Body"] == poison.to_json()
+    assert sent_per_recipient() == Counter(["user0@example.org", "user1@example.org"])
+
+
+def test_a_job_is_not_started_when_the_function_is_about_to_time_out(
+    aws: None, tmp_path: Path
+) -> None:
+    url = make_queue()
+    enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="c"), url, open_state(URL)
+    )
+    [message] = receive_all(url)
+    result = aws_lambda.send_handler(sqs_event([message], url), LambdaContext(millis=5_000))
+    assert result == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    assert sent_per_recipient() == Counter()
+
+
+# --- the S3 upload trigger and SES feedback ------------------------------------------------------
+
+
+def upload_event(bucket: str, key: str) -> dict[str, Any]:
+    """What EventBridge delivers for an S3 "Object Created" notification."""
+    return {
+        "version": "0",
+        "id": "17793124-05d4-b198-2fde-7ededc63b103",
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "account": "123456789012",
+        "time": "2026-11-23T10:00:00Z",
+        "region": REGION,
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {
+            "version": "0",
+            "bucket": {"name": bucket},
+            "object": {"key": key, "size": 120, "etag": "b1946ac92492d2347c6235b4d2611184"},
+            "request-id": "N4N7GDK58NMKJ12R",
+            "requester": "123456789012",
+            "reason": "PutObject",
+        },
+    }
+
+
+def test_an_upload_is_enqueued_and_a_bounce_keeps_the_address_out_of_the_next_one(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = make_queue()
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", url)
+    monkeypatch.setenv("SMARTMAIL_UPLOAD_BUCKET", "uploads")
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    for folder in ("spring", "summer"):
+        settings = {"template": "msg.txt", "campaign": folder, "rate": 1000, "retry_wait": 0}
+        s3.put_object(Bucket="uploads", Key=f"incoming/{folder}/msg.txt", Body=TEMPLATE.encode())
+        s3.put_object(
+            Bucket="uploads",
+            Key=f"incoming/{folder}/campaign.json",
+            Body=json.dumps(settings).encode(),
+        )
+    s3.put_object(
+        Bucket="uploads",
+        Key="incoming/spring/list.csv",
+        Body=make_csv(tmp_path / "a.csv", 4).read_bytes(),
+    )
+    ignored = aws_lambda.upload_handler(upload_event("uploads", "incoming/spring/msg.txt"))
+    assert ignored == {"ignored": "incoming/spring/msg.txt"}
+    done = aws_lambda.upload_handler(upload_event("uploads", "incoming/spring/list.csv"))
+    assert (done["campaign"], done["queued"], done["jobs"]) == ("spring", 4, 1)
+    state = aws_lambda.state_from_env()
+    run_worker(url, state, idle_exit=0.2, wait_seconds=0)
+    assert sum(sent_per_recipient().values()) == 4
+
+    # SES says user2 bounced (SNS -> the feedback function): the next upload skips it.
+    provider_id = next(
+        m.id for m in ses_backend().sent_messages if m.destinations[0] == "user2@example.org"
+    )
+    aws_lambda.feedback_handler(sns_event(bounce(provider_id, ["user2@example.org"])), None)
+    s3.put_object(
+        Bucket="uploads",
+        Key="incoming/summer/list.csv",
+        Body=make_csv(tmp_path / "b.csv", 6).read_bytes(),
+    )
+    nxt = aws_lambda.upload_handler(upload_event("uploads", "incoming/summer/list.csv"))
+    assert (nxt["campaign"], nxt["queued"], nxt["skipped"]) == ("summer", 5, 1)
+    bodies = [json.loads(m["Body"]) for m in receive_all(url)]
+    queued = {r[1]["email"] for b in bodies for r in b["rows"]}
+    assert "user2@example.org" not in queued and len(queued) == 5
+
+
+def test_upload_settings_may_not_reach_outside_their_folder(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", make_queue())
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    s3.put_object(
+        Bucket="uploads",
+        Key="incoming/x/campaign.json",
+        Body=json.dumps({"template": "../../secret/msg.txt"}).encode(),
+    )
+    s3.put_object(Bucket="uploads", Key="incoming/x/list.csv", Body=b"email\na@example.org\n")
+    with pytest.raises(ConfigError, match="must be a file name in the same folder"):
+        aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
+
+
+# --- three `smartmail worker` processes on one queue ----------------------------------------------
+
+
+@pytest.fixture
+def moto_server(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    serialise_moto_item_writes(monkeypatch)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    # moto's backends live in this process, whichever server serves them: start empty.
+    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset, timeout=10).close()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_three_worker_processes_share_one_queue_and_send_every_row_once(
+    moto_server: str, tmp_path: Path
+) -> None:
+    verify_sender(endpoint_url=moto_server)
+    url = make_queue(visibility=2)
+    state = open_state(URL)
+    rows = 60
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", rows), campaign="big")
+    result = enqueue_campaign(cfg, url, state, rows_per_job=5)
+    assert result.jobs == 12
+    # SQS delivers at least once: put a second copy of four jobs on the queue.
+    sqs = boto3.client("sqs", region_name=REGION)
+    for message in receive_all(url)[:4]:
+        sqs.send_message(QueueUrl=url, MessageBody=message["Body"])
+
+    env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_STATE"}
+    command = [
+        sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL,
+        "--idle-exit", "3", "--visibility-timeout", "2",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=150))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+        assert "worker:" in out
+    with urllib.request.urlopen(f"{moto_server}/moto-api/data.json", timeout=10) as answer:
+        data = json.load(answer)
+    sent = Counter(m["destinations"][0] for m in data["ses"]["RawMessage"])
+    assert sent == Counter(f"user{i}@example.org" for i in range(rows))  # each exactly once
+    assert depth(url) == (0, 0)
+    [status] = state.statuses("big")
+    assert (status.sent, status.addresses, status.in_doubt, status.pending) == (rows, rows, 0, 0)
+    taken = sum(int(out.split("worker: ")[1].split(" job")[0]) for out, _ in outputs)
+    assert taken == 16  # 12 jobs and the 4 copies, each taken once
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_job_in_hand_and_leaves_the_rest_on_the_queue(
+    moto_server: str, tmp_path: Path
+) -> None:
+    verify_sender(endpoint_url=moto_server)
+    url = make_queue(visibility=30)
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="term")
+    cfg.rate = 1  # a job of 3 rows takes two seconds
+    enqueue_campaign(cfg, url, state, rows_per_job=3)
+    env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_STATE"}
+    command = [sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ses_sent(moto_server):
+            time.sleep(0.05)
+        assert ses_sent(moto_server), "the worker never started sending"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "finishing the job in hand" in err
+    assert "1 job(s) taken, 1 done" in out
+    assert sorted(ses_sent(moto_server)) == [
+        "user0@example.org",
+        "user1@example.org",
+        "user2@example.org",
+    ]
+    assert depth(url) == (1, 0)  # the other job, untouched, for the next worker
+    [status] = state.statuses("term")
+    assert (status.sent, status.in_doubt, status.in_flight) == (3, 0, 0)
+
+
+def ses_sent(endpoint: str) -> list[str]:
+    with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=10) as answer:
+        data = json.load(answer)
+    return [m["destinations"][0] for m in data["ses"]["RawMessage"]]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_leaves_it_to_the_next_and_at_most_its_row_in_flight(
+    moto_server: str, tmp_path: Path
+) -> None:
+    """SIGKILL: no clean-up at all. The job is not deleted, so it comes back when its
+    visibility runs out; the next worker sends what was not sent, and the row the dead worker
+    was sending is held back (being sent, then in doubt), never sent twice."""
+    verify_sender(endpoint_url=moto_server)
+    url = make_queue(visibility=2)
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="crash", workers=1)
+    cfg.rate = 2
+    enqueue_campaign(cfg, url, state, rows_per_job=6)
+    env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_STATE"}
+    command = [sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(ses_sent(moto_server)) < 2:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = ses_sent(moto_server)
+    assert 2 <= len(before) < 6, "the worker was not killed mid-job"
+    assert depth(url) == (0, 1)  # still held by the dead worker
+
+    summary = run_worker(url, state, max_jobs=1, idle_exit=10, wait_seconds=1)
+    assert (summary.jobs, summary.done) == (1, 1)
+    sent = Counter(ses_sent(moto_server))
+    assert max(sent.values()) == 1  # nobody twice
+    [status] = state.statuses("crash")
+    held = status.in_flight + status.in_doubt  # claimed by the dead worker, outcome unknown
+    assert status.sent + held == 6 and held <= 1  # at most the row it was sending
+    # That row may or may not have reached SES before the kill: that is what "in doubt" means.
+    assert status.sent <= len(sent) <= status.sent + held
+    assert depth(url) == (0, 0)
+
+
+def test_a_worker_on_a_queue_that_does_not_exist_says_so_in_one_line(aws: None) -> None:
+    url = f"https://sqs.{REGION}.amazonaws.com/123456789012/no-such-queue"
+    with pytest.raises(ConfigError, match="no-such-queue: cannot read the queue"):
+        run_worker(url, open_state(URL), max_jobs=1, wait_seconds=0)
