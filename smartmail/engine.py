@@ -14,6 +14,7 @@ and after each outcome, and can veto a row (suppressed, already sent).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -107,6 +108,11 @@ class Journal(Protocol):
     def record(self, outcome: Outcome) -> None:
         """Called once per row with how it ended."""
         ...
+
+
+# A journal may also have `ahead(message)`: a worker calls it with the row it will send next
+# while it sends the current one, so the journal can make that row's mark durable in the
+# background and `sending()` for it need not wait (the ledger does; see docs/ledger.md).
 
 
 class NullJournal:
@@ -377,11 +383,20 @@ class Run:
 
     def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
         session = self.transport.open_session()
+        # A journal with `ahead` starts marking the next row while this one is sent.
+        ahead = getattr(self.journal, "ahead", None)
+        following: list[_Job | None] = []
         try:
             while True:
-                job = jobs.get()
+                job = following.pop() if following else jobs.get()
                 if job is None:
                     return
+                if ahead is not None:
+                    with contextlib.suppress(queue.Empty):
+                        following.append(jobs.get_nowait())
+                    if following and following[0] is not None and not self.stop.is_set():
+                        with contextlib.suppress(Exception):  # sending() reports any error
+                            ahead(following[0].message)
                 self._send_one(session, job.message)
         finally:
             session.close()

@@ -8,21 +8,25 @@ left. It is *in doubt* and, by default, not sent again (at most once); `smartmai
 CAMPAIGN --in-doubt` sends those on purpose.
 
 Writes go through one writer thread with its own connection that commits whatever is queued in
-one transaction (group commit), so a 16-worker run pays one fsync per batch, not one per
-message. A worker waits only for its `sending` commit. Outcomes are queued without waiting: the
-writer takes the queue in order, so a worker's outcome is committed no later than its next
-`sending`, and at most one row per worker can be left in doubt by a crash. `close()` commits
-the rest. Reads (`skip_reason`) use a connection per calling thread.
+one transaction (group commit), so many workers share one fsync. A worker marks the row it
+will send next (`ahead`) while it sends the current one; the writer commits that mark in the
+background, so by the time the worker needs it durable it usually is, and the worker does not
+wait. Outcomes are queued without waiting, in order, so a worker's outcome is committed no
+later than the mark of its row after next. A crash therefore leaves at most two rows per
+worker in doubt: the one in flight and the one marked ahead. `close()` commits the rest.
+Reads (`skip_reason`) use a connection per calling thread.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import queue
 import sqlite3
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,9 @@ from .suppression import key as suppression_key
 Resend = Literal["failed", "in-doubt"] | None
 NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 BATCH = 500
+WRITER_CHECK = 5.0  # seconds between checks that the writer is alive while waiting
+LINGER = 0.002  # seconds the writer waits for more statements when nobody waits yet
+IDLE_FLUSH = 0.2  # seconds: outcomes not followed by a `sending` are committed within this
 
 _SENDING = f"""
 INSERT INTO deliveries (campaign, recipient, row_number, row_json, status, attempts, message_id,
@@ -73,6 +80,17 @@ ON CONFLICT (campaign, recipient) DO UPDATE SET
     status = 'skipped', last_error = excluded.last_error, row_number = excluded.row_number,
     row_json = excluded.row_json, updated_at = {NOW}
 WHERE deliveries.status IN ('pending', 'skipped')
+"""
+# The outcome of a row this run marked `sending`: the row exists and holds its values already,
+# so only the status changes (no second copy of the row's JSON).
+_SENT_MINE = f"""
+UPDATE deliveries SET status = 'sent', provider_id = ?, last_error = NULL, sent_at = {NOW},
+    updated_at = {NOW}
+WHERE campaign = ? AND recipient = ?
+"""
+_FAILED_MINE = f"""
+UPDATE deliveries SET status = 'failed', last_error = ?, updated_at = {NOW}
+WHERE campaign = ? AND recipient = ? AND status != 'sent'
 """
 _BACK_TO_PENDING = f"""
 UPDATE deliveries SET status = 'pending', last_error = ?, updated_at = {NOW}
@@ -119,22 +137,43 @@ class CampaignRecord:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
 class _Op:
-    sql: str | None
-    params: tuple[Any, ...] = ()
-    done: Future[None] | None = None
+    """One statement for the writer; `done` (a locked lock) is released once it is committed."""
+
+    __slots__ = ("done", "error", "params", "sql")
+
+    def __init__(
+        self, sql: str | None, params: tuple[Any, ...], done: threading.Lock | None
+    ) -> None:
+        self.sql = sql
+        self.params = params
+        self.done = done
+        self.error: BaseException | None = None
 
 
 class _Writer(threading.Thread):
-    """The one thread that writes: commits each batch of queued statements in one transaction."""
+    """The one thread that writes: commits everything queued so far in one transaction.
+
+    Statements go on `ops`, a deque, in the order they were made. A caller that is waiting
+    for its statement rings `doorbell` with True: the writer commits at once. A statement
+    nobody waits for yet (an outcome, a worker's next `sending` mark made ahead) rings with
+    False only when it starts a new batch: the writer then lingers up to `LINGER` seconds so
+    that several workers' statements share one transaction and one fsync, unless a waiter
+    rings first. Whatever is queued is committed within `IDLE_FLUSH` seconds in any case.
+    A waiter holds a plain lock that the writer releases after the commit (no Future, no
+    Condition), so a mark already committed costs its worker no hand-off at all.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__(name="smartmail-ledger", daemon=True)
         self.path = path
-        self.ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self.ops: collections.deque[_Op] = collections.deque()
+        self.doorbell: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.ready: Future[None] = Future()
+        self.stopping = False
+        self.commits = 0
+        self.statements = 0
 
     def run(self) -> None:
         try:
@@ -144,44 +183,62 @@ class _Writer(threading.Thread):
             self.ready.set_exception(exc)
             return
         self.ready.set_result(None)
+        ring = self.doorbell
         try:
-            while self._commit_batch(conn):
-                pass
+            while True:
+                try:
+                    urgent = ring.get(timeout=IDLE_FLUSH)
+                except queue.Empty:
+                    urgent = True
+                if not urgent:
+                    deadline = time.monotonic() + LINGER
+                    with contextlib.suppress(queue.Empty):
+                        while not urgent:
+                            urgent = ring.get(timeout=max(0.0, deadline - time.monotonic()))
+                with contextlib.suppress(queue.Empty):
+                    while True:  # this commit serves every ring so far
+                        ring.get_nowait()
+                stop = self.stopping  # read before draining: nothing is queued after a stop
+                while self.ops:
+                    self._commit_batch(conn)
+                if stop:
+                    return
         finally:
             conn.close()
 
-    def _commit_batch(self, conn: sqlite3.Connection) -> bool:
-        first = self.ops.get()
-        if first is None:
-            return False
-        batch, more = [first], True
-        while len(batch) < BATCH:
-            try:
-                op = self.ops.get_nowait()
-            except queue.Empty:
-                break
-            if op is None:
-                more = False
-                break
-            batch.append(op)
+    def _commit_batch(self, conn: sqlite3.Connection) -> None:
+        ops, batch = self.ops, list[_Op]()
+        with contextlib.suppress(IndexError):
+            while len(batch) < BATCH:
+                batch.append(ops.popleft())
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 if op.sql is not None:
                     conn.execute(op.sql, op.params)
             conn.execute("COMMIT")
+            self.commits += 1
+            self.statements += len(batch)
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self.error = exc
             for op in batch:
-                if op.done is not None:
-                    op.done.set_exception(exc)
-        else:
-            for op in batch:
-                if op.done is not None:
-                    op.done.set_result(None)
-        return more
+                op.error = exc
+        for op in batch:
+            if op.done is not None:
+                op.done.release()
+
+    def queue(self, op: _Op, *, urgent: bool) -> None:
+        """Queue a statement; ring when someone waits for it or when it starts a batch."""
+        first = not self.ops
+        self.ops.append(op)
+        if urgent or first or len(self.ops) >= BATCH:
+            self.doorbell.put(urgent)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.doorbell.put(True)
 
 
 class Ledger:
@@ -250,7 +307,7 @@ class Ledger:
         writer, self._writer = self._writer, None
         try:
             if writer is not None:
-                writer.ops.put(None)
+                writer.stop()
                 writer.join()
                 if writer.error is not None:
                     raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
@@ -302,11 +359,35 @@ class Ledger:
 
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)
+        ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
+        op = ahead.pop(key, None) if ahead else None
+        if op is None:
+            op = _Op(_SENDING, self._mark(message, key), _held_lock())
+            self._writable().queue(op, urgent=True)
+        self._wait(op)
+
+    def ahead(self, message: OutgoingMessage) -> None:
+        """Start marking the row this thread will send next, while it sends the current one.
+
+        The mark is committed in the background, so `sending()` for that row rarely waits.
+        The price: a crash can leave two rows per worker in doubt (the one in flight and the
+        one marked ahead) instead of one.
+        """
+        key = recipient_key(message.recipient)
+        ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
+        if ahead is None:
+            ahead = self._local.ahead = {}
+        if not key or len(ahead) > 1:  # the row about to be sent and one more, at most
+            return
+        op = _Op(_SENDING, self._mark(message, key), _held_lock())
+        self._writable().queue(op, urgent=False)
+        ahead[key] = op
+
+    def _mark(self, message: OutgoingMessage, key: str) -> tuple[Any, ...]:
         with self._guard:
             self._in_flight.add(key)
         row = message.row
-        params = (self.campaign, key, row.number, _row_json(row), message.message_id)
-        self._write(_SENDING, params, wait=True)
+        return (self.campaign, key, row.number, _row_json(row), message.message_id)
 
     def record(self, outcome: Outcome) -> None:
         key = recipient_key(outcome.recipient)
@@ -315,16 +396,28 @@ class Ledger:
         with self._guard:
             mine = key in self._in_flight
             self._in_flight.discard(key)
+        ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
+        if ahead:
+            ahead.pop(key, None)  # marked ahead but ended unsent (a stop): pending again below
+        status = outcome.status
+        if mine:
+            if status == "sent":
+                self._write(_SENT_MINE, (outcome.message_id, self.campaign, key))
+                return
+            if status == "failed":
+                self._write(_FAILED_MINE, (outcome.reason, self.campaign, key))
+                return
+            if status == "unsent":
+                self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key))
+                return
         row = outcome.row
         base = (self.campaign, key, row.number, _row_json(row))
-        if outcome.status == "sent":
+        if status == "sent":
             self._write(_SENT, (*base, outcome.message_id))
-        elif outcome.status == "failed":
+        elif status == "failed":
             self._write(_FAILED, (*base, outcome.reason))
-        elif outcome.status == "skipped":
+        elif status == "skipped":
             self._write(_SKIPPED, (*base, outcome.reason))
-        elif mine:
-            self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key))
         else:
             self._write(_PENDING, (*base, outcome.reason))
 
@@ -343,7 +436,7 @@ class Ledger:
     def flush(self) -> None:
         """Wait until every write queued so far is committed."""
         if self._writer is not None:
-            self._wait(_Op(None, (), Future()))
+            self._write(None, (), wait=True)
 
     def _is_fresh(self) -> bool:
         found = self.conn().execute(
@@ -358,24 +451,43 @@ class Ledger:
         )
         return frozenset(r[0] for r in rows)
 
-    def _write(self, sql: str, params: tuple[Any, ...], *, wait: bool = False) -> None:
+    def _writable(self) -> _Writer:
         writer = self._writer
         if writer is None:
             raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")
         if writer.error is not None:
             raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
-        if wait:
-            self._wait(_Op(sql, params, Future()))
-        else:
-            writer.ops.put(_Op(sql, params))
+        return writer
+
+    def _write(self, sql: str | None, params: tuple[Any, ...], *, wait: bool = False) -> None:
+        writer = self._writable()
+        if not wait:
+            writer.queue(_Op(sql, params, None), urgent=False)
+            return
+        op = _Op(sql, params, _held_lock())
+        writer.queue(op, urgent=True)
+        self._wait(op)
 
     def _wait(self, op: _Op) -> None:
-        assert self._writer is not None and op.done is not None
-        self._writer.ops.put(op)
-        try:
-            op.done.result()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"{self.path}: could not record to the ledger ({exc})") from None
+        """Until the writer has committed `op` (queued by this thread with its lock)."""
+        done, writer = op.done, self._writer
+        assert done is not None
+        if not done.acquire(blocking=False):
+            if writer is None:
+                raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")
+            writer.doorbell.put(True)  # no lingering: this thread needs it now
+            while not done.acquire(timeout=WRITER_CHECK):
+                if not writer.is_alive():
+                    raise LedgerError(f"{self.path}: the ledger writer stopped") from writer.error
+        if op.error is not None:
+            raise LedgerError(f"{self.path}: could not record to the ledger ({op.error})")
+
+
+def _held_lock() -> threading.Lock:
+    """A lock already taken: its waiter blocks on it until the writer releases it."""
+    done = threading.Lock()
+    done.acquire()
+    return done
 
 
 def _row_json(row: Row) -> str:
