@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -140,15 +141,61 @@ class CampaignRecord:
 class _Op:
     """One statement for the writer; `done` (a locked lock) is released once it is committed."""
 
-    __slots__ = ("done", "error", "params", "sql")
+    __slots__ = ("done", "error", "key", "params", "sql")
 
     def __init__(
-        self, sql: str | None, params: tuple[Any, ...], done: threading.Lock | None
+        self,
+        sql: str | None,
+        params: tuple[Any, ...],
+        done: threading.Lock | None,
+        key: str | None = None,
     ) -> None:
         self.sql = sql
         self.params = params
         self.done = done
+        self.key = key  # the delivery it writes: statements on distinct keys commute
         self.error: BaseException | None = None
+
+
+def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    """Run a batch's statements. When each touches a different delivery (the usual case),
+    the marks go as one multi-row INSERT and the `sent` outcomes as one UPDATE: the writer
+    then hands the GIL back and forth a few times a batch rather than twice a statement."""
+    todo = [op for op in batch if op.sql is not None]
+    keys = {op.key for op in todo}
+    marks = [op.params for op in todo if op.sql is _SENDING]
+    sent = [op.params for op in todo if op.sql is _SENT_MINE]
+    if None in keys or len(keys) != len(todo) or len(marks) + len(sent) < 2:
+        for op in todo:
+            conn.execute(op.sql or "", op.params)
+        return
+    if marks:
+        conn.execute(_sending_many(len(marks)), [p for params in marks for p in params])
+    if sent:
+        # _SENT_MINE's parameters are (provider id, campaign, key); one campaign per writer.
+        values = [v for _pid, _c, key in sent for v in (key, _pid)]
+        conn.execute(_sent_many(len(sent)), [*values, sent[0][1]])
+    for op in todo:
+        if op.sql is not _SENDING and op.sql is not _SENT_MINE:
+            conn.execute(op.sql or "", op.params)
+
+
+@functools.lru_cache(maxsize=64)
+def _sending_many(n: int) -> str:
+    head, _, tail = _SENDING.partition("VALUES (?, ?, ?, ?, 'sending', 1, ?, " + NOW + ")")
+    assert tail, "the mark statement changed shape"
+    row = f"(?, ?, ?, ?, 'sending', 1, ?, {NOW})"
+    return head + "VALUES " + ", ".join([row] * n) + tail
+
+
+@functools.lru_cache(maxsize=64)
+def _sent_many(n: int) -> str:
+    return f"""
+UPDATE deliveries SET status = 'sent', provider_id = v.column2, last_error = NULL,
+    sent_at = {NOW}, updated_at = {NOW}
+FROM (VALUES {", ".join(["(?, ?)"] * n)}) AS v
+WHERE deliveries.campaign = ? AND deliveries.recipient = v.column1
+"""
 
 
 class _Writer(threading.Thread):
@@ -213,9 +260,7 @@ class _Writer(threading.Thread):
                 batch.append(ops.popleft())
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                if op.sql is not None:
-                    conn.execute(op.sql, op.params)
+            _apply(conn, batch)
             conn.execute("COMMIT")
             self.commits += 1
             self.statements += len(batch)
@@ -362,7 +407,7 @@ class Ledger:
         ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
         op = ahead.pop(key, None) if ahead else None
         if op is None:
-            op = _Op(_SENDING, self._mark(message, key), _held_lock())
+            op = _Op(_SENDING, self._mark(message, key), _held_lock(), key)
             self._writable().queue(op, urgent=True)
         self._wait(op)
 
@@ -379,7 +424,7 @@ class Ledger:
             ahead = self._local.ahead = {}
         if not key or len(ahead) > 1:  # the row about to be sent and one more, at most
             return
-        op = _Op(_SENDING, self._mark(message, key), _held_lock())
+        op = _Op(_SENDING, self._mark(message, key), _held_lock(), key)
         self._writable().queue(op, urgent=False)
         ahead[key] = op
 
@@ -402,24 +447,24 @@ class Ledger:
         status = outcome.status
         if mine:
             if status == "sent":
-                self._write(_SENT_MINE, (outcome.message_id, self.campaign, key))
+                self._write(_SENT_MINE, (outcome.message_id, self.campaign, key), key=key)
                 return
             if status == "failed":
-                self._write(_FAILED_MINE, (outcome.reason, self.campaign, key))
+                self._write(_FAILED_MINE, (outcome.reason, self.campaign, key), key=key)
                 return
             if status == "unsent":
-                self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key))
+                self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key), key=key)
                 return
         row = outcome.row
         base = (self.campaign, key, row.number, _row_json(row))
         if status == "sent":
-            self._write(_SENT, (*base, outcome.message_id))
+            self._write(_SENT, (*base, outcome.message_id), key=key)
         elif status == "failed":
-            self._write(_FAILED, (*base, outcome.reason))
+            self._write(_FAILED, (*base, outcome.reason), key=key)
         elif status == "skipped":
-            self._write(_SKIPPED, (*base, outcome.reason))
+            self._write(_SKIPPED, (*base, outcome.reason), key=key)
         else:
-            self._write(_PENDING, (*base, outcome.reason))
+            self._write(_PENDING, (*base, outcome.reason), key=key)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -459,10 +504,17 @@ class Ledger:
             raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
         return writer
 
-    def _write(self, sql: str | None, params: tuple[Any, ...], *, wait: bool = False) -> None:
+    def _write(
+        self,
+        sql: str | None,
+        params: tuple[Any, ...],
+        *,
+        wait: bool = False,
+        key: str | None = None,
+    ) -> None:
         writer = self._writable()
         if not wait:
-            writer.queue(_Op(sql, params, None), urgent=False)
+            writer.queue(_Op(sql, params, None, key), urgent=False)
             return
         op = _Op(sql, params, _held_lock())
         writer.queue(op, urgent=True)
