@@ -31,16 +31,18 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import state
 from .errors import SmartmailError
 from .lock import CampaignLock
 from .message import OutgoingMessage
-from .report import Outcome
 from .sources import Row
 from .suppression import SuppressionList
 from .suppression import key as suppression_key
+
+if TYPE_CHECKING:
+    from .report import Outcome
 
 Resend = Literal["failed", "in-doubt"] | None
 NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import IO, Protocol
-
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from typing import IO, TYPE_CHECKING, Protocol
 
 from .report import Metrics
+
+if TYPE_CHECKING:  # rich is imported only when a live display is made
+    from rich.console import Console, RenderableType
+    from rich.live import Live
 
 
 class ProgressDisplay(Protocol):
@@ -75,6 +74,14 @@ class RichProgress:
     """Progress bar, counts, current rate and ETA, refreshed a few times a second."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         self.console = console
         self._live: Live | None = None
         self._metrics: Metrics | None = None
@@ -90,12 +97,17 @@ class RichProgress:
         self._rate = 0.0
 
     def start(self, metrics: Metrics, title: str) -> None:
+        from rich.live import Live
+
         self._metrics = metrics
         self._bar.update(self._task, description=title, total=metrics.total)
         self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4)
         self._live.start()
 
     def _render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.text import Text
+
         if self._metrics is None:
             return Text("")
         s = self._metrics.snapshot()
