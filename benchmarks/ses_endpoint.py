@@ -13,9 +13,9 @@ share the benchmark's GIL) that answers, in microseconds:
 - SESv2 `GetEmailIdentity` (GET /v2/email/identities/ID): verified.
 
 It prints `PORT <n>` once listening. GET /stats answers the counts and the arrival times of
-accepted messages (JSON), for the benchmark to check exactly-once delivery and the rate at the
-receiver; GET /reset clears them. It exits when stdin closes, on SIGTERM, or after --max-seconds. Requests are not
-signature-checked: this measures the client, not SES.
+accepted messages (JSON), for the benchmark to check exactly-once delivery and the rate at
+the receiver; GET /reset clears them. It exits when stdin closes, on SIGTERM, or after
+--max-seconds. Requests are not signature-checked: this measures the client, not SES.
 """
 
 from __future__ import annotations

@@ -414,13 +414,14 @@ class Run:
             nonlocal started, marked
             if self.stop.is_set():
                 raise _Interrupted
+            if not marked:
+                # Durable before the rate slot is taken: a slow disk then delays the slot, not
+                # the send after it, so sends never bunch up at the receiver.
+                self.journal.sending(message)
+                marked = True
             self.limiter.acquire()
             if self.stop.is_set():
                 raise _Interrupted
-            if not marked:
-                # After the rate wait, so a crash while waiting leaves nothing in doubt.
-                self.journal.sending(message)
-                marked = True
             started = time.monotonic()  # latency is the provider's, not our rate-limit wait
             result: str = send(message)
             return result
