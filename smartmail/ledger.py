@@ -48,7 +48,7 @@ Resend = Literal["failed", "in-doubt"] | None
 NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 BATCH = 500
 WRITER_CHECK = 5.0  # seconds between checks that the writer is alive while waiting
-LINGER = 0.002  # seconds the writer waits for more statements when nobody waits yet
+LINGER = 0.005  # seconds the writer waits for more statements when nobody waits yet
 IDLE_FLUSH = 0.2  # seconds: outcomes not followed by a `sending` are committed within this
 
 _SENDING = f"""
