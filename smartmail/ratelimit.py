@@ -6,10 +6,12 @@ workers queue fairly. Two rules decide the slot:
 - the generic cell rate algorithm: a theoretical arrival time advanced by 1/rate a send, with
   `burst - 1` sends of tolerance, which gives the long-run rate and the burst;
 - a sliding log of the last sends: at most `rate + burst - 1` in any `1 + guard` seconds. The
-  message of margin and the `guard` (a few ms, more when the burst leaves room) absorb the
-  jitter between our clock and the receiver's (a connection set up before the first
-  message, a thread waiting for the GIL), so no one-second window *at the receiver* holds
-  more than `rate + burst` messages, while the achieved rate stays within 1 % of `rate`.
+  message of margin and the `guard` (5 ms, up to 50 ms when the burst leaves room) absorb
+  that much jitter between our clock and the receiver's (a connection set up before the
+  first message, a thread waiting for the GIL), so no one-second window *at the receiver*
+  holds more than `rate + burst` messages. It costs at most 0.5 % of the rate, plus one
+  guard each time the burst is spent (at --rate 100 --burst 5, 1,500 sends stay within
+  0.4 % of the rate).
 
 When the provider throttles us, `throttled()` learns its limit from what it accepted: the
 sends of the last second less the throttled ones (providers count per second), times
@@ -110,10 +112,14 @@ class TokenBucket:
             self._window_count = 0  # no sliding-log rule
             return
         self._interval = 1.0 / rate
-        limit = math.floor(rate + self.burst + 1e-9)
-        self._window_count = max(1, limit - 1)
         room = (self.burst - 1.5) / rate
         self._span = 1.0 + min(MAX_GUARD, max(MIN_GUARD, room))
+        limit = math.floor(rate + self.burst + 1e-9)
+        need = rate * self._span  # sends in one span at the steady rate
+        if limit - 1 >= need * 0.995:  # a message of margin costs at most 0.5 % of the rate
+            self._window_count = max(1, limit - 1)
+        else:  # a low, fractional rate: no room for the margin without slowing down
+            self._window_count = max(1, limit - 1, min(limit, math.ceil(need)))
 
     def acquire(self) -> float:
         """Block until a send may go; return how long this call waited."""
