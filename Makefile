@@ -35,10 +35,10 @@ test: lint pytest
 docs: $(STAMP)
 	$(BIN)/python -c "from smartmail.cli import reference; print(reference())" > docs/cli.md
 
+# Every scenario of docs/benchmarks.md (about 6 minutes on 2 cores), then one table:
+# figure, bare baseline, ratio, target. Run it on a quiet machine.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_smtp.py
-	$(BIN)/python benchmarks/bench_dryrun.py
-	$(BIN)/python benchmarks/bench_ses.py
+	$(BIN)/python benchmarks/run_all.py --json bench-results.json
 
 clean:
 	rm -rf $(VENV) outbox .pytest_cache .mypy_cache .ruff_cache

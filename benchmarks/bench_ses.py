@@ -23,6 +23,7 @@ import logging
 import os
 import pstats
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -50,7 +51,7 @@ your personal code is {{ code }}. It is valid until the end of the month.
 """
 HTML = "<p>Dear <b>{{ name }}</b>,</p><p>your personal code is <code>{{ code }}</code>.</p>\n"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-HEADING = "## SES API transport"
+HEADING = "### SES API transport (moto, library API)"
 
 
 def setup(n: int, folder: Path) -> tuple[Path, Path]:
@@ -232,7 +233,8 @@ def write_docs(section: str) -> None:
     text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n\n"
     if HEADING in text:
         start = text.index(HEADING)
-        following = text.find("\n## ", start + len(HEADING))
+        found = re.search(r"\n#{2,3} ", text[start + len(HEADING) :])
+        following = start + len(HEADING) + found.start() if found else -1
         end = len(text) if following < 0 else following + 1
         text = text[:start] + section + ("\n" + text[end:] if following >= 0 else "")
     else:

@@ -95,9 +95,11 @@ def write_campaign(folder: Path, n: int) -> tuple[Path, Path]:
 class SinkProcess:
     """The sink in its own process; the port is read from its first line of output."""
 
-    def __init__(self, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self, start_timeout: float = 20.0, script: Path = SINK, args: tuple[str, ...] = ()
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(SINK)],
+            [sys.executable, str(script), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

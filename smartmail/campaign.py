@@ -272,6 +272,12 @@ class CampaignRun:
                 with contextlib.suppress(Exception):
                     self.hooks.progress.stop()
             if self.ledger is not None:
+                # Rows marked ahead were never attempted: back to pending. Safe only once the
+                # run is stopping, when no worker starts a send any more.
+                release = getattr(self.ledger, "release_ahead", None)
+                if release is not None and self.stop_event.is_set():
+                    with contextlib.suppress(Exception):
+                        release()
                 with contextlib.suppress(Exception):
                     self.ledger.flush()
             if self.engine_run is not None:

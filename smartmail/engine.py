@@ -30,6 +30,7 @@ run with the rest left unsent (exit 4), as a `StopRunError` from the transport d
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -146,6 +147,11 @@ class Journal(Protocol):
     def record(self, outcome: Outcome) -> None:
         """Called once per row with how it ended."""
         ...
+
+
+# A journal may also have `ahead(message)`: a worker calls it with the row it will send next
+# while it sends the current one, so the journal can make that row's mark durable in the
+# background and `sending()` for it need not wait (the ledger does; see docs/ledger.md).
 
 
 class NullJournal:
@@ -599,11 +605,20 @@ class Run:
 
     def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
         session = self.transport.open_session()
+        # A journal with `ahead` starts marking the next row while this one is sent.
+        ahead = getattr(self.journal, "ahead", None)
+        following: list[_Job | None] = []
         try:
             while True:
-                job = jobs.get()
+                job = following.pop() if following else jobs.get()
                 if job is None:
                     return
+                if ahead is not None:
+                    with contextlib.suppress(queue.Empty):
+                        following.append(jobs.get_nowait())
+                    if following and following[0] is not None and not self.stop.is_set():
+                        with contextlib.suppress(Exception):  # sending() reports any error
+                            ahead(following[0].message)
                 self._send_one(session, job.message)
         finally:
             session.close()
@@ -638,13 +653,14 @@ class Run:
             nonlocal started, marked
             if self.stop.is_set():
                 raise _Interrupted
+            if not marked:
+                # Durable before the rate slot is taken: a slow disk then delays the slot, not
+                # the send after it, so sends never bunch up at the receiver.
+                self.journal.sending(message)
+                marked = True
             self.limiter.acquire()
             if self.stop.is_set():
                 raise _Interrupted
-            if not marked:
-                # After the rate wait, so a crash while waiting leaves nothing in doubt.
-                self.journal.sending(message)
-                marked = True
             started = time.monotonic()  # latency is the provider's, not our rate-limit wait
             try:
                 result = send(message)

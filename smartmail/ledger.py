@@ -9,39 +9,49 @@ the message may or may not have left. It is *in doubt* and, by default, not sent
 most once); `smartmail retry CAMPAIGN --in-doubt` sends those on purpose.
 
 Writes go through one writer thread with its own connection that commits whatever is queued in
-one transaction (group commit), so a 16-worker run pays one fsync per batch, not one per
-message. A worker waits only for its `sending` commit. Outcomes are queued without waiting: the
-writer takes the queue in order, so a worker's outcome is committed no later than its next
-`sending`, and at most one row per worker can be left in doubt by a crash. `close()` commits
-the rest. Reads (`skip_reason`) use a connection per calling thread.
+one transaction (group commit), so many workers share one fsync. A worker marks the row it
+will send next (`ahead`) while it sends the current one; the writer commits that mark in the
+background, so by the time the worker needs it durable it usually is, and the worker does not
+wait. Outcomes are queued without waiting, in order, so a worker's outcome is committed no
+later than the mark of its row after next. A crash therefore leaves at most two rows per
+worker in doubt: the one in flight and the one marked ahead. `close()` commits the rest.
+Reads (`skip_reason`) use a connection per calling thread.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import json
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import state
 from .errors import SmartmailError
 from .lock import CampaignLock
 from .message import OutgoingMessage
-from .report import Outcome
 from .sources import Row
 from .suppression import SuppressionList
 from .suppression import key as suppression_key
 
+if TYPE_CHECKING:
+    from .report import Outcome
+
 Resend = Literal["failed", "in-doubt"] | None
 NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 BATCH = 500
+WRITER_CHECK = 5.0  # seconds between checks that the writer is alive while waiting
+LINGER = 0.005  # seconds the writer waits for more statements when nobody waits yet
+IDLE_FLUSH = 0.2  # seconds: outcomes not followed by a `sending` are committed within this
 
 _SENDING = f"""
 INSERT INTO deliveries (campaign, recipient, row_number, row_json, status, attempts, message_id,
@@ -75,6 +85,17 @@ ON CONFLICT (campaign, recipient) DO UPDATE SET
     status = 'skipped', last_error = excluded.last_error, row_number = excluded.row_number,
     row_json = excluded.row_json, updated_at = {NOW}
 WHERE deliveries.status IN ('pending', 'skipped')
+"""
+# The outcome of a row this run marked `sending`: the row exists and holds its values already,
+# so only the status changes (no second copy of the row's JSON).
+_SENT_MINE = f"""
+UPDATE deliveries SET status = 'sent', provider_id = ?, last_error = NULL, sent_at = {NOW},
+    updated_at = {NOW}
+WHERE campaign = ? AND recipient = ?
+"""
+_FAILED_MINE = f"""
+UPDATE deliveries SET status = 'failed', last_error = ?, updated_at = {NOW}
+WHERE campaign = ? AND recipient = ? AND status != 'sent'
 """
 _BACK_TO_PENDING = f"""
 UPDATE deliveries SET status = 'pending', last_error = ?, updated_at = {NOW}
@@ -127,22 +148,89 @@ class CampaignRecord:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
 class _Op:
-    sql: str | None
-    params: tuple[Any, ...] = ()
-    done: Future[None] | None = None
+    """One statement for the writer; `done` (a locked lock) is released once it is committed."""
+
+    __slots__ = ("done", "error", "key", "params", "sql")
+
+    def __init__(
+        self,
+        sql: str | None,
+        params: tuple[Any, ...],
+        done: threading.Lock | None,
+        key: str | None = None,
+    ) -> None:
+        self.sql = sql
+        self.params = params
+        self.done = done
+        self.key = key  # the delivery it writes: statements on distinct keys commute
+        self.error: BaseException | None = None
+
+
+def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    """Run a batch's statements. When each touches a different delivery (the usual case),
+    the marks go as one multi-row INSERT and the `sent` outcomes as one UPDATE: the writer
+    then hands the GIL back and forth a few times a batch rather than twice a statement."""
+    todo = [op for op in batch if op.sql is not None]
+    keys = {op.key for op in todo}
+    marks = [op.params for op in todo if op.sql is _SENDING]
+    sent = [op.params for op in todo if op.sql is _SENT_MINE]
+    if None in keys or len(keys) != len(todo) or len(marks) + len(sent) < 2:
+        for op in todo:
+            conn.execute(op.sql or "", op.params)
+        return
+    if marks:
+        conn.execute(_sending_many(len(marks)), [p for params in marks for p in params])
+    if sent:
+        # _SENT_MINE's parameters are (provider id, campaign, key); one campaign per writer.
+        values = [v for _pid, _c, key in sent for v in (key, _pid)]
+        conn.execute(_sent_many(len(sent)), [*values, sent[0][1]])
+    for op in todo:
+        if op.sql is not _SENDING and op.sql is not _SENT_MINE:
+            conn.execute(op.sql or "", op.params)
+
+
+@functools.lru_cache(maxsize=64)
+def _sending_many(n: int) -> str:
+    head, _, tail = _SENDING.partition("VALUES (?, ?, ?, ?, 'sending', 1, ?, " + NOW + ")")
+    assert tail, "the mark statement changed shape"
+    row = f"(?, ?, ?, ?, 'sending', 1, ?, {NOW})"
+    return head + "VALUES " + ", ".join([row] * n) + tail
+
+
+@functools.lru_cache(maxsize=64)
+def _sent_many(n: int) -> str:
+    return f"""
+UPDATE deliveries SET status = 'sent', provider_id = v.column2, last_error = NULL,
+    sent_at = {NOW}, updated_at = {NOW}
+FROM (VALUES {", ".join(["(?, ?)"] * n)}) AS v
+WHERE deliveries.campaign = ? AND deliveries.recipient = v.column1
+"""
 
 
 class _Writer(threading.Thread):
-    """The one thread that writes: commits each batch of queued statements in one transaction."""
+    """The one thread that writes: commits everything queued so far in one transaction.
+
+    Statements go on `ops`, a deque, in the order they were made. A caller that is waiting
+    for its statement rings `doorbell` with True: the writer commits at once. A statement
+    nobody waits for yet (an outcome, a worker's next `sending` mark made ahead) rings with
+    False only when it starts a new batch: the writer then lingers up to `LINGER` seconds so
+    that several workers' statements share one transaction and one fsync, unless a waiter
+    rings first. Whatever is queued is committed within `IDLE_FLUSH` seconds in any case.
+    A waiter holds a plain lock that the writer releases after the commit (no Future, no
+    Condition), so a mark already committed costs its worker no hand-off at all.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__(name="smartmail-ledger", daemon=True)
         self.path = path
-        self.ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self.ops: collections.deque[_Op] = collections.deque()
+        self.doorbell: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.ready: Future[None] = Future()
+        self.stopping = False
+        self.commits = 0
+        self.statements = 0
 
     def run(self) -> None:
         try:
@@ -152,44 +240,60 @@ class _Writer(threading.Thread):
             self.ready.set_exception(exc)
             return
         self.ready.set_result(None)
+        ring = self.doorbell
         try:
-            while self._commit_batch(conn):
-                pass
+            while True:
+                try:
+                    urgent = ring.get(timeout=IDLE_FLUSH)
+                except queue.Empty:
+                    urgent = True
+                if not urgent:
+                    deadline = time.monotonic() + LINGER
+                    with contextlib.suppress(queue.Empty):
+                        while not urgent:
+                            urgent = ring.get(timeout=max(0.0, deadline - time.monotonic()))
+                with contextlib.suppress(queue.Empty):
+                    while True:  # this commit serves every ring so far
+                        ring.get_nowait()
+                stop = self.stopping  # read before draining: nothing is queued after a stop
+                while self.ops:
+                    self._commit_batch(conn)
+                if stop:
+                    return
         finally:
             conn.close()
 
-    def _commit_batch(self, conn: sqlite3.Connection) -> bool:
-        first = self.ops.get()
-        if first is None:
-            return False
-        batch, more = [first], True
-        while len(batch) < BATCH:
-            try:
-                op = self.ops.get_nowait()
-            except queue.Empty:
-                break
-            if op is None:
-                more = False
-                break
-            batch.append(op)
+    def _commit_batch(self, conn: sqlite3.Connection) -> None:
+        ops, batch = self.ops, list[_Op]()
+        with contextlib.suppress(IndexError):
+            while len(batch) < BATCH:
+                batch.append(ops.popleft())
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                if op.sql is not None:
-                    conn.execute(op.sql, op.params)
+            _apply(conn, batch)
             conn.execute("COMMIT")
+            self.commits += 1
+            self.statements += len(batch)
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self.error = exc
             for op in batch:
-                if op.done is not None:
-                    op.done.set_exception(exc)
-        else:
-            for op in batch:
-                if op.done is not None:
-                    op.done.set_result(None)
-        return more
+                op.error = exc
+        for op in batch:
+            if op.done is not None:
+                op.done.release()
+
+    def queue(self, op: _Op, *, urgent: bool) -> None:
+        """Queue a statement; ring when someone waits for it or when it starts a batch."""
+        first = not self.ops
+        self.ops.append(op)
+        if urgent or first or len(self.ops) >= BATCH:
+            self.doorbell.put(urgent)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.doorbell.put(True)
 
 
 class Ledger:
@@ -215,6 +319,7 @@ class Ledger:
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._in_flight: set[str] = set()
+        self._marked_ahead: set[str] = set()  # marked, but sending() not called yet
         self._writer: _Writer | None = None
         # Unlocked (dry-run): rows `sending` under a live run are in flight, not in doubt.
         live = self.lock.held_elsewhere()
@@ -258,7 +363,7 @@ class Ledger:
         writer, self._writer = self._writer, None
         try:
             if writer is not None:
-                writer.ops.put(None)
+                writer.stop()
                 writer.join()
                 if writer.error is not None:
                     raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
@@ -322,11 +427,48 @@ class Ledger:
 
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)
+        ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
+        op = ahead.pop(key, None) if ahead else None
+        with self._guard:
+            self._marked_ahead.discard(key)
+        if op is None:
+            op = _Op(_SENDING, self._mark(message, key), _held_lock(), key)
+            self._writable().queue(op, urgent=True)
+        self._wait(op)
+
+    def ahead(self, message: OutgoingMessage) -> None:
+        """Start marking the row this thread will send next, while it sends the current one.
+
+        The mark is committed in the background, so `sending()` for that row rarely waits.
+        The price: a crash can leave two rows per worker in doubt (the one in flight and the
+        one marked ahead) instead of one.
+        """
+        key = recipient_key(message.recipient)
+        ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
+        if ahead is None:
+            ahead = self._local.ahead = {}
+        if not key or len(ahead) > 1:  # the row about to be sent and one more, at most
+            return
+        op = _Op(_SENDING, self._mark(message, key), _held_lock(), key)
+        with self._guard:
+            self._marked_ahead.add(key)
+        self._writable().queue(op, urgent=False)
+        ahead[key] = op
+
+    def release_ahead(self, reason: str = "not attempted (the run was aborted)") -> None:
+        """Put rows marked ahead but never attempted back to `pending`, for an abort: only the
+        messages really in flight are then left in doubt."""
+        with self._guard:
+            keys, self._marked_ahead = self._marked_ahead, set()
+            self._in_flight -= keys
+        for key in keys:
+            self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
+
+    def _mark(self, message: OutgoingMessage, key: str) -> tuple[Any, ...]:
         with self._guard:
             self._in_flight.add(key)
         row = message.row
-        params = (self.campaign, key, row.number, _row_json(row), message.message_id)
-        self._write(_SENDING, params, wait=True)
+        return (self.campaign, key, row.number, _row_json(row), message.message_id)
 
     def record(self, outcome: Outcome) -> None:
         key = recipient_key(outcome.recipient)
@@ -335,20 +477,33 @@ class Ledger:
         with self._guard:
             mine = key in self._in_flight
             self._in_flight.discard(key)
+            self._marked_ahead.discard(key)
+        ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
+        if ahead:
+            ahead.pop(key, None)  # marked ahead but ended unsent (a stop): pending again below
+        status = outcome.status
+        if mine:
+            if status == "sent":
+                self._write(_SENT_MINE, (outcome.message_id, self.campaign, key), key=key)
+                return
+            if status == "failed":
+                self._write(_FAILED_MINE, (outcome.reason, self.campaign, key), key=key)
+                return
+            if status == "unsent":
+                self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key), key=key)
+                return
         row = outcome.row
         base = (self.campaign, key, row.number, _row_json(row))
-        if outcome.status == "sent":
-            self._write(_SENT, (*base, outcome.message_id))
-        elif outcome.status == "failed":
-            self._write(_FAILED, (*base, outcome.reason))
-        elif outcome.status == "skipped":
-            self._write(_SKIPPED, (*base, outcome.reason))
-        elif outcome.status == "in-doubt":
-            self._write(_IN_DOUBT, (outcome.reason, self.campaign, key))
-        elif mine:
-            self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key))
+        if status == "sent":
+            self._write(_SENT, (*base, outcome.message_id), key=key)
+        elif status == "failed":
+            self._write(_FAILED, (*base, outcome.reason), key=key)
+        elif status == "skipped":
+            self._write(_SKIPPED, (*base, outcome.reason), key=key)
+        elif status == "in-doubt":
+            self._write(_IN_DOUBT, (outcome.reason, self.campaign, key), key=key)
         else:
-            self._write(_PENDING, (*base, outcome.reason))
+            self._write(_PENDING, (*base, outcome.reason), key=key)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -365,7 +520,7 @@ class Ledger:
     def flush(self) -> None:
         """Wait until every write queued so far is committed."""
         if self._writer is not None:
-            self._wait(_Op(None, (), Future()))
+            self._write(None, (), wait=True)
 
     def _is_fresh(self) -> bool:
         found = self.conn().execute(
@@ -380,24 +535,50 @@ class Ledger:
         )
         return frozenset(r[0] for r in rows)
 
-    def _write(self, sql: str, params: tuple[Any, ...], *, wait: bool = False) -> None:
+    def _writable(self) -> _Writer:
         writer = self._writer
         if writer is None:
             raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")
         if writer.error is not None:
             raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
-        if wait:
-            self._wait(_Op(sql, params, Future()))
-        else:
-            writer.ops.put(_Op(sql, params))
+        return writer
+
+    def _write(
+        self,
+        sql: str | None,
+        params: tuple[Any, ...],
+        *,
+        wait: bool = False,
+        key: str | None = None,
+    ) -> None:
+        writer = self._writable()
+        if not wait:
+            writer.queue(_Op(sql, params, None, key), urgent=False)
+            return
+        op = _Op(sql, params, _held_lock())
+        writer.queue(op, urgent=True)
+        self._wait(op)
 
     def _wait(self, op: _Op) -> None:
-        assert self._writer is not None and op.done is not None
-        self._writer.ops.put(op)
-        try:
-            op.done.result()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"{self.path}: could not record to the ledger ({exc})") from None
+        """Until the writer has committed `op` (queued by this thread with its lock)."""
+        done, writer = op.done, self._writer
+        assert done is not None
+        if not done.acquire(blocking=False):
+            if writer is None:
+                raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")
+            writer.doorbell.put(True)  # no lingering: this thread needs it now
+            while not done.acquire(timeout=WRITER_CHECK):
+                if not writer.is_alive():
+                    raise LedgerError(f"{self.path}: the ledger writer stopped") from writer.error
+        if op.error is not None:
+            raise LedgerError(f"{self.path}: could not record to the ledger ({op.error})")
+
+
+def _held_lock() -> threading.Lock:
+    """A lock already taken: its waiter blocks on it until the writer releases it."""
+    done = threading.Lock()
+    done.acquire()
+    return done
 
 
 def _row_json(row: Row) -> str:

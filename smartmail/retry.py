@@ -13,18 +13,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
-
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import TransientError
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 T = TypeVar("T")
 
@@ -52,6 +46,15 @@ class RetryPolicy:
             if self.max_retries <= 0:
                 raise
             error = first
+
+        # tenacity only once something failed: most runs never need it (nor its import time).
+        from tenacity import (
+            Retrying,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_exponential,
+            wait_random,
+        )
 
         attempts = 1
 

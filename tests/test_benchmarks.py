@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import bench_dryrun, bench_ses, bench_smtp
+from benchmarks import (
+    bench_cli,
+    bench_dryrun,
+    bench_rate,
+    bench_ses,
+    bench_ses_api,
+    bench_smtp,
+    run_all,
+)
 
 
 def test_bench_smtp_delivers_every_message_and_reports_rates() -> None:
@@ -42,3 +50,42 @@ def test_bench_ses_runs(
     out = capsys.readouterr().out
     assert "ses://, 2 workers: 20 in" in out
     assert "| ses:// to moto, 2 workers | 20 |" in out
+
+
+@pytest.mark.slow
+def test_bench_cli_counts_every_message_at_the_sink() -> None:
+    result = bench_cli.main(["--messages", "150", "--workers", "2", "--rounds", "1"])
+    (size,) = result["sizes"]
+    for name in ("bare", "ledger", "no-state"):
+        assert size[name]["rate"] > 0 and size[name]["cpu_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_ses_api_sends_every_message_once_to_the_local_endpoint() -> None:
+    result = bench_ses_api.main(["--messages", "60", "--workers", "2", "--rounds", "1"])
+    assert result["bare_rate"] > 0 and result["smartmail_rate"] > 0
+    assert result["smartmail_peak_rss_mb"] > 1
+
+
+@pytest.mark.slow
+def test_bench_rate_delivers_each_row_once_through_throttling_servers() -> None:
+    argv = ["--messages", "40", "--limit", "20", "--precise", "30", "--rate", "30", "--burst", "2"]
+    result = bench_rate.main(argv)
+    for key in ("smtp_rate_above", "smtp_no_rate", "ses_rate_above", "precision"):
+        assert result[key]["exactly_once"], key
+        assert result[key]["failed"] == 0, key
+    assert result["smtp_no_rate"]["throttled"] > 0  # the server did push back
+
+
+def test_run_all_table_marks_each_target() -> None:
+    rows = [("figure", "1", "bare 2", "0.50", ">= 0.90", False), ("other", "3", "", "", "", None)]
+    text = run_all.table(rows)
+    assert "| NO " in text and "figure" in text and text.count("\n") == 3
+
+
+def test_the_startup_benchmark_runs_each_command() -> None:
+    from benchmarks import bench_startup
+
+    result = bench_startup.main(["--repeat", "1"])
+    assert set(result) == {"baseline", "help", "dry_run"}
+    assert all(seconds > 0 for seconds in result.values())

@@ -289,13 +289,6 @@ def test_help_imports_no_heavy_module() -> None:
     assert done.stdout.strip().splitlines()[-1] == "loaded:"
 
 
-def test_the_startup_benchmark_runs() -> None:
-    from benchmarks import bench_startup
-
-    result = bench_startup.main(["--runs", "1"])
-    assert result["python -m smartmail --help"]["cpu_ms"] > 0
-
-
 def test_option_constants_copied_into_the_cli_match_the_library() -> None:
     assert cli_module.STATE_ENV == state.STATE_ENV
     assert cli_module.SQS_MAX_WAIT == events.SQS_MAX_WAIT

@@ -377,3 +377,73 @@ def test_status_shows_a_campaign_name_as_written_not_as_markup(
     code, out = run_cli(["status", "--state", str(db)])
     assert code == 0
     assert "[bold red]x[/]" in out and "\x1b" not in out
+
+
+def _messages(tmp_path: Path, n: int) -> list[Any]:
+    csv = make_csv(tmp_path / "list.csv", n)
+    template = MessageTemplate.load(
+        write(tmp_path / "m.txt", "From: a@acme.example\nSubject: Hi\n\nHi\n")
+    )
+    source = RecipientSource(SourceSpec(str(csv)))
+    return [build(template.render(row, source.to_column)) for row, _ in source.rows()]
+
+
+def statuses(db: Path) -> dict[str, str]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    finally:
+        conn.close()
+
+
+def test_a_row_marked_ahead_is_durable_before_it_is_sent_and_pending_again_if_never_sent(
+    tmp_path: Path,
+):
+    from smartmail.report import Outcome
+
+    db = tmp_path / "state.db"
+    first, second, third = _messages(tmp_path, 3)
+    ledger = Ledger(db, "c")
+    ledger.acquire()
+    try:
+        ledger.ahead(second)
+        ledger.sending(first)
+        # The worker's own row is on disk before it is sent; the next one is on its way.
+        assert statuses(db)[first.recipient] == "sending"
+        ledger.record(Outcome(first.row, first.recipient, "sent", message_id="p1"))
+        ledger.ahead(third)  # marked ahead while `second` would be in flight
+        ledger.sending(second)
+        assert statuses(db)[second.recipient] == "sending"
+        ledger.record(Outcome(second.row, second.recipient, "sent", message_id="p2"))
+        # The run stops before `third` is sent: it must not be left in doubt.
+        ledger.record(Outcome(third.row, third.recipient, "unsent", reason="interrupted"))
+    finally:
+        ledger.close()
+    assert statuses(db) == {
+        first.recipient: "sent",
+        second.recipient: "sent",
+        third.recipient: "pending",
+    }
+    again = Ledger(db, "c")
+    try:
+        assert again.in_doubt == frozenset()
+    finally:
+        again.close()
+
+
+def test_marks_made_ahead_and_outcomes_are_all_committed_by_close(tmp_path: Path):
+    from smartmail.report import Outcome
+
+    db = tmp_path / "state.db"
+    messages = _messages(tmp_path, 40)
+    ledger = Ledger(db, "c")
+    ledger.acquire()
+    try:
+        for i, message in enumerate(messages):
+            if i + 1 < len(messages):
+                ledger.ahead(messages[i + 1])
+            ledger.sending(message)
+            ledger.record(Outcome(message.row, message.recipient, "sent", message_id=f"p{i}"))
+    finally:
+        ledger.close()
+    assert set(statuses(db).values()) == {"sent"} and len(statuses(db)) == 40

@@ -1,0 +1,186 @@
+"""The headline: `smartmail send` as a user runs it (whole process, ledger on) vs a bare loop.
+
+    .venv/bin/python benchmarks/bench_cli.py [--messages 3000,20000] [--workers 8] [--rounds 3]
+
+Against the aiosmtpd sink of benchmarks/smtp_sink.py (its own process, 127.0.0.1), each round
+runs, one after the other, three child processes timed from spawn to exit:
+
+(a) bare: `python benchmarks/bare_smtp.py`, `--workers` threads with persistent smtplib
+    connections sending one pre-built message (built by smartmail from the first row, so
+    size and MIME shape match);
+(b) `python -m smartmail send CSV -t TEMPLATE --transport smtp://... --workers 8 --yes`
+    with the default ledger (a state database under a fresh XDG_STATE_HOME);
+(c) the same with `--no-state`.
+
+Rounds alternate so outside load hits all three alike; medians and ratios to (a) are
+reported, with each child's CPU (user + system, from `os.wait4`) per message. The sink's count
+must grow by exactly N in every run and smartmail's report must say N sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.bench_smtp import SinkProcess, write_campaign
+from smartmail import MessageTemplate, RecipientSource, SourceSpec, build
+
+BARE = Path(__file__).resolve().with_name("bare_smtp.py")
+TIMEOUT = 600.0
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Run a child to completion: (wall seconds, CPU seconds, peak RSS MB). Fails loudly."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    timer = threading.Timer(TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    seconds = time.perf_counter() - began
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode("utf-8", "replace")
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... exited {code}: {err.strip()[-800:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def send_command(
+    csv_path: Path, template: Path, port: int, workers: int, report: Path
+) -> list[str]:
+    return [
+        sys.executable, "-m", "smartmail", "send", str(csv_path), "-t", str(template),
+        "--transport", f"smtp://127.0.0.1:{port}", "--smtp-security", "none",
+        "--workers", str(workers), "--yes", "--progress", "none", "--report", str(report),
+        "--failed-csv", str(report.with_suffix(".failed.csv")),
+    ]  # fmt: skip
+
+
+class Series:
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.cpu_ms: list[float] = []
+        self.pass_rates: list[float] = []
+        self.rss: list[float] = []
+
+    def add(self, n: int, seconds: float, cpu: float, rss: float) -> None:
+        self.rates.append(n / seconds)
+        self.cpu_ms.append(cpu / n * 1000)
+        self.rss.append(rss)
+
+    def median(self, values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+
+def measure(
+    sink: SinkProcess, folder: Path, n: int, workers: int, rounds: int, other: str | None = None
+) -> dict[str, Any]:
+    sub = folder / str(n)
+    sub.mkdir()
+    csv_path, template = write_campaign(sub, n)
+    source = RecipientSource(SourceSpec(str(csv_path)))
+    first, _ = next(source.rows())
+    message = sub / "message.eml"
+    message.write_bytes(build(MessageTemplate.load(template).render(first, "email")).data)
+    series = {"bare": Series(), "ledger": Series(), "no-state": Series()}
+    if other:
+        series["other"] = Series()
+    for round_no in range(1, rounds + 1):
+        for name, series_of in series.items():
+            before = sink.count()
+            report = sub / f"{name}-{round_no}.json"
+            if name == "bare":
+                cmd = [sys.executable, str(BARE), str(sink.port), str(message), str(n)]
+                seconds, cpu, rss = timed([*cmd, str(workers)])
+            else:
+                cmd = send_command(csv_path, template, sink.port, workers, report)
+                env = {k: v for k, v in os.environ.items() if not k.startswith("SMARTMAIL_")}
+                env["XDG_STATE_HOME"] = str(sub / f"state-{name}-{round_no}")
+                if name == "no-state":
+                    cmd.append("--no-state")
+                if name == "other":
+                    env["PYTHONPATH"] = str(other)
+                seconds, cpu, rss = timed(cmd, env)
+                summary = json.loads(report.read_text(encoding="utf-8"))
+                if summary["sent"] != n:
+                    raise RuntimeError(f"smartmail sent {summary['sent']} of {n}")
+                series_of.pass_rates.append(float(summary["rate_per_second"]))
+            got = sink.count() - before
+            if got != n:
+                raise RuntimeError(f"{name}: the sink received {got} of {n} messages")
+            series_of.add(n, seconds, cpu, rss)
+            print(
+                f"  {n} rows round {round_no} {name:<8} {seconds:6.2f} s {n / seconds:7.0f} msg/s"
+                f"  CPU {series_of.cpu_ms[-1]:.3f} ms/msg",
+                flush=True,
+            )
+    out: dict[str, Any] = {"messages": n}
+    bare = statistics.median(series["bare"].rates)
+    for name, s in series.items():
+        out[name] = {
+            "rate": statistics.median(s.rates),
+            "rates": s.rates,
+            "cpu_ms": statistics.median(s.cpu_ms),
+            "send_pass_rate": s.median(s.pass_rates),
+            "peak_rss_mb": max(s.rss),
+            "ratio": statistics.median(s.rates) / bare,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", default="3000,20000")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--other",
+        metavar="DIR",
+        help="also run (ledger on) the smartmail package found in DIR (e.g. an older checkout): "
+        "a before/after comparison in the same rounds",
+    )
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.messages.split(",")]
+    results: dict[str, Any] = {"workers": args.workers, "sizes": []}
+    sink = SinkProcess()
+    try:
+        with tempfile.TemporaryDirectory(prefix="smartmail-bench-") as tmp:
+            for n in sizes:
+                results["sizes"].append(
+                    measure(sink, Path(tmp), n, args.workers, args.rounds, args.other)
+                )
+    finally:
+        sink.stop()
+    for size in results["sizes"]:
+        bare = size["bare"]["rate"]
+        print(f"{size['messages']} messages, {args.workers} workers, median of {args.rounds}:")
+        for name in size:
+            if name == "messages":
+                continue
+            s = size[name]
+            print(
+                f"  {name:<9} {s['rate']:7.0f} msg/s  {s['rate'] / bare:6.1%}  "
+                f"CPU {s['cpu_ms']:.3f} ms/msg  peak RSS {s['peak_rss_mb']:.0f} MB"
+                + (f"  (send pass {s['send_pass_rate']:.0f} msg/s)" if name != "bare" else "")
+            )
+    return results
+
+
+if __name__ == "__main__":
+    main()
