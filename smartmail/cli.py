@@ -172,7 +172,8 @@ def common_options(func: F) -> F:
             type=click.Choice(ON_INVALID),
             default="skip",
             show_default=True,
-            help="A row with a bad address or header injection: skip it, or abort.",
+            help="A row that cannot be sent as it is (bad address, control character in a "
+            "header, attachment outside its folder): skip it, or abort.",
         ),
         click.option(
             "--on-malformed",
