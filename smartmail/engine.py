@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import enum
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -78,6 +80,13 @@ ON_INVALID = ("skip", "abort")
 ON_MALFORMED = ("abort", "skip")
 ON_DUPLICATE = ("once", "all", "abort")
 MAX_PROBLEMS_KEPT = 1000
+CHECK_AHEAD = 32  # rows the send pass asks the journal about at once (see Run._checked_rows)
+
+
+class _Ask(enum.Enum):
+    """A row the journal has not been asked about yet."""
+
+    ASK = 0
 
 
 @dataclass
@@ -485,6 +494,7 @@ class Run:
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
         )
         # A message pre-flight built carries pre-flight's Date: stamp it again when it is sent.
+        self._queued = 0
         self._own_date = not any(h.lower() == "date" for h in template.header_names)
 
     def _pause(self, seconds: float) -> None:
@@ -517,7 +527,7 @@ class Run:
     def _messages(self) -> Iterator[OutgoingMessage]:
         """Stream the snapshot again; record skips; yield the messages to send, in row order."""
         opts = self.options
-        queued = 0
+        self._queued = 0
         seen_rows = 0
         limit = opts.limit if opts.limit is not None else (1 if opts.test_to else None)
         expected = self.checked.source_sha256
@@ -526,21 +536,21 @@ class Run:
                 self.source.name,
                 "the send pass is not reading the snapshot pre-flight checked; nothing sent",
             )
-        for row, _ragged in self.source.rows():
+        for row, recipient, veto in self._checked_rows(limit):
             seen_rows += 1
-            recipient = row.values.get(self.source.to_column, "").strip()
             skip = self.checked.skipped.get(row.number)
             if skip is not None:
                 self._outcome(row, recipient, "skipped", skip)
                 continue
-            if self.stop.is_set() or (limit is not None and queued >= limit):
+            if self.stop.is_set() or (limit is not None and self._queued >= limit):
                 reason = self.stop_reason or (
                     "interrupted" if self.stop.is_set() else "over --limit"
                 )
                 self.checked.built.pop(row.number, None)
                 self._outcome(row, recipient, "unsent", reason)
                 continue
-            veto = self.journal.skip_reason(addresses.normalise(recipient), row)
+            if veto is _Ask.ASK:
+                veto = self.journal.skip_reason(addresses.normalise(recipient), row)
             if veto is not None:
                 self.checked.built.pop(row.number, None)
                 self._outcome(row, recipient, "skipped", veto)
@@ -564,7 +574,7 @@ class Run:
             if message is None:
                 self._outcome(row, recipient, "skipped", "suppressed: every address of the message")
                 continue
-            queued += 1
+            self._queued += 1
             yield message
         if seen_rows != self.checked.rows:
             raise SourceError(
@@ -572,6 +582,41 @@ class Run:
                 f"the file changed during the run ({self.checked.rows} rows at pre-flight, "
                 f"{seen_rows} now)",
             )
+
+    def _checked_rows(self, limit: int | None) -> Iterator[tuple[Row, str, str | _Ask | None]]:
+        """The snapshot's rows: (row, recipient, the journal's veto or `_Ask.ASK`).
+
+        A journal with `skip_reasons` is asked about `CHECK_AHEAD` rows at a time, the rows
+        pre-flight skipped left out; the check then runs at most that many rows (about one
+        queue's depth) before the row is queued, still after pre-flight. Once the run stops
+        or `limit` rows are queued no row is asked about any more.
+        """
+        many = getattr(self.journal, "skip_reasons", None)
+        rows = self.source.rows()
+        if many is None:
+            for row, _ragged in rows:
+                yield row, row.values.get(self.source.to_column, "").strip(), _Ask.ASK
+            return
+        to_column, skipped = self.source.to_column, self.checked.skipped
+        while True:
+            chunk = [
+                (row, row.values.get(to_column, "").strip())
+                for row, _ragged in itertools.islice(rows, CHECK_AHEAD)
+            ]
+            if not chunk:
+                return
+            ask = [
+                (addresses.normalise(recipient), row)
+                for row, recipient in chunk
+                if row.number not in skipped
+            ]
+            wanted = not self.stop.is_set() and (limit is None or self._queued < limit)
+            vetoes = iter(many(ask) if ask and wanted else ())
+            for row, recipient in chunk:
+                if row.number in skipped:
+                    yield row, recipient, None
+                else:
+                    yield row, recipient, next(vetoes, _Ask.ASK)
 
     def _compose(self, row: Row) -> OutgoingMessage | None:
         """The row's message: pre-flight's when it kept it, else rendered and built again.
