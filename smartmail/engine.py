@@ -39,7 +39,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
@@ -250,8 +250,14 @@ def preflight(
     budget = keep_rendered
     seen: set[int] = set()  # _seen_key of each recipient kept
     envelope = [options.test_to] if options.test_to else None
-    for row, ragged in source.rows():
+    asked: dict[int, tuple[str, str | None]] = {}  # row number: (key, veto), asked ahead
+    rows = source.rows()
+    many = getattr(journal, "skip_reasons", None) if journal is not None else None
+    if many is not None:
+        rows = _asking_ahead(rows, source.to_column, many, asked)
+    for row, ragged in rows:
         result.rows += 1
+        ahead = asked.pop(row.number, None)
         if ragged:
             problem = RowProblem(
                 row.number, None, "wrong number of fields for the header (ragged row)", source.name
@@ -286,7 +292,9 @@ def preflight(
             result.skipped[row.number] = "duplicate recipient"
             continue
         if journal is not None:
-            veto = journal.skip_reason(key, row)
+            veto = (
+                ahead[1] if ahead is not None and ahead[0] == key else journal.skip_reason(key, row)
+            )
             if veto is not None:
                 result.skipped[row.number] = veto
                 continue
@@ -328,6 +336,28 @@ def preflight(
     if result.rows == 0:
         raise SourceError(source.name, "no data rows after the header; nothing to send")
     return result
+
+
+def _asking_ahead(
+    rows: Iterator[tuple[Row, bool]],
+    to_column: str,
+    many: Callable[[Sequence[tuple[str, Row]]], list[str | None]],
+    asked: dict[int, tuple[str, str | None]],
+) -> Iterator[tuple[Row, bool]]:
+    """Pass `rows` through, asking the journal about `CHECK_AHEAD` of them at a time.
+
+    The answers go in `asked` by row number, keyed by the raw column's normalised address;
+    pre-flight uses one only when the rendered recipient has that same key, and asks again
+    otherwise, so a row is judged exactly as one at a time would judge it.
+    """
+    while True:
+        chunk = list(itertools.islice(rows, CHECK_AHEAD))
+        if not chunk:
+            return
+        ask = [(addresses.normalise(row.values.get(to_column, "")), row) for row, _ in chunk]
+        for (key, row), veto in zip(ask, many(ask), strict=True):
+            asked[row.number] = (key, veto)
+        yield from chunk
 
 
 def _seen_key(address: str) -> int:
