@@ -161,6 +161,9 @@ class Journal(Protocol):
 # A journal may also have `ahead(message)`: a worker calls it with the row it will send next
 # while it sends the current one, so the journal can make that row's mark durable in the
 # background and `sending()` for it need not wait (the ledger does; see docs/ledger.md).
+# It may also have `skip_reasons([(recipient, row), ...]) -> [reason or None, ...]`, the
+# answers of `skip_reason` for many rows at once: pre-flight and the send pass then ask in
+# groups of `CHECK_AHEAD` rows (the ledger answers each group in two queries).
 
 
 class NullJournal:
@@ -523,8 +526,8 @@ class Run:
         self.failed_rows = (
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
         )
+        self._queued = 0  # messages the send pass has queued so far
         # A message pre-flight built carries pre-flight's Date: stamp it again when it is sent.
-        self._queued = 0
         self._own_date = not any(h.lower() == "date" for h in template.header_names)
 
     def _pause(self, seconds: float) -> None:
