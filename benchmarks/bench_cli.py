@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.bench_smtp import SinkProcess, write_campaign
+from benchmarks.bench_smtp import SinkProcess, compile_smartmail, write_campaign
 from smartmail import MessageTemplate, RecipientSource, SourceSpec, build
 
 BARE = Path(__file__).resolve().with_name("bare_smtp.py")
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "a before/after comparison in the same rounds",
     )
     args = parser.parse_args(argv)
+    compile_smartmail()
     sizes = [int(x) for x in args.messages.split(",")]
     results: dict[str, Any] = {"workers": args.workers, "sizes": []}
     sink = SinkProcess()

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.bench_smtp import write_campaign
+from benchmarks.bench_smtp import compile_smartmail, write_campaign
 
 
 def run_dry_run(csv_path: Path, template: Path, report: Path, timeout: float) -> dict[str, Any]:
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
+    compile_smartmail()
     with tempfile.TemporaryDirectory(prefix="smartmail-bench-") as tmp:
         folder = Path(tmp)
         csv_path, template = write_campaign(folder, args.rows)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.bench_cli import timed
 from benchmarks.bench_ses_api import ENDPOINT, REGION, aws_env, endpoint_stats
-from benchmarks.bench_smtp import SinkProcess, write_campaign
+from benchmarks.bench_smtp import SinkProcess, compile_smartmail, write_campaign
 
 WORKERS = 8
 
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--burst", type=int, default=5)
     args = parser.parse_args(argv)
+    compile_smartmail()
     n, limit = args.messages, args.limit
     results: dict[str, Any] = {"limit": limit, "messages": n}
     with tempfile.TemporaryDirectory(prefix="smartmail-bench-") as tmp:

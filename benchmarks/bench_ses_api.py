@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.bench_cli import timed
-from benchmarks.bench_smtp import SinkProcess, write_campaign
+from benchmarks.bench_smtp import SinkProcess, compile_smartmail, write_campaign
 from smartmail import MessageTemplate, RecipientSource, SourceSpec, build
 
 HERE = Path(__file__).resolve().parent
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    compile_smartmail()
     n, workers = args.messages, args.workers
     rates: dict[str, list[float]] = {"bare": [], "smartmail": []}
     cpu: dict[str, list[float]] = {"bare": [], "smartmail": []}

@@ -22,6 +22,7 @@ bounded by the message count, and the sink is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import compileall
 import itertools
 import logging
 import os
@@ -48,6 +49,19 @@ from smartmail import (
 )
 
 SINK = Path(__file__).resolve().with_name("smtp_sink.py")
+
+
+def compile_smartmail() -> None:
+    """Write smartmail's bytecode before timing it, as `pip install` does.
+
+    This checkout is an editable install and the machine sets PYTHONDONTWRITEBYTECODE, so
+    without this every child process compiles smartmail's source again (~70 ms of a
+    dry-run's start-up, ~0.03 ms a message of a 3,000-row send), while click, jinja2 and
+    boto3, installed from wheels, load their bytecode.
+    """
+    compileall.compile_dir(Path(__file__).resolve().parents[1] / "smartmail", quiet=1)
+
+
 SENDER = "news@acme.example"
 TEMPLATE = """\
 From: Acme News <news@acme.example>

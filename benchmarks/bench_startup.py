@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.bench_smtp import write_campaign
+from benchmarks.bench_smtp import compile_smartmail, write_campaign
 
 
 def wall(cmd: list[str]) -> float:
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args(argv)
+    compile_smartmail()
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="smartmail-bench-") as tmp:
         csv_path, template = write_campaign(Path(tmp), 10)

@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks import bench_cli, bench_dryrun, bench_rate, bench_ses_api, bench_startup
+from benchmarks.bench_smtp import compile_smartmail
 
 Row = tuple[str, str, str, str, str, bool | None]
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write every figure here")
     args = parser.parse_args(argv)
+    compile_smartmail()
     q = args.quick
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import enum
 import hashlib
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
@@ -78,6 +80,13 @@ ON_INVALID = ("skip", "abort")
 ON_MALFORMED = ("abort", "skip")
 ON_DUPLICATE = ("once", "all", "abort")
 MAX_PROBLEMS_KEPT = 1000
+CHECK_AHEAD = 32  # rows the send pass asks the journal about at once (see Run._checked_rows)
+
+
+class _Ask(enum.Enum):
+    """A row the journal has not been asked about yet."""
+
+    ASK = 0
 
 
 @dataclass
@@ -152,6 +161,9 @@ class Journal(Protocol):
 # A journal may also have `ahead(message)`: a worker calls it with the row it will send next
 # while it sends the current one, so the journal can make that row's mark durable in the
 # background and `sending()` for it need not wait (the ledger does; see docs/ledger.md).
+# It may also have `skip_reasons([(recipient, row), ...]) -> [reason or None, ...]`, the
+# answers of `skip_reason` for many rows at once: pre-flight and the send pass then ask in
+# groups of `CHECK_AHEAD` rows (the ledger answers each group in two queries).
 
 
 class NullJournal:
@@ -241,8 +253,14 @@ def preflight(
     budget = keep_rendered
     seen: set[int] = set()  # _seen_key of each recipient kept
     envelope = [options.test_to] if options.test_to else None
-    for row, ragged in source.rows():
+    asked: dict[int, tuple[str, str | None]] = {}  # row number: (key, veto), asked ahead
+    rows = source.rows()
+    many = getattr(journal, "skip_reasons", None) if journal is not None else None
+    if many is not None:
+        rows = _asking_ahead(rows, source.to_column, many, asked)
+    for row, ragged in rows:
         result.rows += 1
+        ahead = asked.pop(row.number, None)
         if ragged:
             problem = RowProblem(
                 row.number, None, "wrong number of fields for the header (ragged row)", source.name
@@ -277,7 +295,9 @@ def preflight(
             result.skipped[row.number] = "duplicate recipient"
             continue
         if journal is not None:
-            veto = journal.skip_reason(key, row)
+            veto = (
+                ahead[1] if ahead is not None and ahead[0] == key else journal.skip_reason(key, row)
+            )
             if veto is not None:
                 result.skipped[row.number] = veto
                 continue
@@ -319,6 +339,28 @@ def preflight(
     if result.rows == 0:
         raise SourceError(source.name, "no data rows after the header; nothing to send")
     return result
+
+
+def _asking_ahead(
+    rows: Iterator[tuple[Row, bool]],
+    to_column: str,
+    many: Callable[[Sequence[tuple[str, Row]]], list[str | None]],
+    asked: dict[int, tuple[str, str | None]],
+) -> Iterator[tuple[Row, bool]]:
+    """Pass `rows` through, asking the journal about `CHECK_AHEAD` of them at a time.
+
+    The answers go in `asked` by row number, keyed by the raw column's normalised address;
+    pre-flight uses one only when the rendered recipient has that same key, and asks again
+    otherwise, so a row is judged exactly as one at a time would judge it.
+    """
+    while True:
+        chunk = list(itertools.islice(rows, CHECK_AHEAD))
+        if not chunk:
+            return
+        ask = [(addresses.normalise(row.values.get(to_column, "")), row) for row, _ in chunk]
+        for (key, row), veto in zip(ask, many(ask), strict=True):
+            asked[row.number] = (key, veto)
+        yield from chunk
 
 
 def _seen_key(address: str) -> int:
@@ -484,6 +526,7 @@ class Run:
         self.failed_rows = (
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
         )
+        self._queued = 0  # messages the send pass has queued so far
         # A message pre-flight built carries pre-flight's Date: stamp it again when it is sent.
         self._own_date = not any(h.lower() == "date" for h in template.header_names)
 
@@ -517,7 +560,7 @@ class Run:
     def _messages(self) -> Iterator[OutgoingMessage]:
         """Stream the snapshot again; record skips; yield the messages to send, in row order."""
         opts = self.options
-        queued = 0
+        self._queued = 0
         seen_rows = 0
         limit = opts.limit if opts.limit is not None else (1 if opts.test_to else None)
         expected = self.checked.source_sha256
@@ -526,21 +569,21 @@ class Run:
                 self.source.name,
                 "the send pass is not reading the snapshot pre-flight checked; nothing sent",
             )
-        for row, _ragged in self.source.rows():
+        for row, recipient, veto in self._checked_rows(limit):
             seen_rows += 1
-            recipient = row.values.get(self.source.to_column, "").strip()
             skip = self.checked.skipped.get(row.number)
             if skip is not None:
                 self._outcome(row, recipient, "skipped", skip)
                 continue
-            if self.stop.is_set() or (limit is not None and queued >= limit):
+            if self.stop.is_set() or (limit is not None and self._queued >= limit):
                 reason = self.stop_reason or (
                     "interrupted" if self.stop.is_set() else "over --limit"
                 )
                 self.checked.built.pop(row.number, None)
                 self._outcome(row, recipient, "unsent", reason)
                 continue
-            veto = self.journal.skip_reason(addresses.normalise(recipient), row)
+            if veto is _Ask.ASK:
+                veto = self.journal.skip_reason(addresses.normalise(recipient), row)
             if veto is not None:
                 self.checked.built.pop(row.number, None)
                 self._outcome(row, recipient, "skipped", veto)
@@ -564,7 +607,7 @@ class Run:
             if message is None:
                 self._outcome(row, recipient, "skipped", "suppressed: every address of the message")
                 continue
-            queued += 1
+            self._queued += 1
             yield message
         if seen_rows != self.checked.rows:
             raise SourceError(
@@ -572,6 +615,41 @@ class Run:
                 f"the file changed during the run ({self.checked.rows} rows at pre-flight, "
                 f"{seen_rows} now)",
             )
+
+    def _checked_rows(self, limit: int | None) -> Iterator[tuple[Row, str, str | _Ask | None]]:
+        """The snapshot's rows: (row, recipient, the journal's veto or `_Ask.ASK`).
+
+        A journal with `skip_reasons` is asked about `CHECK_AHEAD` rows at a time, the rows
+        pre-flight skipped left out; the check then runs at most that many rows (about one
+        queue's depth) before the row is queued, still after pre-flight. Once the run stops
+        or `limit` rows are queued no row is asked about any more.
+        """
+        many = getattr(self.journal, "skip_reasons", None)
+        rows = self.source.rows()
+        if many is None:
+            for row, _ragged in rows:
+                yield row, row.values.get(self.source.to_column, "").strip(), _Ask.ASK
+            return
+        to_column, skipped = self.source.to_column, self.checked.skipped
+        while True:
+            chunk = [
+                (row, row.values.get(to_column, "").strip())
+                for row, _ragged in itertools.islice(rows, CHECK_AHEAD)
+            ]
+            if not chunk:
+                return
+            ask = [
+                (addresses.normalise(recipient), row)
+                for row, recipient in chunk
+                if row.number not in skipped
+            ]
+            wanted = not self.stop.is_set() and (limit is None or self._queued < limit)
+            vetoes = iter(many(ask) if ask and wanted else ())
+            for row, recipient in chunk:
+                if row.number in skipped:
+                    yield row, recipient, None
+                else:
+                    yield row, recipient, next(vetoes, _Ask.ASK)
 
     def _compose(self, row: Row) -> OutgoingMessage | None:
         """The row's message: pre-flight's when it kept it, else rendered and built again.

@@ -16,14 +16,14 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, Literal
 
 from .ratelimit import RateStats
 from .sources import Row
+
+if TYPE_CHECKING:  # rich is imported by the summary table only: start-up stays light
+    from rich.console import Console
+    from rich.table import Table
 
 Status = Literal["sent", "failed", "skipped", "unsent", "in-doubt"]
 STATUSES: tuple[Status, ...] = ("sent", "failed", "skipped", "unsent", "in-doubt")
@@ -214,6 +214,9 @@ class Summary:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def table(self) -> Table:
+        from rich.markup import escape
+        from rich.table import Table
+
         title = "smartmail dry-run" if self.dry_run else "smartmail summary"
         table = Table(title=title, show_header=False, title_justify="left")
         table.add_column("what", style="bold")

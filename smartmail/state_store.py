@@ -16,17 +16,18 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import campaigns, state
 from .campaigns import CampaignStatus, Which
 from .dynamo import is_dynamodb_url
-from .events import FeedbackStore, SqliteFeedback
 from .ledger import CampaignRecord, Ledger, Resend
 from .sources import Row
-from .state_dynamodb import DynamoState
-from .state_dynamodb import open_state as open_dynamodb
 from .suppression import SuppressionList
+
+if TYPE_CHECKING:  # imported where used: a SQLite run need not load botocore or events
+    from .events import FeedbackStore, SqliteFeedback
+    from .state_dynamodb import DynamoState
 
 
 class StateStore(Protocol):
@@ -88,6 +89,8 @@ class SqliteState:
 
     @property
     def feedback(self) -> SqliteFeedback:
+        from .events import SqliteFeedback
+
         return SqliteFeedback(self.conn())
 
 
@@ -97,5 +100,7 @@ def open_state(value: str | os.PathLike[str] | None) -> SqliteState | DynamoStat
     if value is None:
         value = os.environ.get(state.STATE_ENV) or None
     if value is not None and is_dynamodb_url(str(value)):
+        from .state_dynamodb import open_state as open_dynamodb
+
         return open_dynamodb(str(value))
     return SqliteState(value)

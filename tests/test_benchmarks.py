@@ -16,6 +16,7 @@ from benchmarks import (
     bench_ses,
     bench_ses_api,
     bench_smtp,
+    cpu_per_thread,
     run_all,
 )
 
@@ -89,3 +90,11 @@ def test_the_startup_benchmark_runs_each_command() -> None:
     result = bench_startup.main(["--repeat", "1"])
     assert set(result) == {"baseline", "help", "dry_run"}
     assert all(seconds > 0 for seconds in result.values())
+
+
+def test_cpu_per_thread_sends_every_row_and_accounts_each_thread() -> None:
+    result = cpu_per_thread.main(["--messages", "40", "--rounds", "1"])
+    ledger, no_state = result["ledger"], result["no-state"]
+    assert ledger["smartmail-send"] > 0 and ledger["pre-flight"] > 0
+    assert ledger["ledger writer"] > 0 and no_state["ledger writer"] == 0
+    assert ledger["whole process"] >= ledger["main thread"]

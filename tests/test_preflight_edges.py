@@ -507,6 +507,35 @@ def test_a_copy_suppressed_after_preflight_is_left_out_too(
         assert "boss@acme.example" not in str(received.message["Cc"])
 
 
+def test_recipients_suppressed_after_preflight_are_skipped_however_far_down_the_file(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    """The send pass asks the ledger about rows a few dozen at a time: a bounce that lands
+    between pre-flight and the send still stops each affected row, early, mid-file or last."""
+    csv_path = make_csv(tmp_path / "r.csv", 70)
+    db = tmp_path / "state.db"
+    template = MessageTemplate.load(template_file)
+    late = ["user3@example.org", "User40@Example.org", "user69@example.org"]
+    with Ledger(db, "late-bounces") as ledger:
+        ledger.acquire()
+        with RecipientSource(SourceSpec(str(csv_path))).snapshot() as snap:
+            checked = preflight(snap, template, SendOptions(), journal=ledger, keep_rendered=0)
+            assert checked.valid == 70
+            conn = connect(db)
+            for address in late:
+                SuppressionList(conn).add(address, "bounce")
+            conn.commit()
+            conn.close()
+            summary = send_campaign(
+                snap, template, transport(smtp_server), journal=ledger, checked=checked
+            )
+    assert (summary.sent, summary.skipped) == (67, 3)
+    got = smtp_server.handler.by_recipient()
+    assert len(got) == 67
+    for address in late:
+        assert address.lower() not in got
+
+
 def test_a_suppression_list_that_cannot_be_read_stops_the_run(
     smtp_server: SmtpServer, tmp_path: Path
 ) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import smtplib
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from smartmail import (
     MessageTemplate,
@@ -16,7 +19,7 @@ from smartmail import (
 )
 from smartmail.errors import PermanentError, StopRunError, ThrottledError, TransientError
 from smartmail.transports import TransportOptions, get_transport
-from smartmail.transports.smtp import classify_reply
+from smartmail.transports.smtp import classify_reply, quote_address
 
 from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv
 
@@ -108,3 +111,18 @@ def test_server_without_starttls_is_refused_unless_security_none(
     summary = _run(smtp_server.url, csv, template_file)  # default: starttls
     assert summary.unsent == 2 and summary.stopped and "STARTTLS" in summary.stopped
     assert smtp_server.handler.received == []
+
+
+_ADDRESS_CHARS = "abcXYZ019!#$%&'*+/=?^_`{|}~-.@\"<> ()[],;:\\\r\nü"
+
+
+@settings(deadline=None)
+@given(st.text(alphabet=_ADDRESS_CHARS, min_size=1, max_size=24))
+@example("First.Last+tag@example.co.uk")
+@example("o'neil@x.org")
+@example('"john doe"@example.com')
+@example("Name <a@b.c>")
+@example("a@b.c>\r\nRCPT TO:<x@y.z")
+def test_envelope_addresses_are_quoted_exactly_as_smtplib_does(address: str) -> None:
+    """MAIL FROM / RCPT TO skip smtplib's parser for plain addresses: same bytes on the wire."""
+    assert quote_address(address) == smtplib.quoteaddr(address)

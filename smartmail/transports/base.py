@@ -13,6 +13,7 @@ Transport URLs are user input that may hold a login: every message here shows th
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import re
 from collections.abc import Callable
@@ -130,14 +131,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_BUILT_IN = {"smtp": "smtp", "file": "file", "ses": "ses", "ses+smtp": "ses_smtp"}
+
+
 def get_transport(url: str, options: TransportOptions | None = None) -> Transport:
     """Build the transport a URL names, e.g. smtp://host:587, file://outbox, ses://eu-west-1."""
-    from . import file, ses, ses_smtp, smtp  # noqa: F401 - built-in transports register themselves
-
     shown = redact(url)
     scheme = url.partition(":")[0].lower() if ":" in url else ""
     factory = _REGISTRY.get(scheme)
+    if factory is None and scheme in _BUILT_IN:
+        # Only the module named: an smtp:// run need not load the SES client's code.
+        importlib.import_module(f".{_BUILT_IN[scheme]}", __package__)
+        factory = _REGISTRY.get(scheme)
     if factory is None:
+        from . import file, ses, ses_smtp, smtp  # noqa: F401 - every built-in, to list them
+
         known = ", ".join(f"{s}://" for s in sorted(_REGISTRY))
         raise ConfigError(f"unknown transport {shown!r}; use one of {known}")
     if shown != url and scheme != "file":
