@@ -110,6 +110,9 @@ def test_bench_workers_sends_every_row_once_with_one_and_two_worker_processes() 
             {"sent": 40, "pending": 0, "in_doubt": 0, "in_flight": 0, "failed": 0}
         ]
         assert run["rate"] > 0 and run["cpu_ms"] > 0
+    rows = run_all.worker_rows(result)
+    assert [r[0].split(",")[0] for r in rows] == ["smartmail worker x1", "smartmail worker x2"]
+    assert rows[1][5] is (result["processes"]["2"]["ratio"] > 1.0)  # the target is judged
 
 
 class _StandInClient:
