@@ -384,7 +384,6 @@ class Dynamo:
 
     def __init__(self) -> None:
         self.tables: dict[str, Table] = {}
-        self.requests = 0
 
     def table(self, name: str) -> Table:
         found = self.tables.get(name)
@@ -396,7 +395,6 @@ class Dynamo:
         return found
 
     def handle(self, operation: str, request: dict[str, Any]) -> dict[str, Any]:
-        self.requests += 1
         method = getattr(self, "op_" + operation, None)
         if method is None:
             raise Refused(f"aws_endpoint does not implement DynamoDB {operation}")
@@ -784,12 +782,13 @@ class World:
         self.dynamo = Dynamo()
         self.sqs = Sqs()
         self.refused: list[str] = []
+        self.requests: dict[str, int] = {}
 
     def stats(self) -> bytes:
         ses = json.loads(self.counters.stats())
         now = time.monotonic()
         ses["queues"] = {name: q.stats(now) for name, q in self.sqs.queues.items()}
-        ses["dynamodb_requests"] = self.dynamo.requests
+        ses["requests"] = self.requests
         ses["cpu_seconds"] = time.process_time()  # this stand-in's own CPU, to show its share
         ses["refused"] = self.refused[-20:]
         ses["refused_count"] = len(self.refused)
@@ -806,6 +805,9 @@ class AwsHttp(Http):
 
     def answer(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> None:
         target = headers.get(b"x-amz-target", b"").decode()
+        if not path.startswith((b"/stats", b"/reset")):
+            what = target or ("SES " + (b"GetSendQuota" if b"Action=" in body else path).decode())
+            self.world.requests[what] = self.world.requests.get(what, 0) + 1
         if not target:
             if path.startswith(b"/stats"):
                 self.respond(200, self.world.stats(), b"application/json")
