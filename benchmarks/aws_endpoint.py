@@ -536,10 +536,8 @@ class Dynamo:
                 f"aws_endpoint: no key {hash_name}/{range_name} on {index or 'the table'}"
             )
         if index is None:
-            rows = [
-                table.partitions.get(values[hash_value].get("S"), {})[k]
-                for k in sorted(table.partitions.get(values[hash_value].get("S"), {}))
-            ]
+            partition = table.partitions.get(values[hash_value].get("S"), {})
+            rows = [partition[sk] for sk in sorted(partition)]
         else:
             rows = sorted(
                 (
