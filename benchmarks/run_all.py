@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--json PATH]
 
-Runs, in this order (about 6 minutes on 2 cores; --quick: smaller sizes, about 2):
+Runs, in this order (about 8 minutes on 2 cores; --quick: smaller sizes, about 3):
 bench_cli (smtp://, whole `smartmail send` process, ledger on, 3,000 and 20,000 rows),
-bench_ses_api (ses:// against the fast local endpoint), bench_rate (adaptive rate against
-throttling SMTP and SES; precision at the receiver), bench_startup, bench_dryrun (1,000,000
-rows). Each prints its own lines as it goes; the table at the end has, per figure: the value,
-the bare baseline beside it, the ratio, the target and whether it was met.
+bench_ses_api (ses:// against the fast local endpoint), bench_workers (1, 2 and 4
+`smartmail worker` processes on one queue and one dynamodb:// state, 1,500 rows, against the
+local SES + SQS + DynamoDB stand-in), bench_rate (adaptive rate against throttling SMTP and
+SES; precision at the receiver), bench_startup, bench_dryrun (1,000,000 rows). Each prints
+its own lines as it goes; the table at the end has, per figure: the value, the bare baseline
+beside it, the ratio, the target and whether it was met.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks import bench_cli, bench_dryrun, bench_rate, bench_ses_api, bench_startup
+from benchmarks import (
+    bench_cli,
+    bench_dryrun,
+    bench_rate,
+    bench_ses_api,
+    bench_startup,
+    bench_workers,
+)
 from benchmarks.bench_smtp import compile_smartmail
 
 Row = tuple[str, str, str, str, str, bool | None]
@@ -69,6 +78,8 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
             ses["smartmail_peak_rss_mb"] <= 100,
         )
     )
+    if "workers" in results:
+        rows.extend(worker_rows(results["workers"]))
     rate = results["rate"]
     limit = rate["limit"]
     for key, label in (
@@ -146,6 +157,30 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def worker_rows(w: dict[str, Any]) -> list[Row]:
+    """bench_workers' figures: msg/s per worker process count, against one worker."""
+    rows: list[Row] = []
+    base = w["processes"]["1"]["rate"]
+    for k, run in w["processes"].items():
+        goal: str = f"(context: {w['cpus']} cores)"
+        met: bool | None = None
+        if k == "1":
+            goal = "(baseline)"
+        elif k == "2":
+            goal, met = "> 1.00 (2 workers > 1 on 2 cores)", run["ratio"] > 1.0
+        rows.append(
+            (
+                f"smartmail worker x{k}, SQS + dynamodb:// + ses://, {w['messages']:,} rows, msg/s",
+                f"{run['rate']:,.0f}",
+                f"1 worker {base:,.0f}",
+                f"{run['ratio']:.2f}",
+                goal,
+                met,
+            )
+        )
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     head = ("figure", "smartmail", "baseline", "ratio", "target", "met")
     cells = [head, *[(*r[:5], {True: "yes", False: "NO", None: ""}[r[5]]) for r in rows]]
@@ -175,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["ses"] = bench_ses_api.main(
         ["--messages", "1000" if q else "3000", "--rounds", "1" if q else "3"]
     )
+    print("== queue workers, 1, 2 and 4 processes (bench_workers)", flush=True)
+    results["workers"] = bench_workers.main(["--messages", "300" if q else "1500"])
     print("== rate at the receiver (bench_rate)", flush=True)
     rate_args = ["--messages", "400", "--precise", "600"] if q else []
     results["rate"] = bench_rate.main(rate_args)

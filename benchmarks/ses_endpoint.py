@@ -30,6 +30,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 _RECIPIENT = re.compile(rb'"ToAddresses":\s*\["([^"]*)"')
 
@@ -97,6 +98,7 @@ class Http(asyncio.Protocol):
         self.counters = counters
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
+        self.held = False  # a response is pending: read no further request on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -104,24 +106,24 @@ class Http(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
+        while not self.held:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head = self.buffer[:end]
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
+            lines = self.buffer[:end].split(b"\r\n")
+            headers: dict[bytes, bytes] = {}
+            for line in lines[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get(b"content-length", b"0"))
             if len(self.buffer) < end + 4 + length:
                 return
             body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
-            self.answer(head.split(b" ", 2), body)
+            method, path = lines[0].split(b" ", 2)[:2]
+            self.answer(method, path, headers, body)
 
-    def answer(self, request_line: list[bytes], body: bytes) -> None:
-        method, path = request_line[0], request_line[1]
+    def answer(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> None:
         kind = b"application/json"
         if method == b"POST" and path.startswith(b"/v2/email/outbound-emails"):
             status, out = self.counters.send(body)
@@ -136,23 +138,28 @@ class Http(asyncio.Protocol):
             status, out = 200, self.counters.stats()
         else:
             status, out = 404, b'{"__type":"NotFoundException","message":"not in the fake"}'
+        extra = b"x-amzn-ErrorType: Throttling\r\n" if status == 400 else b""
+        self.respond(status, out, kind, extra)
+
+    def respond(self, status: int, out: bytes, kind: bytes, extra: bytes = b"") -> None:
+        """Write one response; `held` requests (a long poll) answer later through here too."""
         reason = b"OK" if status == 200 else b"Bad Request"
-        headers = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
             status,
             reason,
             kind,
             len(out),
         )
-        if status == 400:
-            headers += b"x-amzn-ErrorType: Throttling\r\n"
         assert self.transport is not None
-        self.transport.write(headers + b"x-amzn-RequestId: bench\r\n\r\n" + out)
+        self.transport.write(head + extra + b"x-amzn-RequestId: bench\r\n\r\n" + out)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(
+    args: argparse.Namespace, protocol: Callable[[Counters], asyncio.Protocol] = Http
+) -> None:
     loop = asyncio.get_running_loop()
     counters = Counters(args.limit, args.max_send_rate)
-    server = await loop.create_server(lambda: Http(counters), host="127.0.0.1", port=0)
+    server = await loop.create_server(lambda: protocol(counters), host="127.0.0.1", port=0)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     done = asyncio.Event()
     stdin = sys.stdin.fileno()

@@ -7,6 +7,11 @@ what they measure is real: every message reached the SMTP sink, every row was dr
 
 from __future__ import annotations
 
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from benchmarks import (
@@ -19,6 +24,8 @@ from benchmarks import (
     cpu_per_thread,
     run_all,
 )
+from smartmail.state_dynamodb import DynamoState, StateUrl
+from tests import test_dynamo_state as stories
 
 
 def test_bench_smtp_delivers_every_message_and_reports_rates() -> None:
@@ -98,3 +105,118 @@ def test_cpu_per_thread_sends_every_row_and_accounts_each_thread() -> None:
     assert ledger["smartmail-send"] > 0 and ledger["pre-flight"] > 0
     assert ledger["ledger writer"] > 0 and no_state["ledger writer"] == 0
     assert ledger["whole process"] >= ledger["main thread"]
+
+
+def test_bench_workers_sends_every_row_once_with_one_and_two_worker_processes() -> None:
+    from benchmarks import bench_workers
+
+    result = bench_workers.main(["--messages", "40", "--processes", "1,2", "--threads", "2"])
+    for k in ("1", "2"):
+        run = result["processes"][k]
+        # At the endpoint: 40 messages, 40 recipients, none twice; the ledger agreed.
+        assert run["delivered"] == [{"accepted": 40, "distinct": 40, "duplicates": 0}]
+        assert run["ledger"] == [
+            {"sent": 40, "pending": 0, "in_doubt": 0, "in_flight": 0, "failed": 0}
+        ]
+        assert run["rate"] > 0 and run["cpu_ms"] > 0
+    rows = run_all.worker_rows(result)
+    assert [r[0].split(",")[0] for r in rows] == ["smartmail worker x1", "smartmail worker x2"]
+    assert rows[1][5] is (result["processes"]["2"]["ratio"] > 1.0)  # the target is judged
+
+
+class _StandInClient:
+    """The AWS stand-in's DynamoDB, in process, behind the calls smartmail makes on boto3."""
+
+    def __init__(self) -> None:
+        from benchmarks.aws_endpoint import Dynamo
+
+        self.dynamo = Dynamo()
+
+    def __getattr__(self, name: str) -> Any:
+        from botocore.exceptions import ClientError
+
+        from benchmarks.aws_endpoint import AwsError
+
+        operation = "".join(word.title() for word in name.split("_"))
+
+        def call(**request: Any) -> Any:
+            try:
+                return self.dynamo.handle(operation, json.loads(json.dumps(request)))
+            except AwsError as exc:
+                code = exc.code.rpartition("#")[2]
+                error: Any = {"Error": {"Code": code, "Message": exc.message}, **exc.extra}
+                raise ClientError(error, operation) from None
+
+        return call
+
+
+@pytest.fixture
+def clock() -> stories.Clock:
+    return stories.Clock()
+
+
+@pytest.fixture
+def stand_in_state(clock: stories.Clock) -> DynamoState:
+    from smartmail.dynamo import TABLE_SCHEMA
+
+    client = _StandInClient()
+    client.create_table(TableName=stories.TABLE, BillingMode="PAY_PER_REQUEST", **TABLE_SCHEMA)
+    return DynamoState(StateUrl.parse(stories.URL), client=client, clock=clock)
+
+
+@pytest.mark.parametrize(
+    "story",
+    [
+        stories.test_only_one_of_two_workers_claims_a_recipient_and_sent_is_never_resent,
+        stories.test_a_dead_workers_claim_is_in_doubt_after_its_lease_and_only_retry_in_doubt_resends,
+        stories.test_failed_rows_wait_for_retry_and_unsent_rows_go_back_to_pending,
+        stories.test_campaign_records_round_trip_for_retry,
+    ],
+)
+def test_the_aws_stand_in_tells_the_ledger_stories_moto_tells(
+    story: Callable[..., None], stand_in_state: DynamoState, clock: stories.Clock
+) -> None:
+    """The benchmark's DynamoDB answers smartmail's own expressions as moto does."""
+    kwargs: dict[str, Any] = {"state": stand_in_state}
+    if "clock" in inspect.signature(story).parameters:
+        kwargs["clock"] = clock
+    story(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "expression"),
+    [
+        ("ConditionExpression", "NOT attribute_exists(pk)"),
+        ("ConditionExpression", "begins_with(st, :v)"),
+        ("ConditionExpression", "st BETWEEN :v AND :v"),
+        ("UpdateExpression", "ADD attempts :v"),
+        ("UpdateExpression", "SET tags.a = :v"),
+        ("UpdateExpression", "SET items = list_append(items, :v)"),
+    ],
+)
+def test_the_aws_stand_in_refuses_an_expression_it_does_not_implement(
+    field: str, expression: str
+) -> None:
+    from benchmarks.aws_endpoint import Dynamo, Refused
+    from smartmail.dynamo import TABLE_SCHEMA
+
+    dynamo = Dynamo()
+    dynamo.handle("CreateTable", {"TableName": "t", **TABLE_SCHEMA})
+    request: dict[str, Any] = {
+        "TableName": "t",
+        "Key": {"pk": {"S": "a"}, "sk": {"S": "b"}},
+        "UpdateExpression": "SET st = :v",
+        "ExpressionAttributeValues": {":v": {"S": "x"}},
+        field: expression,
+    }
+    with pytest.raises(Refused):
+        dynamo.handle("UpdateItem", request)
+    # ... and so does it for a placeholder given but never used (as DynamoDB does).
+    request = {
+        **request,
+        "UpdateExpression": "SET st = :v",
+        "ExpressionAttributeNames": {"#x": "y"},
+    }
+    request.pop("ConditionExpression", None)
+    with pytest.raises(Refused, match="unused"):
+        dynamo.handle("UpdateItem", request)
