@@ -40,7 +40,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -827,6 +826,8 @@ class Run:
     # --- the run -----------------------------------------------------------------------------
 
     def run(self) -> Summary:
+        from concurrent.futures import ThreadPoolExecutor  # not for a dry run's pre-flight
+
         opts = self.options
         jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=opts.workers * 4)
         title = f"sending via {self.transport.url}"

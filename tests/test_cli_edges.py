@@ -291,7 +291,8 @@ def test_help_imports_no_heavy_module() -> None:
 
 def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     """A dry run with the default ledger reads the ledger (sqlite3) but loads no AWS library,
-    no retry policy or transport (there is none), no IDNA tables (the domains are ASCII), and
+    no retry policy, transport or thread pool (it sends nothing), no IDNA tables (the domains
+    are ASCII), and
     neither the campaign listing nor the DynamoDB state code."""
     csv = make_csv(tmp_path / "list.csv", 10)
     template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
@@ -301,7 +302,8 @@ def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
         f"try:\n    main(['dry-run', {str(csv)!r}, '-t', {str(template)!r}])\n"
         "except SystemExit as exc:\n    print('exit', exc.code)\n"
         "unused = ['boto3', 'botocore', 'tenacity', 'idna', 'smartmail.retry',\n"
-        "          'smartmail.transports', 'smartmail.dynamo', 'smartmail.campaigns']\n"
+        "          'smartmail.transports', 'smartmail.dynamo', 'smartmail.campaigns',\n"
+        "          'concurrent.futures']\n"
         "print('used:', *[m for m in ['sqlite3', 'smartmail.ledger'] if m in sys.modules])\n"
         "print('loaded:', *[m for m in unused if m in sys.modules])\n"
     )
