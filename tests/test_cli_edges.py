@@ -292,8 +292,7 @@ def test_help_imports_no_heavy_module() -> None:
 def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     """A dry run with the default ledger reads the ledger (sqlite3) but loads no AWS library,
     no retry policy, transport or thread pool (it sends nothing), no IDNA tables (the domains
-    are ASCII), and
-    neither the campaign listing nor the DynamoDB state code."""
+    are ASCII), and neither the campaign listing nor the DynamoDB state code."""
     csv = make_csv(tmp_path / "list.csv", 10)
     template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
     code = (
