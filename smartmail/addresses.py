@@ -15,8 +15,6 @@ import contextlib
 import re
 from typing import NamedTuple
 
-import idna
-
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL_ASCII = re.compile(rf"{_ATOM}(?:\.{_ATOM})*\Z")
 # Non-ASCII (RFC 6531) local parts: anything printable but the specials; never a control
@@ -62,6 +60,8 @@ def to_idna(domain: str) -> str:
     """
     if domain.isascii():
         return domain
+    import idna  # only international domains pay for its tables
+
     try:
         return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError):

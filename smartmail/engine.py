@@ -40,11 +40,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from . import addresses
 from .addresses import Mailbox
@@ -68,11 +67,13 @@ from .message import OutgoingMessage, build
 from .progress import NullProgress, ProgressDisplay
 from .ratelimit import Limiter, Unlimited
 from .report import Metrics, Outcome, Status, Summary
-from .retry import RetryPolicy
 from .sources import RecipientSource, Row, RowProblem
 from .suppression import key as address_key
 from .templates import HeaderValue, MessageTemplate, RenderedMessage
-from .transports.base import Delivery, Session, Transport
+
+if TYPE_CHECKING:  # a dry run (pre-flight, summary) needs neither; `Run` imports them
+    from .retry import RetryPolicy
+    from .transports.base import Delivery, Session, Transport
 
 log = logging.getLogger("smartmail")
 
@@ -515,7 +516,11 @@ class Run:
         self.options = options
         self.limiter: Limiter = limiter or Unlimited()
         self.stop = stop or threading.Event()
-        self.retry = retry or RetryPolicy(sleep=self._pause)
+        if retry is None:
+            from .retry import RetryPolicy
+
+            retry = RetryPolicy(sleep=self._pause)
+        self.retry = retry
         self.journal: Journal = journal or NullJournal()
         if options.test_to:
             self.journal = NullJournal()
@@ -719,6 +724,8 @@ class Run:
         return True
 
     def _send_one(self, session: Session, message: OutgoingMessage) -> None:
+        from .transports.base import Delivery  # loaded already: the run's transport is one
+
         row, recipient = message.row, message.recipient
         if self.stop.is_set():
             self._outcome(row, recipient, "unsent", self.stop_reason or "interrupted")
@@ -819,6 +826,8 @@ class Run:
     # --- the run -----------------------------------------------------------------------------
 
     def run(self) -> Summary:
+        from concurrent.futures import ThreadPoolExecutor  # not for a dry run's pre-flight
+
         opts = self.options
         jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=opts.workers * 4)
         title = f"sending via {self.transport.url}"

@@ -30,7 +30,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +43,8 @@ from .suppression import SuppressionList
 from .suppression import key as suppression_key
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .report import Outcome
 
 Resend = Literal["failed", "in-doubt"] | None
@@ -225,6 +226,8 @@ class _Writer(threading.Thread):
     """
 
     def __init__(self, path: Path) -> None:
+        from concurrent.futures import Future  # a send's; a dry run reads and never writes
+
         super().__init__(name="smartmail-ledger", daemon=True)
         self.path = path
         self.ops: collections.deque[_Op] = collections.deque()

@@ -18,14 +18,14 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import campaigns, state
-from .campaigns import CampaignStatus, Which
-from .dynamo import is_dynamodb_url
+from . import state
 from .ledger import CampaignRecord, Ledger, Resend
 from .sources import Row
 from .suppression import SuppressionList
 
-if TYPE_CHECKING:  # imported where used: a SQLite run need not load botocore or events
+if TYPE_CHECKING:  # imported where used: a SQLite run need not load botocore or events, and
+    # a send or dry run not the campaign listing or the DynamoDB URL parser
+    from .campaigns import CampaignStatus, Which
     from .events import FeedbackStore, SqliteFeedback
     from .state_dynamodb import DynamoState
 
@@ -75,12 +75,18 @@ class SqliteState:
     def statuses(self, campaign: str | None = None) -> list[CampaignStatus]:
         if not self.path.exists():
             return []
+        from . import campaigns
+
         return campaigns.statuses(self.conn(), self.path, campaign)
 
     def load(self, campaign: str) -> CampaignRecord | None:
+        from . import campaigns
+
         return campaigns.load(self.conn(), campaign)
 
     def retry_rows(self, campaign: str, which: Which) -> list[Row]:
+        from . import campaigns
+
         return campaigns.retry_rows(self.conn(), campaign, which)
 
     @property
@@ -99,7 +105,11 @@ def open_state(value: str | os.PathLike[str] | None) -> SqliteState | DynamoStat
     $SMARTMAIL_STATE or the XDG state directory)."""
     if value is None:
         value = os.environ.get(state.STATE_ENV) or None
-    if value is not None and is_dynamodb_url(str(value)):
+    if value is None:
+        return SqliteState(None)
+    from .dynamo import is_dynamodb_url
+
+    if is_dynamodb_url(str(value)):
         from .state_dynamodb import open_state as open_dynamodb
 
         return open_dynamodb(str(value))

@@ -289,6 +289,30 @@ def test_help_imports_no_heavy_module() -> None:
     assert done.stdout.strip().splitlines()[-1] == "loaded:"
 
 
+def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
+    """A dry run with the default ledger reads the ledger (sqlite3) but loads no AWS library,
+    no retry policy, transport or thread pool (it sends nothing), no IDNA tables (the domains
+    are ASCII), and neither the campaign listing nor the DynamoDB state code."""
+    csv = make_csv(tmp_path / "list.csv", 10)
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
+    code = (
+        "import sys\n"
+        "from smartmail.cli import main\n"
+        f"try:\n    main(['dry-run', {str(csv)!r}, '-t', {str(template)!r}])\n"
+        "except SystemExit as exc:\n    print('exit', exc.code)\n"
+        "unused = ['boto3', 'botocore', 'tenacity', 'idna', 'smartmail.retry',\n"
+        "          'smartmail.transports', 'smartmail.dynamo', 'smartmail.campaigns',\n"
+        "          'concurrent.futures']\n"
+        "print('used:', *[m for m in ['sqlite3', 'smartmail.ledger'] if m in sys.modules])\n"
+        "print('loaded:', *[m for m in unused if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert "Subject: Hi User 0" in done.stdout
+    assert lines[-3:] == ["exit 0", "used: sqlite3 smartmail.ledger", "loaded:"]
+
+
 def test_option_constants_copied_into_the_cli_match_the_library() -> None:
     assert cli_module.STATE_ENV == state.STATE_ENV
     assert cli_module.SQS_MAX_WAIT == events.SQS_MAX_WAIT
