@@ -25,8 +25,17 @@ FOLD_AT = 78  # the SHOULD of the same section: kept wherever a fold is possible
 MAX_WORD = 75  # RFC 2047 2: an encoded-word, "=?utf-8?q?...?=" included
 
 # Unstructured text fields: a long ASCII word there may be written as encoded-words to fold
-# it. Other fields are structured (a URL, a message id) and must stay as they are.
+# it. Other fields are structured (a URL, a message id) and must stay as they are. In these
+# and in `X-` fields (which readers may show), text that looks like an encoded-word is
+# encoded, so it reads as typed instead of being decoded into other text.
 TEXT_FIELDS = frozenset({"subject", "comments"})
+
+
+def _shown_as_text(name: str) -> bool:
+    lower = name.lower()
+    return lower in TEXT_FIELDS or lower.startswith("x-")
+
+
 _Q_PREFIX = "=?utf-8?q?"
 _B_PREFIX = "=?utf-8?b?"
 _OVERHEAD = len(_Q_PREFIX) + len("?=")
@@ -75,7 +84,7 @@ def unstructured(name: str, value: str, utf8: bool) -> str:
     at all.
     """
     text = name.lower() in TEXT_FIELDS
-    if (value.isascii() or utf8) and not (text and "=?" in value):
+    if (value.isascii() or utf8) and not ("=?" in value and _shown_as_text(name)):
         line = f"{name}: {value}"
         if len(line) <= FOLD_AT and line.isascii():
             return line

@@ -191,5 +191,10 @@ def test_long_ascii_headers_fold_and_parse_back_unchanged(value: str) -> None:
     value = value.strip()
     line = unstructured("List-Unsubscribe", value, utf8=False)
     assert all(part.strip() for part in line.split("\r\n")), "no blank continuation lines"
-    parsed = message_from_bytes(line.encode() + b"\r\n\r\nbody\r\n", policy=policy.SMTP)
-    assert str(parsed["List-Unsubscribe"] or "") == value
+    # Unfolding (dropping each CRLF before white space) gives the value back exactly.
+    assert line.split(": ", 1)[1].replace("\r\n", "") == value
+    if "=?" not in value:
+        # Python's parser also decodes text that looks like an RFC 2047 encoded-word, which a
+        # structured field such as this one never holds (RFC 2047 section 5): skip those.
+        parsed = message_from_bytes(line.encode() + b"\r\n\r\nbody\r\n", policy=policy.SMTP)
+        assert str(parsed["List-Unsubscribe"] or "") == value
