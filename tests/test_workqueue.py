@@ -427,6 +427,39 @@ def test_a_job_is_not_started_when_the_function_is_about_to_time_out(
     assert sent_per_recipient() == Counter()
 
 
+class RunningLambdaContext:
+    """A context whose remaining time runs down with the clock, as Lambda's does."""
+
+    def __init__(self, millis: int) -> None:
+        self.until = time.monotonic() + millis / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.until - time.monotonic()) * 1000)
+
+
+def test_a_job_still_running_near_the_timeout_stops_and_comes_back_with_nothing_in_doubt(
+    aws: None, tmp_path: Path
+) -> None:
+    """A slow job (a small rate share) must not be cut off by the function's timeout, which
+    would leave every row it had claimed in doubt: it stops before, its unsent rows go back
+    to pending and the job is reported for redelivery, where it sends the rest once."""
+    url = make_queue()
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="slow", workers=2)
+    cfg.rate = 2  # 6 rows take 2.5 s or more; the function "times out" 0.3 s in
+    enqueue_campaign(cfg, url, state, rows_per_job=6)
+    [message] = receive_all(url)
+    event = sqs_event([message], url)
+    context = RunningLambdaContext(aws_lambda.STOP_BEFORE_TIMEOUT_MS + 300)
+    result = aws_lambda.send_handler(event, context)
+    assert result == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    [status] = state.statuses("slow")
+    assert (status.in_doubt, status.in_flight) == (0, 0)
+    assert status.sent < 6 and status.sent + status.pending == 6
+    assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(6))
+
+
 # --- the S3 upload trigger and SES feedback ------------------------------------------------------
 
 
