@@ -49,7 +49,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from . import aws
 from .campaign import CampaignRun, Hooks, NothingToSendError, Secrets, template_hash
 from .config import CampaignConfig, RunOptions
-from .dynamo import n, s
+from .dynamo import n, s, text
 from .errors import ConfigError, PreflightError, SmartmailError
 from .files import readable
 from .jobs import MAX_MESSAGE_BYTES, ROWS_PER_JOB, Bundle, Job, JobError, TemplateRef, pack
@@ -182,7 +182,9 @@ def enqueue_campaign(
         for problem in checked.problems[:20]:
             if warn:
                 warn(str(problem))
-        queued_before = queued_keys(dstate, campaign)
+        # A row a worker gave back (pending) may have lost its job to a twin delivery that
+        # skipped it and deleted the job: queue it again (a second copy is harmless).
+        queued_before = queued_keys(dstate, campaign) - given_back_keys(dstate, campaign)
         rows: list[tuple[Row, str]] = []
         result = EnqueueResult(campaign, snap.name, TemplateRef(""), rows=checked.rows)
         for reason in checked.skipped.values():
@@ -240,6 +242,19 @@ def queued_keys(state: DynamoState, campaign: str) -> set[str]:
     ):
         found.update(item.get("recipients", {}).get("SS", []))
     return found
+
+
+def given_back_keys(state: DynamoState, campaign: str) -> set[str]:
+    """The ledger keys of `campaign`'s rows a worker claimed and then gave back unsent."""
+    return {
+        text(item, "sk")
+        for item in state.table.query(
+            KeyConditionExpression="pk = :p",
+            FilterExpression="st = :pending",
+            ExpressionAttributeValues={":p": s("D#" + campaign), ":pending": s("pending")},
+            ProjectionExpression="sk",
+        )
+    }
 
 
 def _bundle(config: CampaignConfig, header_names: list[str]) -> Bundle:

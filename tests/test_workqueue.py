@@ -224,6 +224,50 @@ def test_rows_added_to_the_list_later_are_the_only_ones_queued_next_time(
     assert len(queued_keys(state, "c")) == 8
 
 
+def test_a_row_given_back_after_a_twin_delivery_deleted_its_job_is_queued_again(
+    aws: None, tmp_path: Path
+) -> None:
+    """SQS hands one job to two workers at once: B skips the row A is sending ("already being
+    sent"), finishes the rest and deletes the job; then A's run stops and gives the row back
+    (pending). No copy of the job is left, so `enqueue` again must queue that row."""
+    from smartmail.message import OutgoingMessage
+    from smartmail.report import Outcome
+    from smartmail.workqueue import Worker
+
+    url = make_queue()
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="twin")
+    enqueue_campaign(cfg, url, state)
+    [message] = receive_all(url)
+    row = Row(2, {"email": "user0@example.org", "name": "Ann"})
+    held = OutgoingMessage(
+        sender="news@acme.example",
+        recipients=["user0@example.org"],
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        message_id="<2.user0@acme.example>",
+        recipient="user0@example.org",
+        row=row,
+    )
+    a = state.ledger("twin")
+    a.sending(held)  # worker A, holding the same job, is sending user0
+    b = Worker(state)
+    try:
+        outcome = b.run_job(message["Body"])
+    finally:
+        b.close()
+    assert (outcome.done, outcome.sent, outcome.skipped) == (True, 1, 1)
+    boto3.client("sqs", region_name=REGION).delete_message(
+        QueueUrl=url, ReceiptHandle=message["ReceiptHandle"]
+    )
+    a.record(Outcome(row=row, recipient="user0@example.org", status="unsent", reason="stopped"))
+    again = enqueue_campaign(cfg, url, state)
+    assert again.queued_rows == 1
+    run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+    assert sent_per_recipient() == Counter(["user0@example.org", "user1@example.org"])
+    [status] = state.statuses("twin")
+    assert (status.sent, status.pending) == (2, 0)
+
+
 def test_a_preflight_problem_queues_nothing(aws: None, tmp_path: Path) -> None:
     url = make_queue()
     csv = write(tmp_path / "r.csv", "email,name,code\nok@example.org,A,1\nbad-address,B,2\n")
