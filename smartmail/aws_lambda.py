@@ -324,7 +324,10 @@ def upload_config(
         raise ConfigError(
             f"{where}: attachments are not taken from uploads; use `smartmail enqueue`"
         )
-    rows_per_job = int(settings.pop("rows_per_job", 10))
+    try:
+        rows_per_job = int(settings.pop("rows_per_job", 10))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: rows_per_job must be a whole number ({exc})") from None
     for name in ("template", "html_template"):
         if settings.get(name):
             settings[name] = str(_download(s3, bucket, folder, str(settings[name]), scratch))
@@ -333,7 +336,16 @@ def upload_config(
     if os.environ.get("SMARTMAIL_CONFIGURATION_SET"):
         settings.setdefault("configuration_set", os.environ["SMARTMAIL_CONFIGURATION_SET"])
     settings.setdefault("version", 1)
-    return CampaignConfig.from_dict(settings), rows_per_job
+    try:
+        # Uploaded JSON is untrusted: a value of the wrong type is this file's fault, said so
+        # in one line, never a traceback after the list was half read.
+        config = CampaignConfig.from_dict(settings)
+        config.check()
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: a setting has the wrong type ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return config, rows_per_job
 
 
 def _download(s3: Any, bucket: str, folder: str, name: str, scratch: Path) -> Path:

@@ -591,6 +591,26 @@ def test_upload_settings_may_not_reach_outside_their_folder(
         aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"rows_per_job": "ten"}, {"rate": "fast"}, {"tags": "wave"}, {"workers": [2]}],
+)
+def test_upload_settings_of_the_wrong_type_are_refused_in_one_line(
+    aws: None, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any]
+) -> None:
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", make_queue())
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    body = json.dumps({"template": "msg.txt", **settings}).encode()
+    s3.put_object(Bucket="uploads", Key="incoming/x/campaign.json", Body=body)
+    s3.put_object(Bucket="uploads", Key="incoming/x/msg.txt", Body=TEMPLATE.encode())
+    s3.put_object(Bucket="uploads", Key="incoming/x/list.csv", Body=b"email\na@example.org\n")
+    with pytest.raises(ConfigError, match=r"s3://uploads/incoming/x/campaign.json: ") as got:
+        aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
+    assert "\n" not in str(got.value)
+    assert sent_per_recipient() == Counter()
+
+
 # --- three `smartmail worker` processes on one queue ----------------------------------------------
 
 
