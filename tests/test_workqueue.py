@@ -611,6 +611,61 @@ def test_upload_settings_of_the_wrong_type_are_refused_in_one_line(
     assert sent_per_recipient() == Counter()
 
 
+def test_each_function_makes_only_calls_its_role_in_the_template_allows(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls each handler really makes, recorded, against its own role in
+    deploy/template.yaml: none refused when deployed, and none granted that is never made."""
+    from cfnlint.decode import cfn_yaml
+
+    from .aws_recorder import RECORDER
+    from .iam import action_for, as_list
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "template.yaml"
+    template = json.loads(json.dumps(cfn_yaml.load(str(deploy))))
+
+    def granted(role: str) -> set[str]:
+        policies = template["Resources"][role]["Properties"]["Policies"]
+        return {
+            action
+            for p in policies
+            for st in p["PolicyDocument"]["Statement"]
+            for action in as_list(st["Action"])
+            if not action.startswith("logs:")
+        }
+
+    def made(run: Any) -> set[str]:
+        before = Counter(RECORDER.calls)
+        run()
+        return {action_for(*call) for call in RECORDER.calls - before}
+
+    url = make_queue()
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", url)
+    monkeypatch.setenv("SMARTMAIL_UPLOAD_BUCKET", "uploads")
+    monkeypatch.setenv("SMARTMAIL_ACCOUNT_RATE", "1000")
+    open_state(URL).ensure()  # the stack creates the table; the functions never do
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    settings = {"template": "msg.txt", "campaign": "roles", "retry_wait": 0}
+    s3.put_object(Bucket="uploads", Key="incoming/r/msg.txt", Body=TEMPLATE.encode())
+    s3.put_object(Bucket="uploads", Key="incoming/r/campaign.json", Body=json.dumps(settings))
+    listed = make_csv(tmp_path / "a.csv", 3).read_bytes()
+    s3.put_object(Bucket="uploads", Key="incoming/r/list.csv", Body=listed)
+    event = upload_event("uploads", "incoming/r/list.csv")
+    upload = made(lambda: aws_lambda.upload_handler(event))
+    jobs = sqs_event(receive_all(url), url)
+    send = made(lambda: aws_lambda.send_handler(jobs, LambdaContext()))
+    assert sum(sent_per_recipient().values()) == 3
+    provider_id = ses_backend().sent_messages[0].id
+    bounced = sns_event(bounce(provider_id, [ses_backend().sent_messages[0].destinations[0]]))
+    feedback = made(lambda: aws_lambda.feedback_handler(bounced, None))
+    for role, calls in (("UploadRole", upload), ("SenderRole", send), ("FeedbackRole", feedback)):
+        assert calls <= granted(role), f"{role} lacks {sorted(calls - granted(role))}"
+    # The ledger claims and records with UpdateItem: the sender is never granted whole-item
+    # writes (PutItem could replace any delivery, suppression or campaign record).
+    assert "dynamodb:PutItem" not in send | granted("SenderRole")
+
+
 # --- three `smartmail worker` processes on one queue ----------------------------------------------
 
 
