@@ -309,6 +309,44 @@ def test_a_template_bucket_keeps_the_template_once_content_addressed(
     assert summary.sent == 12
 
 
+def test_the_template_bundle_holds_only_the_attachments_the_rows_name(
+    aws: None, tmp_path: Path
+) -> None:
+    """Attachments resolve in the template's folder, but only the files the rows attach go
+    into the bundle (kept in the state table or S3): never the list itself, a secrets file
+    or anything else that happens to sit beside the template."""
+    folder = tmp_path / "mail"
+    folder.mkdir()
+    template = write(
+        folder / "msg.txt", TEMPLATE.replace("Subject:", "Attachment: {{ code }}.txt\nSubject:")
+    )
+    for i in range(2):
+        write(folder / f"C{i:05d}.txt", f"the attachment of user {i}\n")
+    write(folder / "unused.txt", "nobody attaches this\n")
+    write(folder / ".env", "SMARTMAIL_SMTP_PASSWORD=hunter2\n")
+    csv = make_csv(folder / "r.csv", 2)
+    url = make_queue()
+    state = open_state(URL)
+    cfg = CampaignConfig(
+        template=str(template),
+        source=str(csv),
+        transport=f"ses://{REGION}",
+        rate=1000,
+        retry_wait=0,
+        campaign="att",
+    )
+    enqueue_campaign(cfg, url, state)
+    record = state.load("att")
+    assert record is not None
+    bundle = record.settings["queue_template"]["inline"]
+    assert sorted(bundle["attachments"]) == ["C00000.txt", "C00001.txt"]
+    assert "hunter2" not in json.dumps(record.settings)
+    summary = run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+    assert summary.sent == 2
+    raw = {m.destinations[0]: m.raw_data for m in ses_backend().sent_messages}
+    assert "C00001.txt" in raw["user1@example.org"]
+
+
 def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
     aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
