@@ -29,11 +29,13 @@ LoggingConfig says `LogFormat: JSON` (deploy/template.yaml does): no logging lib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
@@ -200,11 +202,37 @@ def send_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any
         raise ConfigError("send_handler: the event has no Records (expected SQS)")
     worker = worker_from_env()
     failures: list[str] = []
+    with _stop_before_timeout(worker, context):
+        _run_records(worker, records, context, failures)
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
+
+
+@contextlib.contextmanager
+def _stop_before_timeout(worker: Worker, context: Any) -> Iterator[None]:
+    """Stop the job in hand `STOP_BEFORE_TIMEOUT_MS` before the function times out: its rows
+    not yet handed to the provider stay unsent (pending) and the job comes back, where a
+    function killed mid-job would leave every row it had claimed in doubt."""
+    worker.abort.clear()
+    left = _time_left_ms(context)
+    timer: threading.Timer | None = None
+    if left != float("inf"):
+        timer = threading.Timer(max(left - STOP_BEFORE_TIMEOUT_MS, 0) / 1000, worker.abort.set)
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+        worker.abort.clear()
+
+
+def _run_records(worker: Worker, records: list[Any], context: Any, failures: list[str]) -> None:
     for record in records:
         if not isinstance(record, Mapping):
             continue
         message_id = str(record.get("messageId", "?"))
-        if _time_left_ms(context) < STOP_BEFORE_TIMEOUT_MS:
+        if _time_left_ms(context) < STOP_BEFORE_TIMEOUT_MS or worker.abort.is_set():
             log.warning("job %s not started: the function is about to time out", message_id)
             failures.append(message_id)
             continue
@@ -230,7 +258,6 @@ def send_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any
                 outcome.failed,
                 outcome.skipped,
             )
-    return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
 
 
 def _time_left_ms(context: Any) -> float:
@@ -297,7 +324,10 @@ def upload_config(
         raise ConfigError(
             f"{where}: attachments are not taken from uploads; use `smartmail enqueue`"
         )
-    rows_per_job = int(settings.pop("rows_per_job", 10))
+    try:
+        rows_per_job = int(settings.pop("rows_per_job", 10))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: rows_per_job must be a whole number ({exc})") from None
     for name in ("template", "html_template"):
         if settings.get(name):
             settings[name] = str(_download(s3, bucket, folder, str(settings[name]), scratch))
@@ -306,7 +336,16 @@ def upload_config(
     if os.environ.get("SMARTMAIL_CONFIGURATION_SET"):
         settings.setdefault("configuration_set", os.environ["SMARTMAIL_CONFIGURATION_SET"])
     settings.setdefault("version", 1)
-    return CampaignConfig.from_dict(settings), rows_per_job
+    try:
+        # Uploaded JSON is untrusted: a value of the wrong type is this file's fault, said so
+        # in one line, never a traceback after the list was half read.
+        config = CampaignConfig.from_dict(settings)
+        config.check()
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: a setting has the wrong type ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return config, rows_per_job
 
 
 def _download(s3: Any, bucket: str, folder: str, name: str, scratch: Path) -> Path:

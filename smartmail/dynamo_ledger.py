@@ -283,6 +283,15 @@ class DynamoLedger:
                 f"{common}, {born}"
             )
             condition = _CHANGEABLE
+        elif outcome.status == "in-doubt":
+            # The provider may hold the message: the row stays `sending`, its lease ended now,
+            # so it is in doubt at once and only `retry --in-doubt` sends it again.
+            values = {**stamp, **why, ":sending": s("sending"), ":zero": n(0)}
+            update = f"SET last_error = :why, lease_until = :zero, {common}"
+            condition = "st = :sending"
+            if token is not None:
+                condition += " AND claim = :token"
+                values[":token"] = s(token)
         elif token is not None:
             values = {**stamp, **why, ":pending": s("pending"), ":token": s(token)}
             update = f"SET st = :pending, last_error = :why, {common} REMOVE claim, lease_until"

@@ -164,12 +164,15 @@ class Bundle:
         template: str | os.PathLike[str],
         html: str | os.PathLike[str] | None,
         attachments_dir: str | os.PathLike[str] | None,
+        *,
+        only: set[Path] | None = None,
     ) -> Bundle:
         """Read the files a worker needs to render this template as pre-flight did.
 
         `attachments_dir` is the folder attachment paths resolve in (the template's folder
         when the template names attachments and no --attachments-dir was given); every
-        regular file under it is taken, symbolic links leading outside it refused.
+        regular file under it is taken (or, given `only`, those whose resolved path is in
+        it), symbolic links leading outside it refused.
         """
         t = Path(template)
         data: dict[str, Any] = {
@@ -186,6 +189,8 @@ class Bundle:
             for path in sorted(root.rglob("*")):
                 real = path.resolve()
                 if not real.is_file() or not real.is_relative_to(root):
+                    continue
+                if only is not None and real not in only:
                     continue
                 content = real.read_bytes()
                 total += len(content)

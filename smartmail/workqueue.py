@@ -49,7 +49,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from . import aws
 from .campaign import CampaignRun, Hooks, NothingToSendError, Secrets, template_hash
 from .config import CampaignConfig, RunOptions
-from .dynamo import n, s
+from .dynamo import n, s, text
 from .errors import ConfigError, PreflightError, SmartmailError
 from .files import readable
 from .jobs import MAX_MESSAGE_BYTES, ROWS_PER_JOB, Bundle, Job, JobError, TemplateRef, pack
@@ -182,8 +182,11 @@ def enqueue_campaign(
         for problem in checked.problems[:20]:
             if warn:
                 warn(str(problem))
-        queued_before = queued_keys(dstate, campaign)
+        # A row a worker gave back (pending) may have lost its job to a twin delivery that
+        # skipped it and deleted the job: queue it again (a second copy is harmless).
+        queued_before = queued_keys(dstate, campaign) - given_back_keys(dstate, campaign)
         rows: list[tuple[Row, str]] = []
+        attached: set[Path] = set()
         result = EnqueueResult(campaign, snap.name, TemplateRef(""), rows=checked.rows)
         for reason in checked.skipped.values():
             result.skip_reasons[reason] = result.skip_reasons.get(reason, 0) + 1
@@ -193,6 +196,7 @@ def enqueue_campaign(
             rendered = template.render(
                 row, snap.to_column, source_name=snap.name, allow_utf8_local=allow_utf8
             )
+            attached.update(rendered.attachments)
             key = recipient_key(rendered.recipient)
             if key in queued_before:
                 result.already_queued += 1
@@ -205,7 +209,7 @@ def enqueue_campaign(
             except NothingToSendError as exc:
                 exc.args = (str(exc).replace("nothing was sent", "nothing was queued"),)
                 raise
-        bundle = _bundle(config, template.header_names)
+        bundle = _bundle(config, template.header_names, attached)
         ref = _store_bundle(bundle, template_bucket, s3)
         result.template = ref
         settings = dataclasses.replace(
@@ -242,9 +246,24 @@ def queued_keys(state: DynamoState, campaign: str) -> set[str]:
     return found
 
 
-def _bundle(config: CampaignConfig, header_names: list[str]) -> Bundle:
-    """The files a worker needs: the template, its HTML part, and the attachments folder when
-    the template can name attachments."""
+def given_back_keys(state: DynamoState, campaign: str) -> set[str]:
+    """The ledger keys of `campaign`'s rows a worker claimed and then gave back unsent."""
+    return {
+        text(item, "sk")
+        for item in state.table.query(
+            KeyConditionExpression="pk = :p",
+            FilterExpression="st = :pending",
+            ExpressionAttributeValues={":p": s("D#" + campaign), ":pending": s("pending")},
+            ProjectionExpression="sk",
+        )
+    }
+
+
+def _bundle(config: CampaignConfig, header_names: list[str], attached: set[Path]) -> Bundle:
+    """The files a worker needs: the template, its HTML part, and, when the template can name
+    attachments, the files of the attachments folder that the rows attach (`attached`, as
+    pre-flight resolved them): never the rest of a folder that may hold the list itself or
+    a secret."""
     t = Path(config.template)
     html: Path | None = Path(config.html_template) if config.html_template else None
     if html is None and t.with_suffix(".html") != t and t.with_suffix(".html").is_file():
@@ -252,7 +271,7 @@ def _bundle(config: CampaignConfig, header_names: list[str]) -> Bundle:
     attachments: str | None = config.attachments_dir
     if attachments is None and any(h.lower() == "attachment" for h in header_names):
         attachments = str(t.parent)
-    return Bundle.collect(t, html, attachments)
+    return Bundle.collect(t, html, attachments, only=attached)
 
 
 def _store_bundle(bundle: Bundle, bucket: str | None, s3: Any) -> TemplateRef:

@@ -30,7 +30,6 @@ LEDGER_CALLS = {
     "dynamodb:DescribeTable",
     "dynamodb:GetItem",
     "dynamodb:BatchGetItem",
-    "dynamodb:PutItem",
     "dynamodb:UpdateItem",
     "dynamodb:Query",
 }

@@ -209,6 +209,31 @@ def test_failed_rows_wait_for_retry_and_unsent_rows_go_back_to_pending(
     assert state.retry_rows("news", "failed") == []
 
 
+def test_a_send_whose_answer_was_lost_stays_in_doubt_and_is_never_sent_again(
+    state: DynamoState,
+) -> None:
+    """The provider may hold the message (the connection dropped after DATA): the row must
+    stay `sending`, in doubt at once, as the SQLite ledger keeps it, never back to pending
+    where a redelivered or duplicate job would send it a second time."""
+    ledger = state.ledger("news")
+    msg = message("erin@example.org", 4)
+    ledger.sending(msg)
+    ledger.record(outcome(msg, "in-doubt", reason="in doubt: connection lost after DATA"))
+    redelivered = state.ledger("news")
+    reason = redelivered.skip_reason("erin@example.org", msg.row)
+    assert reason is not None and reason.startswith("in doubt")
+    with pytest.raises(ClaimLost):
+        redelivered.sending(msg)
+    [status] = state.statuses("news")
+    assert (status.pending, status.in_doubt, status.in_flight) == (0, 1, 0)
+    assert state.retry_rows("news", "in-doubt") == [msg.row]
+    retry = state.ledger("news", resend="in-doubt")
+    retry.sending(msg)
+    retry.record(outcome(msg, "sent", message_id="ses-4"))
+    [status] = state.statuses("news")
+    assert (status.sent, status.in_doubt) == (1, 0)
+
+
 def test_campaign_records_round_trip_for_retry(state: DynamoState) -> None:
     ledger = state.ledger("weekly")
     ledger.acquire()

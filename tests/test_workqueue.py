@@ -224,6 +224,50 @@ def test_rows_added_to_the_list_later_are_the_only_ones_queued_next_time(
     assert len(queued_keys(state, "c")) == 8
 
 
+def test_a_row_given_back_after_a_twin_delivery_deleted_its_job_is_queued_again(
+    aws: None, tmp_path: Path
+) -> None:
+    """SQS hands one job to two workers at once: B skips the row A is sending ("already being
+    sent"), finishes the rest and deletes the job; then A's run stops and gives the row back
+    (pending). No copy of the job is left, so `enqueue` again must queue that row."""
+    from smartmail.message import OutgoingMessage
+    from smartmail.report import Outcome
+    from smartmail.workqueue import Worker
+
+    url = make_queue()
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="twin")
+    enqueue_campaign(cfg, url, state)
+    [message] = receive_all(url)
+    row = Row(2, {"email": "user0@example.org", "name": "Ann"})
+    held = OutgoingMessage(
+        sender="news@acme.example",
+        recipients=["user0@example.org"],
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        message_id="<2.user0@acme.example>",
+        recipient="user0@example.org",
+        row=row,
+    )
+    a = state.ledger("twin")
+    a.sending(held)  # worker A, holding the same job, is sending user0
+    b = Worker(state)
+    try:
+        outcome = b.run_job(message["Body"])
+    finally:
+        b.close()
+    assert (outcome.done, outcome.sent, outcome.skipped) == (True, 1, 1)
+    boto3.client("sqs", region_name=REGION).delete_message(
+        QueueUrl=url, ReceiptHandle=message["ReceiptHandle"]
+    )
+    a.record(Outcome(row=row, recipient="user0@example.org", status="unsent", reason="stopped"))
+    again = enqueue_campaign(cfg, url, state)
+    assert again.queued_rows == 1
+    run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+    assert sent_per_recipient() == Counter(["user0@example.org", "user1@example.org"])
+    [status] = state.statuses("twin")
+    assert (status.sent, status.pending) == (2, 0)
+
+
 def test_a_preflight_problem_queues_nothing(aws: None, tmp_path: Path) -> None:
     url = make_queue()
     csv = write(tmp_path / "r.csv", "email,name,code\nok@example.org,A,1\nbad-address,B,2\n")
@@ -263,6 +307,44 @@ def test_a_template_bucket_keeps_the_template_once_content_addressed(
     assert all(json.loads(b)["template"]["s3"] == result.template.s3 for b in bodies)
     summary = run_worker(url, state, idle_exit=0.2, wait_seconds=0)
     assert summary.sent == 12
+
+
+def test_the_template_bundle_holds_only_the_attachments_the_rows_name(
+    aws: None, tmp_path: Path
+) -> None:
+    """Attachments resolve in the template's folder, but only the files the rows attach go
+    into the bundle (kept in the state table or S3): never the list itself, a secrets file
+    or anything else that happens to sit beside the template."""
+    folder = tmp_path / "mail"
+    folder.mkdir()
+    template = write(
+        folder / "msg.txt", TEMPLATE.replace("Subject:", "Attachment: {{ code }}.txt\nSubject:")
+    )
+    for i in range(2):
+        write(folder / f"C{i:05d}.txt", f"the attachment of user {i}\n")
+    write(folder / "unused.txt", "nobody attaches this\n")
+    write(folder / ".env", "SMARTMAIL_SMTP_PASSWORD=hunter2\n")
+    csv = make_csv(folder / "r.csv", 2)
+    url = make_queue()
+    state = open_state(URL)
+    cfg = CampaignConfig(
+        template=str(template),
+        source=str(csv),
+        transport=f"ses://{REGION}",
+        rate=1000,
+        retry_wait=0,
+        campaign="att",
+    )
+    enqueue_campaign(cfg, url, state)
+    record = state.load("att")
+    assert record is not None
+    bundle = record.settings["queue_template"]["inline"]
+    assert sorted(bundle["attachments"]) == ["C00000.txt", "C00001.txt"]
+    assert "hunter2" not in json.dumps(record.settings)
+    summary = run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+    assert summary.sent == 2
+    raw = {m.destinations[0]: m.raw_data for m in ses_backend().sent_messages}
+    assert "C00001.txt" in raw["user1@example.org"]
 
 
 def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
@@ -427,6 +509,39 @@ def test_a_job_is_not_started_when_the_function_is_about_to_time_out(
     assert sent_per_recipient() == Counter()
 
 
+class RunningLambdaContext:
+    """A context whose remaining time runs down with the clock, as Lambda's does."""
+
+    def __init__(self, millis: int) -> None:
+        self.until = time.monotonic() + millis / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.until - time.monotonic()) * 1000)
+
+
+def test_a_job_still_running_near_the_timeout_stops_and_comes_back_with_nothing_in_doubt(
+    aws: None, tmp_path: Path
+) -> None:
+    """A slow job (a small rate share) must not be cut off by the function's timeout, which
+    would leave every row it had claimed in doubt: it stops before, its unsent rows go back
+    to pending and the job is reported for redelivery, where it sends the rest once."""
+    url = make_queue()
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="slow", workers=2)
+    cfg.rate = 2  # 6 rows take 2.5 s or more; the function "times out" 0.3 s in
+    enqueue_campaign(cfg, url, state, rows_per_job=6)
+    [message] = receive_all(url)
+    event = sqs_event([message], url)
+    context = RunningLambdaContext(aws_lambda.STOP_BEFORE_TIMEOUT_MS + 300)
+    result = aws_lambda.send_handler(event, context)
+    assert result == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    [status] = state.statuses("slow")
+    assert (status.in_doubt, status.in_flight) == (0, 0)
+    assert status.sent < 6 and status.sent + status.pending == 6
+    assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(6))
+
+
 # --- the S3 upload trigger and SES feedback ------------------------------------------------------
 
 
@@ -512,6 +627,81 @@ def test_upload_settings_may_not_reach_outside_their_folder(
     s3.put_object(Bucket="uploads", Key="incoming/x/list.csv", Body=b"email\na@example.org\n")
     with pytest.raises(ConfigError, match="must be a file name in the same folder"):
         aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"rows_per_job": "ten"}, {"rate": "fast"}, {"tags": "wave"}, {"workers": [2]}],
+)
+def test_upload_settings_of_the_wrong_type_are_refused_in_one_line(
+    aws: None, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any]
+) -> None:
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", make_queue())
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    body = json.dumps({"template": "msg.txt", **settings}).encode()
+    s3.put_object(Bucket="uploads", Key="incoming/x/campaign.json", Body=body)
+    s3.put_object(Bucket="uploads", Key="incoming/x/msg.txt", Body=TEMPLATE.encode())
+    s3.put_object(Bucket="uploads", Key="incoming/x/list.csv", Body=b"email\na@example.org\n")
+    with pytest.raises(ConfigError, match=r"s3://uploads/incoming/x/campaign.json: ") as got:
+        aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
+    assert "\n" not in str(got.value)
+    assert sent_per_recipient() == Counter()
+
+
+def test_each_function_makes_only_calls_its_role_in_the_template_allows(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls each handler really makes, recorded, against its own role in
+    deploy/template.yaml: none refused when deployed, and none granted that is never made."""
+    from cfnlint.decode import cfn_yaml
+
+    from .aws_recorder import RECORDER
+    from .iam import action_for, as_list
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "template.yaml"
+    template = json.loads(json.dumps(cfn_yaml.load(str(deploy))))
+
+    def granted(role: str) -> set[str]:
+        policies = template["Resources"][role]["Properties"]["Policies"]
+        return {
+            action
+            for p in policies
+            for st in p["PolicyDocument"]["Statement"]
+            for action in as_list(st["Action"])
+            if not action.startswith("logs:")
+        }
+
+    def made(run: Any) -> set[str]:
+        before = Counter(RECORDER.calls)
+        run()
+        return {action_for(*call) for call in RECORDER.calls - before}
+
+    url = make_queue()
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", url)
+    monkeypatch.setenv("SMARTMAIL_UPLOAD_BUCKET", "uploads")
+    monkeypatch.setenv("SMARTMAIL_ACCOUNT_RATE", "1000")
+    open_state(URL).ensure()  # the stack creates the table; the functions never do
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    settings = {"template": "msg.txt", "campaign": "roles", "retry_wait": 0}
+    s3.put_object(Bucket="uploads", Key="incoming/r/msg.txt", Body=TEMPLATE.encode())
+    s3.put_object(Bucket="uploads", Key="incoming/r/campaign.json", Body=json.dumps(settings))
+    listed = make_csv(tmp_path / "a.csv", 3).read_bytes()
+    s3.put_object(Bucket="uploads", Key="incoming/r/list.csv", Body=listed)
+    event = upload_event("uploads", "incoming/r/list.csv")
+    upload = made(lambda: aws_lambda.upload_handler(event))
+    jobs = sqs_event(receive_all(url), url)
+    send = made(lambda: aws_lambda.send_handler(jobs, LambdaContext()))
+    assert sum(sent_per_recipient().values()) == 3
+    provider_id = ses_backend().sent_messages[0].id
+    bounced = sns_event(bounce(provider_id, [ses_backend().sent_messages[0].destinations[0]]))
+    feedback = made(lambda: aws_lambda.feedback_handler(bounced, None))
+    for role, calls in (("UploadRole", upload), ("SenderRole", send), ("FeedbackRole", feedback)):
+        assert calls <= granted(role), f"{role} lacks {sorted(calls - granted(role))}"
+    # The ledger claims and records with UpdateItem: the sender is never granted whole-item
+    # writes (PutItem could replace any delivery, suppression or campaign record).
+    assert "dynamodb:PutItem" not in send | granted("SenderRole")
 
 
 # --- three `smartmail worker` processes on one queue ----------------------------------------------
