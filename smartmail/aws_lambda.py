@@ -282,12 +282,14 @@ def upload_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, A
         raise ConfigError(f"${QUEUE_ENV} must name the send queue for upload_handler")
     folder = key.rsplit("/", 1)[0] + "/"
     s3 = aws.client("s3")
+    state = state_from_env()
     with tempfile.TemporaryDirectory(prefix="smartmail-upload-") as scratch:
         config, rows_per_job = upload_config(s3, bucket, folder, key, Path(scratch))
+        _refuse_a_campaign_of_another_list(state, config)
         result = enqueue_campaign(
             config,
             queue_url,
-            state_from_env(),
+            state,
             template_bucket=os.environ.get(UPLOAD_BUCKET_ENV) or bucket,
             rows_per_job=rows_per_job,
             warn=lambda line: log.warning("s3://%s/%s: %s", bucket, key, line),
@@ -301,6 +303,19 @@ def upload_handler(event: Mapping[str, Any], context: Any = None) -> dict[str, A
         "already_queued": result.already_queued,
         "skipped": result.skipped,
     }
+
+
+def _refuse_a_campaign_of_another_list(state: Any, config: CampaignConfig) -> None:
+    """An upload may continue its own campaign, never take over one another list started:
+    that would rewrite the stored settings the queued jobs of that campaign are sent with."""
+    if not config.campaign:
+        return
+    record = state.load(config.campaign)
+    if record is not None and record.source and record.source != config.source:
+        raise ConfigError(
+            f"{config.source}: campaign {config.campaign!r} belongs to {record.source}; "
+            "give this list a campaign name of its own"
+        )
 
 
 def upload_config(
@@ -332,7 +347,13 @@ def upload_config(
         if settings.get(name):
             settings[name] = str(_download(s3, bucket, folder, str(settings[name]), scratch))
     settings["source"] = f"s3://{bucket}/{key}"
-    settings.setdefault("transport", os.environ.get("SMARTMAIL_TRANSPORT") or _ses_here())
+    # Whoever may upload chooses a list and its message, not where mail goes: the transport
+    # is the deployment's, and an upload naming another one is refused.
+    deployed = os.environ.get("SMARTMAIL_TRANSPORT") or _ses_here()
+    if settings.setdefault("transport", deployed) != deployed:
+        raise ConfigError(
+            f"{where}: transport is set by the deployment ({deployed}); remove it from the upload"
+        )
     if os.environ.get("SMARTMAIL_CONFIGURATION_SET"):
         settings.setdefault("configuration_set", os.environ["SMARTMAIL_CONFIGURATION_SET"])
     settings.setdefault("version", 1)

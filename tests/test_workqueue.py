@@ -613,6 +613,33 @@ def test_an_upload_is_enqueued_and_a_bounce_keeps_the_address_out_of_the_next_on
     assert "user2@example.org" not in queued and len(queued) == 5
 
 
+def test_an_upload_cannot_choose_the_transport_or_take_over_another_lists_campaign(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = make_queue()
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", url)
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+
+    def upload(folder: str, **settings: Any) -> dict[str, Any]:
+        body = json.dumps({"template": "msg.txt", "rate": 1000, **settings}).encode()
+        s3.put_object(Bucket="uploads", Key=f"incoming/{folder}/campaign.json", Body=body)
+        s3.put_object(Bucket="uploads", Key=f"incoming/{folder}/msg.txt", Body=TEMPLATE.encode())
+        csv = make_csv(tmp_path / f"{folder}.csv", 2).read_bytes()
+        s3.put_object(Bucket="uploads", Key=f"incoming/{folder}/list.csv", Body=csv)
+        return aws_lambda.upload_handler(upload_event("uploads", f"incoming/{folder}/list.csv"))
+
+    with pytest.raises(ConfigError, match="transport is set by the deployment"):
+        upload("evil", transport="smtp://mail.evil.example:25")
+    assert upload("weekly", campaign="weekly")["queued"] == 2
+    with pytest.raises(ConfigError, match=r"belongs to s3://uploads/incoming/weekly/list\.csv"):
+        upload("other", campaign="weekly")
+    # The stored settings are still the weekly list's own; re-uploading it is allowed.
+    record = aws_lambda.state_from_env().load("weekly")
+    assert record is not None and record.source == "s3://uploads/incoming/weekly/list.csv"
+    assert upload("weekly", campaign="weekly")["already_queued"] == 2
+
+
 def test_upload_settings_may_not_reach_outside_their_folder(
     aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
