@@ -107,7 +107,6 @@ class SendOptions:
     # Pre-flight keeps built messages up to this many bytes, so the send pass neither renders
     # nor builds those rows a second time (most lists fit; a huge one is rebuilt past it).
     render_cache_chars: int = 32 * 1024 * 1024
-    shutdown_grace: float = 30.0
     # Consecutive sends, across workers, that could not reach the provider (or lost its answer)
     # before the run stops as an outage, leaving the rest unsent. Any answer resets the count.
     max_connect_failures: int = 5
