@@ -309,21 +309,11 @@ class CampaignRun:
 
     def _run(self) -> CampaignResult:
         from . import campaigns
-        from .engine import SendOptions, preflight
+        from .engine import preflight
 
         config, opts = self.config, self.options
         config.check()
-        send_options = SendOptions(
-            workers=config.workers,
-            max_connect_failures=config.max_connect_failures,
-            limit=opts.limit,
-            test_to=opts.test_to,
-            on_invalid=config.on_invalid,
-            on_malformed=config.on_malformed,
-            on_duplicate=config.on_duplicate,
-            preview=opts.preview,
-        )
-        send_options.check()
+        send_options = self._send_options()
         with readable(config.template):
             template = self._template()
         record = None
@@ -395,7 +385,7 @@ class CampaignRun:
     def check(self) -> DryRunResult:
         """Pre-flight only (a dry run): validate and render every row, send nothing, lock
         nothing. The ledger is read, so rows already sent or suppressed show as skipped."""
-        from .engine import SendOptions, dry_run_summary, preflight
+        from .engine import dry_run_summary, preflight
         from .state_store import open_state
         from .unsubscribe import missing_warning
 
@@ -406,18 +396,10 @@ class CampaignRun:
         with readable(config.source):
             source = self._source()
         self.campaign = self._campaign_id(source, template)
-        tags = {**config.tags}
-        tags.setdefault("campaign", self.campaign)
-        send_options = SendOptions(
-            test_to=opts.test_to,
-            on_invalid=config.on_invalid,
-            on_malformed=config.on_malformed,
-            on_duplicate=config.on_duplicate,
-            preview=opts.preview,
-            campaign=self.campaign,
-            tags=tags,
-        )
-        send_options.check()
+        send_options = self._send_options()
+        send_options.campaign = self.campaign
+        send_options.tags = {**config.tags}
+        send_options.tags.setdefault("campaign", self.campaign)
         if opts.report_path:
             check_writable(opts.report_path, "--report", self._inputs(None))
         transport = self._transport() if config.transport else None
@@ -449,6 +431,24 @@ class CampaignRun:
             summary.warnings.append(warning)
         self._write_report(summary)
         return DryRunResult(checked=checked, summary=summary)
+
+    def _send_options(self) -> SendOptions:
+        """The engine's options for this run, from the campaign's config and the run's own."""
+        from .engine import SendOptions
+
+        config, opts = self.config, self.options
+        send_options = SendOptions(
+            workers=config.workers,
+            max_connect_failures=config.max_connect_failures,
+            limit=opts.limit,
+            test_to=opts.test_to,
+            on_invalid=config.on_invalid,
+            on_malformed=config.on_malformed,
+            on_duplicate=config.on_duplicate,
+            preview=opts.preview,
+        )
+        send_options.check()
+        return send_options
 
     def _pause(self, seconds: float) -> None:
         """A backoff sleep that ends early when the run is stopping."""
