@@ -447,3 +447,27 @@ def test_marks_made_ahead_and_outcomes_are_all_committed_by_close(tmp_path: Path
     finally:
         ledger.close()
     assert set(statuses(db).values()) == {"sent"} and len(statuses(db)) == 40
+
+
+def test_the_writer_lingers_no_longer_than_a_worker_takes_to_need_its_mark(tmp_path: Path):
+    """Group commit waits for more statements, but a mark made ahead must be durable by the
+    time its worker reaches the row: the wait follows how fast the workers are going."""
+    from smartmail.ledger import LINGER
+
+    db = tmp_path / "state.db"
+    messages = _messages(tmp_path, 30)
+    ledger = Ledger(db, "c")
+    ledger.acquire()
+    try:
+        writer = ledger._writer
+        assert writer is not None
+        assert writer.linger() == LINGER  # nothing known yet: the longest wait
+        for message in messages:  # one worker going as fast as it can
+            ledger.sending(message)
+        assert writer.linger() < LINGER / 2
+        writer.cycle, writer.commit_time = 0.0008, 0.0005  # faster than a commit: no wait
+        assert writer.linger() == 0.0
+        writer.cycle, writer.commit_time = 0.5, 0.0005  # a slow provider: the longest wait
+        assert writer.linger() == LINGER
+    finally:
+        ledger.close()
