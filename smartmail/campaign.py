@@ -834,6 +834,6 @@ def envelope_counts(checked: PreflightResult, messages: int, test_to: str | None
     """
     if test_to:
         return [1] * messages
-    exact = [len(m.recipients) for _, m in sorted(checked.built.items())][:messages]
+    exact = [len(m.envelope_to) for _, m in sorted(checked.kept.items())][:messages]
     widest = max(exact, default=1)
     return exact + [widest] * (messages - len(exact))

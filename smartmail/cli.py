@@ -17,6 +17,7 @@ the commands that use them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -782,6 +783,11 @@ def _debug() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line per error, documented exit codes, tracebacks only when debugging."""
+    # Pre-flight keeps thousands of rendered messages alive while rendering allocates a lot:
+    # at the default threshold (700 allocations) the cycle collector re-examined them so
+    # often that it took a quarter of pre-flight's time. A run makes no cyclic garbage to
+    # speak of (none in a 20,000-row pre-flight), so collecting less often costs no memory.
+    gc.set_threshold(10_000, 10, 10)
     try:
         cli.main(args=argv, prog_name="smartmail", standalone_mode=False)
     except SmartmailError as exc:

@@ -41,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from email.utils import formatdate
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -63,7 +62,7 @@ from .errors import (
     TransientError,
     TransportError,
 )
-from .message import OutgoingMessage, build
+from .message import OutgoingMessage, build, check_buildable
 from .progress import NullProgress, ProgressDisplay
 from .ratelimit import Limiter, Unlimited
 from .report import Metrics, Outcome, Status, Summary
@@ -186,11 +185,12 @@ class NullJournal:
 class PreflightResult:
     """What pre-flight found: the rows to skip and why, the problems, and the previews.
 
-    `built` holds the finished messages (by row number) within the cache budget, for the send
-    pass to send as they are; `suppressed_copies` counts the Cc/Bcc addresses left out because
-    they are suppressed (each is also a warning in `problems`); `envelope_recipients` counts
-    the envelope addresses (To + Cc + Bcc) of the valid rows, which is what SES counts against
-    its quota; `source_sha256` is the snapshot's digest, which the send pass checks it reads.
+    `kept` holds the rendered and checked messages (by row number) within the cache budget,
+    for the send pass to build and send without rendering them again; `suppressed_copies`
+    counts the Cc/Bcc addresses left out because they are suppressed (each is also a warning
+    in `problems`); `envelope_recipients` counts the envelope addresses (To + Cc + Bcc) of the
+    valid rows, which is what SES counts against its quota; `source_sha256` is the snapshot's
+    digest, which the send pass checks it reads.
     """
 
     source: str
@@ -204,7 +204,7 @@ class PreflightResult:
     invalid: int = 0
     duplicates: int = 0
     previews: list[OutgoingMessage] = field(default_factory=list)
-    built: dict[int, OutgoingMessage] = field(default_factory=dict)
+    kept: dict[int, RenderedMessage] = field(default_factory=dict)
     suppressed_copies: int = 0
     envelope_recipients: int = 0
     source_sha256: str | None = None
@@ -313,7 +313,12 @@ def preflight(
                 result.skipped[row.number] = "suppressed: every address of the message"
                 continue
         try:
-            message = build(rendered, envelope_to=envelope, tags=options.tags)
+            rendered = check_buildable(rendered)
+            preview = (
+                build(rendered, envelope_to=envelope, tags=options.tags)
+                if len(result.previews) < options.preview
+                else None
+            )
         except (OSError, ValueError) as exc:
             # Found now, not in the send pass: an unreadable attachment, a value that cannot
             # be encoded. The row is invalid, under the same policy as any other.
@@ -330,15 +335,21 @@ def preflight(
             continue
         seen.add(seen_key)
         result.valid += 1
-        result.envelope_recipients += len(message.recipients)
+        result.envelope_recipients += len(envelope or rendered.envelope_to)
         if budget > 0:
-            budget -= len(message.data) + 300
-            result.built[row.number] = message
-        if len(result.previews) < options.preview:
-            result.previews.append(message)
+            budget -= _rendered_size(rendered)
+            result.kept[row.number] = rendered
+        if preview is not None:
+            result.previews.append(preview)
     if result.rows == 0:
         raise SourceError(source.name, "no data rows after the header; nothing to send")
     return result
+
+
+def _rendered_size(rendered: RenderedMessage) -> int:
+    """About the bytes a kept message holds (its attachments are encoded once, shared)."""
+    head = rendered.head or ()
+    return len(rendered.text) + len(rendered.html or "") + sum(map(len, head)) + 500
 
 
 def _asking_ahead(
@@ -532,7 +543,6 @@ class Run:
         )
         self._queued = 0  # messages the send pass has queued so far
         # A message pre-flight built carries pre-flight's Date: stamp it again when it is sent.
-        self._own_date = not any(h.lower() == "date" for h in template.header_names)
 
     def _pause(self, seconds: float) -> None:
         """Sleep that wakes early when the run is stopping (retries and rate waits)."""
@@ -583,13 +593,13 @@ class Run:
                 reason = self.stop_reason or (
                     "interrupted" if self.stop.is_set() else "over --limit"
                 )
-                self.checked.built.pop(row.number, None)
+                self.checked.kept.pop(row.number, None)
                 self._outcome(row, recipient, "unsent", reason)
                 continue
             if veto is _Ask.ASK:
                 veto = self.journal.skip_reason(addresses.normalise(recipient), row)
             if veto is not None:
-                self.checked.built.pop(row.number, None)
+                self.checked.kept.pop(row.number, None)
                 self._outcome(row, recipient, "skipped", veto)
                 continue
             try:
@@ -656,25 +666,18 @@ class Run:
                     yield row, recipient, next(vetoes, _Ask.ASK)
 
     def _compose(self, row: Row) -> OutgoingMessage | None:
-        """The row's message: pre-flight's when it kept it, else rendered and built again.
-
-        Either way a copy (Cc, Bcc) suppressed since pre-flight is left out; None when no
-        address of the message is left.
+        """The row's message, built now: from what pre-flight rendered when it kept it, else
+        rendered again. Either way a copy (Cc, Bcc) suppressed since pre-flight is left out;
+        None when no address of the message is left.
         """
-        cached = self.checked.built.pop(row.number, None)
-        if cached is not None:
-            primary = address_key(cached.recipient)
-            others = [a for a in cached.recipients if address_key(a) != primary]
-            if not others or not _suppressed(self.journal, others):
-                if self._own_date:
-                    _restamp(cached)
-                return cached
-        rendered = self.template.render(
-            row,
-            self.source.to_column,
-            source_name=self.source.name,
-            allow_utf8_local=self.transport.allow_utf8_local,
-        )
+        rendered = self.checked.kept.pop(row.number, None)
+        if rendered is None:
+            rendered = self.template.render(
+                row,
+                self.source.to_column,
+                source_name=self.source.name,
+                allow_utf8_local=self.transport.allow_utf8_local,
+            )
         rendered, dropped = drop_suppressed_copies(rendered, self.journal)
         for header, address, why in dropped:
             log.info("row %s: %s %s left out (suppressed: %s)", row.number, header, address, why)
@@ -875,21 +878,6 @@ class Run:
             if self.failed_rows and self.failed_rows.count
             else None,
         )
-
-
-_DATE: list[tuple[int, bytes]] = [(0, b"")]
-
-
-def _restamp(message: OutgoingMessage) -> None:
-    """Give a message built earlier (by pre-flight) the Date of now, as `build` writes it."""
-    if not message.data.startswith(b"Date: "):
-        return
-    now = int(time.time())
-    second, line = _DATE[0]
-    if second != now:  # formatdate costs more than the rest; once a second is enough
-        line = f"Date: {formatdate(now, localtime=False)[:-5]}+0000".encode("ascii")
-        _DATE[0] = (now, line)
-    message.data = line + message.data[message.data.index(b"\r\n") :]
 
 
 def default_campaign_id(source_identity: str, template_text: str) -> str:

@@ -17,7 +17,8 @@ import itertools
 import mimetypes
 import os
 import stat
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from functools import lru_cache
 from pathlib import Path
@@ -62,14 +63,11 @@ def build(
     where = Location(rendered.source, rendered.row.number)
     head = rendered.head
     if head is None:
-        try:
-            head = headers.encode(rendered.headers, utf8)
-        except headers.HeaderError as exc:
-            raise InvalidRowError(where, str(exc)) from None
+        head = _encode_head(rendered, utf8)
     sender_domain = rendered.sender.rpartition("@")[2] or "localhost"
     message_id = f"<{_unique()}@{sender_domain}>"
     lines = [
-        f"Date: {formatdate(localtime=False)[:-5]}+0000",  # UTC, stated as such
+        _date_line(),
         *head,
         f"Message-ID: {message_id}",
         "MIME-Version: 1.0",
@@ -89,6 +87,50 @@ def build(
         utf8=utf8,
         tags=tags or {},
     )
+
+
+def check_buildable(rendered: RenderedMessage) -> RenderedMessage:
+    """Refuse now what `build` would refuse later, without building.
+
+    Pre-flight checks every row this way, and the send pass builds each message just before
+    it leaves: a message is built once, with the Date of its sending, and pre-flight keeps no
+    MIME copies. Attachments are read and encoded here and returned with the message (a
+    file's encoding is shared by every message attaching it), so it is sent with the files as
+    checked; a header block not encoded yet is encoded here too. Raises InvalidRowError as
+    `build` would.
+    """
+    if rendered.head is None:
+        utf8 = headers.needs_utf8(rendered.sender, rendered.envelope_to)
+        rendered = replace(rendered, head=_encode_head(rendered, utf8))
+    if rendered.attachments and rendered.attachment_parts is None:
+        try:
+            parts = tuple(_attachment(path) for path in rendered.attachments)
+        except OSError as exc:
+            where = Location(rendered.source, rendered.row.number)
+            raise InvalidRowError(where, f"an attachment cannot be read: {exc.strerror}") from None
+        rendered = replace(rendered, attachment_parts=parts)
+    return rendered
+
+
+def _encode_head(rendered: RenderedMessage, utf8: bool) -> list[str]:
+    try:
+        return headers.encode(rendered.headers, utf8)
+    except headers.HeaderError as exc:
+        raise InvalidRowError(Location(rendered.source, rendered.row.number), str(exc)) from None
+
+
+_DATE: list[tuple[int, str]] = [(0, "")]
+
+
+def _date_line() -> str:
+    """The Date header, in UTC and stated as such; formatted once a second, as formatdate
+    costs more than the rest of the header block."""
+    now = int(time.time())
+    second, line = _DATE[0]
+    if second != now:
+        line = f"Date: {formatdate(now, localtime=False)[:-5]}+0000"
+        _DATE[0] = (now, line)
+    return line
 
 
 _PROCESS_PREFIX = os.urandom(10).hex()
@@ -149,7 +191,10 @@ def _body(rendered: RenderedMessage) -> str:
         main = _multipart("alternative", [main, _text_part(rendered.html, "html")])
     if not rendered.attachments:
         return main
-    return _multipart("mixed", [main, *(_attachment(p) for p in rendered.attachments)])
+    parts = rendered.attachment_parts
+    if parts is None:
+        parts = tuple(_attachment(p) for p in rendered.attachments)
+    return _multipart("mixed", [main, *parts])
 
 
 def _attachment(path: Path) -> str:

@@ -78,7 +78,9 @@ class RenderedMessage:
     `headers` holds address headers as parsed mailboxes (never re-parsed, so a display name
     stays one name) and other headers as text. `head` is the encoded header block for `utf8`
     (checked against the line limits when rendering); the builder uses it when present.
-    `attachments` are resolved paths inside the attachments folder.
+    `attachments` are resolved paths inside the attachments folder; `attachment_parts`, once
+    pre-flight has read them (`message.check_buildable`), their encoded MIME parts, so the
+    message is sent with the files as they were checked.
     """
 
     row: Row
@@ -91,6 +93,7 @@ class RenderedMessage:
     attachments: list[Path] = field(default_factory=list)
     source: str = ""
     head: list[str] | None = None
+    attachment_parts: tuple[str, ...] | None = None
 
 
 def mailbox(name: Any, email: Any) -> Mailbox:

@@ -11,7 +11,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Sequence
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from smartmail.cli import cli
 from smartmail.engine import NullJournal
 from smartmail.errors import SourceError
 from smartmail.ledger import Ledger, LedgerError
-from smartmail.sources import Row, Snapshot
+from smartmail.sources import Snapshot
 from smartmail.state import connect
 from smartmail.suppression import SuppressionList
 from smartmail.transports import TransportOptions, get_transport
@@ -306,7 +306,7 @@ def test_attachment_removed_past_the_cache_fails_that_row_only(
     template = MessageTemplate.load(template_path)
     with RecipientSource(SourceSpec(str(path))).snapshot() as snap:
         checked = preflight(snap, template, SendOptions(), keep_rendered=0)
-        assert not checked.built
+        assert not checked.kept
         (tmp_path / "inv1.pdf").unlink()
         options = SendOptions(failed_csv=tmp_path / "failed.csv")
         summary = send_campaign(
@@ -334,14 +334,14 @@ def test_unreadable_attachment_is_found_by_preflight(tmp_path: Path) -> None:
 def test_a_message_that_cannot_be_built_is_invalid_at_preflight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template_file: Path
 ) -> None:
-    real = build
+    from smartmail.message import check_buildable as real
 
-    def faulty(rendered: Any, **kw: Any) -> Any:
+    def faulty(rendered: Any) -> Any:
         if rendered.recipient == "user1@example.org":
             raise UnicodeEncodeError("ascii", "é", 0, 1, "cannot encode")
-        return real(rendered, **kw)
+        return real(rendered)
 
-    monkeypatch.setattr(engine, "build", faulty)
+    monkeypatch.setattr(engine, "check_buildable", faulty)
     path = make_csv(tmp_path / "r.csv", 3)
     source = RecipientSource(SourceSpec(str(path)))
     checked = preflight(source, MessageTemplate.load(template_file), SendOptions())
@@ -379,7 +379,7 @@ def test_unexpected_error_in_the_send_pass_fails_that_row_and_the_run_goes_on(
     assert "user2@example.org" not in recipients(smtp_server)
 
 
-def test_send_pass_builds_nothing_again_within_the_budget(
+def test_send_pass_renders_nothing_again_and_builds_each_message_once(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = make_csv(tmp_path / "r.csv", 20)
@@ -391,28 +391,44 @@ def test_send_pass_builds_nothing_again_within_the_budget(
         calls.append(rendered.row.number)
         return real(rendered, **kw)
 
+    renders: list[int] = []
+    real_render = template.render
+
+    def counting_render(row: Any, *a: Any, **kw: Any) -> Any:
+        renders.append(row.number)
+        return real_render(row, *a, **kw)
+
     monkeypatch.setattr(engine, "build", counting)
+    monkeypatch.setattr(template, "render", counting_render)
     with RecipientSource(SourceSpec(str(path))).snapshot() as snap:
         checked = preflight(snap, template, SendOptions(), keep_rendered=1 << 20)
-        assert len(calls) == 20 and len(checked.built) == 20
+        # Checked and kept rendered; built only when sent, once, with the Date of sending.
+        assert len(renders) == 20 and not calls and len(checked.kept) == 20
         summary = send_campaign(snap, template, transport(smtp_server), checked=checked)
-    assert summary.sent == 20 and len(calls) == 20
-    assert not checked.built  # handed over, not kept for the whole run
+    assert summary.sent == 20 and sorted(calls) == list(range(2, 22)) and len(renders) == 20
+    assert not checked.kept  # handed over, not kept for the whole run
     ids = {r.message["Message-ID"] for r in smtp_server.handler.received}
     assert len(ids) == 20
 
 
-def test_a_message_built_by_preflight_is_dated_when_it_is_sent(template_file: Path) -> None:
-    rendered = MessageTemplate.load(template_file).render(
-        Row(2, {"email": "a@x.org", "name": "A", "code": "1"}), "email"
-    )
-    message = build(rendered)
-    old = b"Date: Mon, 02 Jan 2006 15:04:05 +0000"
-    message.data = old + message.data[message.data.index(b"\r\n") :]
-    engine._restamp(message)
-    date_line = message.data.split(b"\r\n", 1)[0].decode()
-    assert parsedate_to_datetime(date_line[6:]).year >= 2024
-    assert message.data.count(b"Date: ") == 1
+def test_a_message_checked_by_preflight_is_dated_when_it_is_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confirmation prompt can wait for hours: the Date is the sending time, not pre-flight's."""
+    import types
+
+    from smartmail import message as message_module
+
+    path = make_csv(tmp_path / "r.csv", 2)
+    template = MessageTemplate.load(template_file)
+    with RecipientSource(SourceSpec(str(path))).snapshot() as snap:
+        checked = preflight(snap, template, SendOptions(), keep_rendered=1 << 20)
+        later = 4_102_444_800.0  # 2100-01-01T00:00:00Z
+        monkeypatch.setattr(message_module, "time", types.SimpleNamespace(time=lambda: later))
+        summary = send_campaign(snap, template, transport(smtp_server), checked=checked)
+    assert summary.sent == 2
+    dates = {r.message["Date"] for r in smtp_server.handler.received}
+    assert dates == {"Fri, 01 Jan 2100 00:00:00 +0000"}
 
 
 # --- every envelope address honours the suppression list -----------------------------------
@@ -493,7 +509,7 @@ def test_a_copy_suppressed_after_preflight_is_left_out_too(
             checked = preflight(
                 snap, template, SendOptions(), journal=ledger, keep_rendered=1 << 20
             )
-            assert len(checked.built) == 3
+            assert len(checked.kept) == 3
             # A bounce arrives (smartmail events) while the confirmation prompt waits.
             conn = connect(db)
             SuppressionList(conn).add("boss@acme.example", "bounce")
