@@ -10,8 +10,10 @@ error, pre-flight problem, unwritable output, every row skipped, confirmation de
 143 terminated (SIGTERM).
 
 Start-up time matters (`smartmail --help` from cron and shells): module-level imports are
-Click and light modules only; rich, boto3, tenacity, Jinja2 and the engine are imported inside
-the commands that use them.
+Click and light modules only; boto3, tenacity, Jinja2 and the engine are imported inside the
+commands that use them. The CLI's own lines, rules and tables are plain text (terminal.py,
+tables.py); rich is loaded only for the live progress display and the `status` and
+`suppress list` tables.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ from .errors import (
     ConfigError,
     SmartmailError,
 )
-from .terminal import printable
+from .tables import Table
+from .terminal import Terminal, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
     from .engine import PreflightResult
     from .events import ConsumeSummary
@@ -80,7 +82,7 @@ _consoles: dict[str, Console] = {}
 
 
 def err_console() -> Console:
-    """stderr; soft_wrap so that an error is one line, however narrow the terminal."""
+    """rich on stderr, for the live progress display."""
     if "err" not in _consoles:
         from rich.console import Console
 
@@ -89,6 +91,7 @@ def err_console() -> Console:
 
 
 def out_console() -> Console:
+    """rich on stdout, for the `status` and `suppress list` tables."""
     if "out" not in _consoles:
         from rich.console import Console
 
@@ -96,16 +99,27 @@ def out_console() -> Console:
     return _consoles["out"]
 
 
-def say_err(markup: str, text: str = "") -> None:
-    """A line on stderr: `markup` is ours (rich markup), `text` may hold CSV data and is
-    made printable and escaped."""
-    from rich.markup import escape
+def say(text: str) -> None:
+    """A line on stdout, made printable (it may hold CSV data)."""
+    Terminal(sys.stdout).line(printable(text))
 
-    err_console().print(markup + escape(printable(text)), highlight=False, soft_wrap=True)
+
+def say_err(text: str = "", *, lead: str = "", style: str = "") -> None:
+    """A line on stderr, however long (an error is one line): `lead` is ours, shown in `style`
+    on a terminal; `text` may hold CSV data and is made printable."""
+    term = Terminal(sys.stderr)
+    line = printable(text)
+    if lead:
+        line = f"{term.styled(lead, style)} {line}" if line else term.styled(lead, style)
+    term.line(line)
 
 
 def warn(text: str) -> None:
-    say_err("[yellow]warning:[/] ", text)
+    say_err(text, lead="warning:", style="yellow")
+
+
+def print_table(table: Table) -> None:
+    table.print(Terminal(sys.stdout))
 
 
 def common_options(func: F) -> F:
@@ -359,13 +373,12 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
         preview=preview,
     )
     result = CampaignRun(_config(kw), options, _hooks(), secrets=_secrets()).check()
+    out = Terminal(sys.stdout)
     for message in result.checked.previews:
-        out_console().rule(
-            printable(f"row {message.row.number}: to {', '.join(message.recipients)}")
-        )
+        out.rule(f"row {message.row.number}: to {', '.join(message.recipients)}")
         text = message.data.decode("utf-8", "replace").replace("\r\n", "\n")
-        click.echo(printable(text, newlines=True))
-    out_console().rule()
+        out.line(printable(text, newlines=True))
+    out.rule()
     _print_problems(result.checked)
     for warning in result.summary.warnings:
         warn(warning)
@@ -617,7 +630,7 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
             exc.args = (f"{exc}; nothing was sent",)
         raise
     if result.note:
-        out_console().print(printable(result.note), highlight=False)
+        say(result.note)
         raise SystemExit(result.exit_code)
     print_summary(result.summary)
     _ledger_notes(result.summary)
@@ -628,7 +641,7 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
             else "the run stopped after sending began (the summary above says what was sent; "
             "`smartmail status` shows the campaign)"
         )
-        say_err("[bold red]error:[/] ", f"{result.error}; {what}")
+        say_err(f"{result.error}; {what}", lead="error:", style="bold red")
     raise SystemExit(signals.exit_code(result.exit_code))
 
 
@@ -662,8 +675,9 @@ class _Signals:
         self.received.append(signum)
         self.runner.stop()
         say_err(
-            f"[yellow]{name}: finishing the messages in flight, then stopping "
-            "(again to abort at once)[/]"
+            lead=f"{name}: finishing the messages in flight, then stopping "
+            "(again to abort at once)",
+            style="yellow",
         )
 
     def _abort(self, signum: int, name: str) -> None:
@@ -678,10 +692,11 @@ class _Signals:
                 f"not sent {summary.rows - summary.sent - summary.failed - summary.skipped}"
             )
         say_err(
-            f"[bold red]{name} again: aborted.[/] ",
             f"{counts}; messages in flight may have arrived and are left in doubt "
             f"(`smartmail status {campaign}`; `smartmail retry {campaign} --in-doubt` sends "
             "them again)",
+            lead=f"{name} again: aborted.",
+            style="bold red",
         )
         sys.stderr.flush()
         sys.stdout.flush()
@@ -706,27 +721,13 @@ class _Signals:
 
 
 def print_summary(summary: Summary) -> None:
-    """The summary table, with every value that can hold CSV data made printable."""
-    import dataclasses
-
-    from rich.markup import escape
-
-    def clean(text: str) -> str:
-        return escape(printable(text))
-
-    shown = dataclasses.replace(
-        summary,
-        campaign=clean(summary.campaign),
-        transport=clean(summary.transport),
-        source=clean(summary.source),
-        skip_reasons={clean(k): v for k, v in summary.skip_reasons.items()},
-        failure_reasons={clean(k): v for k, v in summary.failure_reasons.items()},
-        stopped=clean(summary.stopped) if summary.stopped else summary.stopped,
-        test_to=clean(summary.test_to) if summary.test_to else summary.test_to,
-        failed_csv=clean(summary.failed_csv) if summary.failed_csv else summary.failed_csv,
-        warnings=[printable(w) for w in summary.warnings],
-    )
-    shown.print(out_console())
+    """The summary table (every cell is made printable by the table), warnings last."""
+    table = Table("smartmail dry-run" if summary.dry_run else "smartmail summary")
+    for what, value in summary.table_rows():
+        table.add_row(what, value)
+    for warning in summary.warnings:
+        table.add_row("warning", warning, style="yellow")
+    print_table(table)
 
 
 def _print_problems(checked: PreflightResult, most: int = 20) -> None:
@@ -743,13 +744,12 @@ def _ledger_notes(summary: Summary) -> None:
     if already:
         done = not (summary.sent or summary.failed or summary.unsent or summary.in_doubt)
         rest = "; nothing new to send" if done else ""
-        out_console().print(f"already sent: {already} (campaign {campaign}){rest}", markup=False)
+        say(f"already sent: {already} (campaign {campaign}){rest}")
     if summary.in_doubt:
-        out_console().print(
+        say(
             f"in doubt: {summary.in_doubt} (the answer was lost after sending, or a run died "
             f"mid-send; they may have arrived: `smartmail retry {campaign} --in-doubt` sends "
-            "them again)",
-            markup=False,
+            "them again)"
         )
 
 
@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             sys.stderr.write(printable(traceback.format_exc(), newlines=True))
-        say_err("[bold red]error:[/] ", str(exc))
+        say_err(str(exc), lead="error:", style="bold red")
         raise SystemExit(exc.exit_code) from None
     except click.exceptions.Abort:
         say_err("Aborted: nothing was sent.")
@@ -858,7 +858,7 @@ def _progress(mode: str, interval: float) -> ProgressDisplay:
     from .progress import LogProgress, NullProgress, RichProgress
 
     if mode == "auto":
-        mode = "live" if err_console().is_terminal else "log"
+        mode = "live" if Terminal(sys.stderr).is_terminal else "log"
     if mode == "live":
         return RichProgress(err_console())
     if mode == "log":
@@ -886,7 +886,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     """
     from rich import box
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Table as RichTable
     from rich.text import Text
 
     from .state_store import open_state
@@ -903,9 +903,9 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
         click.echo(json.dumps([c.to_dict() for c in found], indent=2))
         return
     if not found:
-        out_console().print(f"no campaigns in {path}")
+        say(f"no campaigns in {path}")
         return
-    table = Table(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = RichTable(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("campaign", no_wrap=True)
     table.add_column("last run (UTC)", no_wrap=True)
     for name in (
@@ -962,10 +962,6 @@ def quota_cmd(transport_url: str, sender: str | None, as_json: bool, debug: bool
 
     Exits 2 when the sender given with --from is not verified.
     """
-    import json
-
-    from rich.table import Table
-
     from .quota import account_report, region_from_url
 
     setup_logging(debug)
@@ -973,14 +969,12 @@ def quota_cmd(transport_url: str, sender: str | None, as_json: bool, debug: bool
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
-        table = Table(title="SES account", show_header=False, title_justify="left")
-        table.add_column("what", style="bold")
-        table.add_column("value", justify="right")
+        table = Table("SES account")
         for name, value in report.rows():
             table.add_row(name, value)
-        out_console().print(table)
+        print_table(table)
         for warning in report.warnings:
-            err_console().print(f"[yellow]warning:[/] {warning}", highlight=False)
+            warn(warning)
     if not report.ok:
         raise SystemExit(EXIT_USAGE)
 
@@ -1051,14 +1045,14 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
     from dataclasses import asdict
 
     from rich.markup import escape
-    from rich.table import Table
+    from rich.table import Table as RichTable
 
     with _open_state(state_path) as state:
         entries = list(state.suppressions)
     if as_json:
         click.echo(json.dumps([asdict(e) for e in entries], indent=2))
         return
-    table = Table(title=f"suppressed addresses: {len(entries)}", title_justify="left")
+    table = RichTable(title=f"suppressed addresses: {len(entries)}", title_justify="left")
     for column in ("address", "reason", "detail"):
         table.add_column(column, overflow="fold")
     table.add_column("since", no_wrap=True)
@@ -1100,7 +1094,7 @@ def suppress_import_cmd(
     for problem in result.problems[:20]:
         warn(problem)
     if result.problem_count > 20:
-        err_console().print(f"... and {result.problem_count - 20} more bad row(s)")
+        say_err(f"... and {result.problem_count - 20} more bad row(s)")
     click.echo(
         f"imported {result.rows} row(s): {result.added} newly suppressed, "
         f"{result.already} already on the list, {result.problem_count} bad row(s) skipped"
@@ -1124,7 +1118,7 @@ def suppress_export_cmd(csv_path: str, state_path: str | None) -> None:
                 count = suppressions.export_csv(fh)
         except OSError as exc:
             raise ConfigError(f"{csv_path}: cannot write ({exc.strerror})") from None
-    err_console().print(f"exported {count} address(es) to {csv_path}")
+    say_err(f"exported {count} address(es) to {csv_path}")
 
 
 @cli.command("events")
@@ -1182,12 +1176,12 @@ def events_cmd(
             max_messages=max_messages,
             wait_seconds=wait_seconds,
             visibility_timeout=visibility_timeout,
-            on_problem=lambda line: say_err("[red]error:[/] ", line),
+            on_problem=lambda line: say_err(line, lead="error:", style="red"),
         )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
     else:
-        out_console().print(_events_table(summary))
+        print_table(_events_table(summary))
     if not summary.ok:
         raise SystemExit(EXIT_SOME_FAILED)
 
@@ -1218,11 +1212,7 @@ def _valid_addresses(values: tuple[str, ...]) -> list[str]:
 
 
 def _events_table(summary: ConsumeSummary) -> Table:
-    from rich.table import Table
-
-    table = Table(title="smartmail events", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right", overflow="fold")
+    table = Table("smartmail events")
     table.add_row("queue", summary.queue)
     table.add_row("received", str(summary.received))
     for kind, count in sorted(summary.applied.items()):
@@ -1349,13 +1339,9 @@ def enqueue_cmd(queue_url: str, template_bucket: str | None, rows_per_job: int, 
         warn=warn,
         progress=progress,
     )
-    from rich.table import Table
-
-    table = Table(title="smartmail enqueue", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right", overflow="fold")
-    table.add_row("campaign", printable(result.campaign))
-    table.add_row("source", printable(result.source))
+    table = Table("smartmail enqueue")
+    table.add_row("campaign", result.campaign)
+    table.add_row("source", result.source)
     table.add_row("template", result.template.s3 or f"inline, sha256 {result.template.sha256[:12]}")
     table.add_row("rows", str(result.rows))
     table.add_row("queued (rows)", str(result.queued_rows))
@@ -1363,13 +1349,11 @@ def enqueue_cmd(queue_url: str, template_bucket: str | None, rows_per_job: int, 
     table.add_row("already queued", str(result.already_queued))
     table.add_row("skipped", str(result.skipped))
     for reason, count in sorted(result.skip_reasons.items()):
-        table.add_row(f"  {printable(reason)}", str(count))
+        table.add_row(f"  {reason}", str(count))
     table.add_row("elapsed", f"{result.elapsed_seconds:.1f} s")
-    out_console().print(table)
+    print_table(table)
     if not result.queued_rows:
-        out_console().print(
-            f"nothing new to queue (campaign {printable(result.campaign)})", markup=False
-        )
+        say(f"nothing new to queue (campaign {result.campaign})")
 
 
 @cli.command("worker")
@@ -1437,13 +1421,19 @@ def worker_cmd(
         name = signal.Signals(signum).name
         if stop.is_set():
             abort.set()
-            say_err(f"[yellow]{name} again: stopping the job in hand (the rest goes back)[/]")
+            say_err(
+                lead=f"{name} again: stopping the job in hand (the rest goes back)",
+                style="yellow",
+            )
         else:
             stop.set()
-            say_err(f"[yellow]{name}: finishing the job in hand, then exiting (again: stop it)[/]")
+            say_err(
+                lead=f"{name}: finishing the job in hand, then exiting (again: stop it)",
+                style="yellow",
+            )
 
     def report(outcome: JobOutcome | None, line: str) -> None:
-        say_err("", line)
+        say_err(line)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1462,12 +1452,11 @@ def worker_cmd(
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-    out_console().print(
+    say(
         f"worker: {summary.jobs} job(s) taken, {summary.done} done, {summary.left} left for "
         f"redelivery, {summary.failed_jobs} could not be run; {summary.sent} sent, "
         f"{summary.failed} failed, {summary.skipped} skipped"
-        + (f" ({summary.stopped})" if summary.stopped else ""),
-        markup=False,
+        + (f" ({summary.stopped})" if summary.stopped else "")
     )
     if received:
         raise SystemExit(EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED)

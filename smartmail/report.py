@@ -1,7 +1,7 @@
 """Run metrics (thread-safe counters the engine updates) and the summary built from them.
 
-The summary is what the user sees at the end (a rich table) and what `--report PATH` writes
-(the same numbers as JSON). The counts always add up:
+The summary is what the user sees at the end (the CLI draws `Summary.table_rows()`) and
+what `--report PATH` writes (the same numbers as JSON). The counts always add up:
 rows = sent + failed + skipped + unsent + lost_replies, where `lost_replies` are this run's
 rows in doubt (the provider's answer was lost after the whole message was handed over).
 `in_doubt` counts every row in doubt the run left alone: those plus the rows skipped because an
@@ -16,14 +16,10 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .ratelimit import RateStats
 from .sources import Row
-
-if TYPE_CHECKING:  # rich is imported by the summary table only: start-up stays light
-    from rich.console import Console
-    from rich.table import Table
 
 Status = Literal["sent", "failed", "skipped", "unsent", "in-doubt"]
 STATUSES: tuple[Status, ...] = ("sent", "failed", "skipped", "unsent", "in-doubt")
@@ -213,56 +209,47 @@ class Summary:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
-    def table(self) -> Table:
-        from rich.markup import escape
-        from rich.table import Table
-
-        title = "smartmail dry-run" if self.dry_run else "smartmail summary"
-        table = Table(title=title, show_header=False, title_justify="left")
-        table.add_column("what", style="bold")
-        table.add_column("value", justify="right")
-        table.add_row("campaign", self.campaign)
-        table.add_row("transport", self.transport)
-        table.add_row("rows", str(self.rows))
+    def table_rows(self) -> list[tuple[str, str]]:
+        """What the summary table shows, as (what, value) lines: the CLI prints them (and the
+        warnings after them); the data stays apart from how it is drawn."""
+        shown = [("campaign", self.campaign), ("transport", self.transport)]
+        shown.append(("rows", str(self.rows)))
         if self.test_to:
-            table.add_row("test messages", f"{self.sent} to {self.test_to}")
+            shown.append(("test messages", f"{self.sent} to {self.test_to}"))
         else:
-            table.add_row("sent" if not self.dry_run else "valid", str(self.sent))
-        table.add_row("failed", str(self.failed))
-        table.add_row("skipped", str(self.skipped))
+            shown.append(("sent" if not self.dry_run else "valid", str(self.sent)))
+        shown.append(("failed", str(self.failed)))
+        shown.append(("skipped", str(self.skipped)))
         for reason, count in list(self.skip_reasons.items())[:5]:
-            table.add_row(f"  {reason}", str(count))
-        table.add_row("not sent (left for a later run)", str(self.unsent))
+            shown.append((f"  {reason}", str(count)))
+        shown.append(("not sent (left for a later run)", str(self.unsent)))
         if self.in_doubt:
-            table.add_row("in doubt (not sent again)", str(self.in_doubt))
+            shown.append(("in doubt (not sent again)", str(self.in_doubt)))
         if self.lost_replies:
-            table.add_row("  answer lost after sending (this run)", str(self.lost_replies))
+            shown.append(("  answer lost after sending (this run)", str(self.lost_replies)))
         if not self.dry_run:
-            table.add_row("retries", str(self.retries))
-            table.add_row("throttled", str(self.throttles))
+            shown.append(("retries", str(self.retries)))
+            shown.append(("throttled", str(self.throttles)))
             if self.slowdowns:
-                table.add_row(
-                    "rate adapted",
-                    f"{self.slowdowns}x, lowest {self.rate_lowest:.2f}/s, "
-                    f"ended at {self.rate_final:.2f}/s",
+                shown.append(
+                    (
+                        "rate adapted",
+                        f"{self.slowdowns}x, lowest {self.rate_lowest:.2f}/s, "
+                        f"ended at {self.rate_final:.2f}/s",
+                    )
                 )
-            table.add_row("elapsed", f"{self.elapsed_seconds:.2f} s")
-            table.add_row("achieved rate", f"{self.rate_per_second:.1f} msg/s")
+            shown.append(("elapsed", f"{self.elapsed_seconds:.2f} s"))
+            shown.append(("achieved rate", f"{self.rate_per_second:.1f} msg/s"))
             if self.latency_p50_ms is not None:
-                table.add_row(
-                    "latency p50 / p95", f"{self.latency_p50_ms} / {self.latency_p95_ms} ms"
+                shown.append(
+                    ("latency p50 / p95", f"{self.latency_p50_ms} / {self.latency_p95_ms} ms")
                 )
         for reason, count in list(self.failure_reasons.items())[:5]:
-            table.add_row(f"failed: {reason}", str(count))
+            shown.append((f"failed: {reason}", str(count)))
         if self.stopped:
-            table.add_row("stopped", self.stopped)
+            shown.append(("stopped", self.stopped))
         if self.interrupted:
-            table.add_row("interrupted", "yes: re-run to send the rest")
+            shown.append(("interrupted", "yes: re-run to send the rest"))
         if self.failed_csv:
-            table.add_row("rows to re-drive", self.failed_csv)
-        for warning in self.warnings:
-            table.add_row("[yellow]warning[/]", f"[yellow]{escape(warning)}[/]")
-        return table
-
-    def print(self, console: Console) -> None:
-        console.print(self.table())
+            shown.append(("rows to re-drive", self.failed_csv))
+        return shown

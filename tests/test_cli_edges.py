@@ -313,6 +313,32 @@ def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     assert lines[-3:] == ["exit 0", "used: sqlite3 smartmail.ledger", "loaded:"]
 
 
+@pytest.mark.parametrize(("command", "exit_code"), [("dry-run", 2), ("send", 0)])
+def test_a_dry_run_and_a_send_off_a_terminal_never_load_rich(
+    tmp_path: Path, command: str, exit_code: int
+) -> None:
+    """rich is for the live display: a dry run, and a send from cron (`--progress none` or
+    log lines), print their summary, warnings and notes without it."""
+    csv = write(tmp_path / "list.csv", "email,name\nann@example.org,Ann\nnope,Bob\n")
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
+    args = [command, str(csv), "-t", str(template), "--state", str(tmp_path / "s.db")]
+    if command == "send":
+        args += ["--transport", f"file://{tmp_path / 'out'}", "--yes", "--progress", "none"]
+    code = (
+        "import sys\n"
+        "from smartmail.cli import main\n"
+        f"try:\n    main({args!r})\n"
+        "except SystemExit as exc:\n    print('exit', exc.code)\n"
+        "print('loaded:', *sorted(m for m in sys.modules if m.split('.')[0] == 'rich'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    # The summary table, a warning (row 3 is invalid) and the exit status all came out.
+    assert "valid" in done.stdout or "sent" in done.stdout
+    assert "│ rows " in done.stdout and "warning: " in done.stderr and "'nope'" in done.stderr
+    assert done.stdout.strip().splitlines()[-2:] == [f"exit {exit_code}", "loaded:"]
+
+
 def test_option_constants_copied_into_the_cli_match_the_library() -> None:
     assert cli_module.STATE_ENV == state.STATE_ENV
     assert cli_module.SQS_MAX_WAIT == events.SQS_MAX_WAIT

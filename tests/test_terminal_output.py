@@ -1,0 +1,155 @@
+"""The CLI's own tables, rules and lines (written without rich): they fit the terminal, lose
+no word of a long value, style only where the terminal takes it, and never let a CSV value put
+an escape sequence on the terminal."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from smartmail.cli import main
+from smartmail.tables import Table, wrap
+from smartmail.terminal import Terminal, cell_width
+
+from .conftest import write
+
+# Every escape sequence smartmail itself writes: SGR styles (bold, italic, colours, reset).
+OUR_STYLES = re.compile(r"\x1b\[[0-9;]*m")
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202e"
+
+
+class Tty(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def plain_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "COLUMNS", "TERM"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def test_a_long_value_wraps_within_the_width_and_keeps_every_character(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "40")
+    stream = io.StringIO()
+    path = "/var/spool/smartmail/" + "very-long-folder-name/" * 4 + "recipients.failed.csv"
+    reason = "the server refused the message because the mailbox is full, try later"
+    table = Table("smartmail summary")
+    table.add_row("rows to re-drive", path)
+    table.add_row("failed: 552 mailbox full", reason)
+    table.print(Terminal(stream))
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "smartmail summary"
+    assert all(cell_width(line) <= 40 for line in lines), lines
+    cells = [line.split("│")[1:-1] for line in lines[2:-1]]
+    values = [cell[1].strip() for cell in cells]
+    labels = [cell[0].strip() for cell in cells]
+    assert "".join(values).replace(" ", "") == (path + reason).replace(" ", "")
+    shown_labels = " ".join(label for label in labels if label)
+    assert shown_labels == "rows to re-drive failed: 552 mailbox full"
+    # Broken at spaces where it can be: the reason's lines are whole words.
+    assert " ".join(wrap(reason, 16)) == reason
+    assert all(len(line) <= 16 for line in wrap(reason, 16))
+
+
+def test_wide_characters_count_double_and_nothing_is_dropped() -> None:
+    text = "東京の顧客リスト 2026 年 春"
+    lines = wrap(text, 9)
+    assert all(cell_width(line) <= 9 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def test_an_ascii_only_stream_gets_ascii_borders() -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    table = Table("t")
+    table.add_row("sent", "3")
+    table.print(Terminal(stream))
+    stream.flush()
+    assert raw.getvalue().decode("ascii").splitlines()[1:] == [
+        "+------+---+",
+        "| sent | 3 |",
+        "+------+---+",
+    ]
+
+
+def test_cells_and_rule_titles_are_made_printable_even_on_a_colour_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = Tty()
+    term = Terminal(stream)
+    assert term.ansi and term.colour
+    table = Table(f"list {HOSTILE}")
+    table.add_row(f"  invalid: {HOSTILE}", f"x{HOSTILE}y")
+    table.add_row("warning", f"w{HOSTILE}", style="yellow")
+    table.print(term)
+    term.rule(f"row 2: to {HOSTILE}")
+    shown = stream.getvalue()
+    assert "\x07" not in shown and "\u202e" not in shown
+    assert OUR_STYLES.sub("", shown).count("\x1b") == 0
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in OUR_STYLES.sub("", shown)
+    assert "\x1b[1;33mwarning\x1b[0m" in shown  # the row's own style is still applied
+
+
+@pytest.mark.parametrize(
+    ("env", "stream", "bold", "yellow"),
+    [
+        ({}, io.StringIO, False, False),  # a pipe or a file: plain text
+        ({}, Tty, True, True),
+        ({"NO_COLOR": "1"}, Tty, True, False),  # no colours; bold is not a colour
+        ({"TERM": "dumb"}, Tty, False, False),
+        ({"FORCE_COLOR": "1"}, io.StringIO, True, True),
+        ({"TTY_COMPATIBLE": "0"}, Tty, False, False),
+    ],
+)
+def test_styles_follow_what_the_stream_can_show(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    stream: type[io.StringIO],
+    bold: bool,
+    yellow: bool,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    term = Terminal(stream())
+    assert (term.styled("x", "bold") != "x") is bold
+    assert ("33" in term.styled("x", "yellow")) is yellow
+    assert term.width == 80  # the captured stream has no size: rich's default
+
+
+def test_a_dry_run_on_a_colour_terminal_styles_its_own_words_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    csv = write(
+        tmp_path / "r.csv",
+        f"email,name\nann@example.org,Ann\nbad{HOSTILE}@example.org,Bob\n",
+    )
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
+    code, out, err = run_main(
+        ["dry-run", str(csv), "-t", str(template), "--no-state", "--campaign", f"c{HOSTILE}"],
+        capsys,
+    )
+    assert code == 2  # one invalid row
+    assert "\x1b[33mwarning:\x1b[0m" in err and "\x1b[3msmartmail dry-run\x1b[0m" in out
+    for shown in (out, err):
+        assert OUR_STYLES.sub("", shown).count("\x1b") == 0, shown
+        assert "\x07" not in shown and "\u202e" not in shown
+    assert "c\\x1b]0;pwned" in OUR_STYLES.sub("", out)  # the campaign cell, made visible
