@@ -19,12 +19,12 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field, replace
-from email.utils import formatdate
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
 
 from . import headers
+from .dates import formatdate
 from .errors import InvalidRowError, Location
 from .sources import Row
 from .templates import RenderedMessage

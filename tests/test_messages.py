@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+from datetime import UTC
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -171,3 +172,31 @@ def test_invalid_addresses_in_headers_are_invalid_rows() -> None:
     t = MessageTemplate("From: {{ sender }}\nSubject: x\n\nbody\n")
     with pytest.raises(InvalidRowError, match="From"):
         render(t, sender="not an address")
+
+
+@pytest.mark.parametrize(
+    "when", [0, 951_700_000, 1_078_012_800, 1_709_251_199.5, 1_790_000_000, 4_102_444_799]
+)
+def test_the_date_is_written_as_email_utils_writes_it(when: float) -> None:
+    """smartmail.dates replaces email.utils at start-up: the same RFC 5322 text, leap days,
+    year ends and fractions of a second included."""
+    from email.utils import formatdate as reference
+
+    from smartmail.dates import formatdate
+
+    assert formatdate(when) == reference(when, localtime=False)
+    assert formatdate(when, usegmt=True) == reference(when, usegmt=True)
+
+
+def test_a_message_is_dated_now_in_utc_with_english_names() -> None:
+    import time
+    from datetime import datetime
+    from email.utils import parsedate_to_datetime
+
+    msg = parse(render(MessageTemplate("From: a@acme.example\nSubject: Hi\n\nHi\n")))
+    raw = msg["Date"]
+    stamp = parsedate_to_datetime(raw)
+    assert raw.endswith(" +0000") and stamp.tzinfo is not None
+    assert abs(stamp.timestamp() - time.time()) < 5
+    day = datetime.fromtimestamp(stamp.timestamp(), UTC)
+    assert raw.startswith(("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[day.weekday()] + ", ")
