@@ -14,12 +14,15 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from . import logs
+
 CLIENT_HOOKS: list[Callable[[Any], None]] = []
 _local = threading.local()
 
 
 def session() -> boto3.session.Session:
     """This thread's boto3 session (credentials and region from the usual environment)."""
+    logs.ready()  # botocore and urllib3 log through `logging`: the CLI's handler first
     current = getattr(_local, "session", None)
     if current is None:
         current = boto3.session.Session()

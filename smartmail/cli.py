@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .campaign import CampaignRun, Hooks, Plan, Secrets
 from .config import (
     ON_DUPLICATE,
@@ -365,7 +365,7 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
 
     Exits 0 only if every row is valid.
     """
-    setup_logging(kw["debug"])
+    setup_logging(kw["debug"], when_needed=True)
     options = RunOptions(
         report_path=report_path,
         state_path=kw["state_path"],
@@ -753,9 +753,22 @@ def _ledger_notes(summary: Summary) -> None:
         )
 
 
-def setup_logging(debug: bool) -> None:
+def setup_logging(debug: bool, *, when_needed: bool = False) -> None:
     """Log lines on stderr: printable (they can quote CSV values), and one line each unless
-    debugging (a traceback is for --debug / SMARTMAIL_DEBUG=1)."""
+    debugging (a traceback is for --debug / SMARTMAIL_DEBUG=1).
+
+    `when_needed` (a dry run, which loads no library that logs but boto3): set up when
+    something first logs (`logs.defer`), so a run that logs nothing never loads `logging`.
+    """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    if when_needed and not debug:
+        logs.defer(lambda: _configure_logging(debug))
+    else:
+        _configure_logging(debug)
+
+
+def _configure_logging(debug: bool) -> None:
     import logging
 
     class Printable(logging.Formatter):
@@ -771,8 +784,6 @@ def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(Printable("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

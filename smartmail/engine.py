@@ -35,7 +35,6 @@ import csv
 import enum
 import hashlib
 import itertools
-import logging
 import queue
 import threading
 import time
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from . import addresses
+from . import addresses, logs
 from .addresses import Mailbox
 from .errors import (
     AlreadyClaimedError,
@@ -74,7 +73,7 @@ if TYPE_CHECKING:  # a dry run (pre-flight, summary) needs neither; `Run` import
     from .retry import RetryPolicy
     from .transports.base import Delivery, Session, Transport
 
-log = logging.getLogger("smartmail")
+log = logs.getLogger("smartmail")
 
 ON_INVALID = ("skip", "abort")
 ON_MALFORMED = ("abort", "skip")

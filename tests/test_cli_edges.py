@@ -292,7 +292,8 @@ def test_help_imports_no_heavy_module() -> None:
 def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     """A dry run with the default ledger reads the ledger (sqlite3) but loads no AWS library,
     no retry policy, transport or thread pool (it sends nothing), no IDNA tables (the domains
-    are ASCII), and neither the campaign listing nor the DynamoDB state code."""
+    are ASCII), neither the campaign listing nor the DynamoDB state code, no rich (its output
+    is plain text), no `logging` (nothing logged) and no `email.utils` (the Date header)."""
     csv = make_csv(tmp_path / "list.csv", 10)
     template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
     code = (
@@ -302,7 +303,7 @@ def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
         "except SystemExit as exc:\n    print('exit', exc.code)\n"
         "unused = ['boto3', 'botocore', 'tenacity', 'idna', 'smartmail.retry',\n"
         "          'smartmail.transports', 'smartmail.dynamo', 'smartmail.campaigns',\n"
-        "          'concurrent.futures']\n"
+        "          'concurrent.futures', 'rich', 'logging', 'email.utils', 'socket']\n"
         "print('used:', *[m for m in ['sqlite3', 'smartmail.ledger'] if m in sys.modules])\n"
         "print('loaded:', *[m for m in unused if m in sys.modules])\n"
     )
@@ -311,6 +312,36 @@ def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     lines = done.stdout.strip().splitlines()
     assert "Subject: Hi User 0" in done.stdout
     assert lines[-3:] == ["exit 0", "used: sqlite3 smartmail.ledger", "loaded:"]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_dry_run_that_logs_sets_logging_up_first(tmp_path: Path, debug: bool) -> None:
+    """A dry run loads `logging` only when something logs; that line then has the CLI's
+    format, made printable, and a traceback only with --debug."""
+    csv = make_csv(tmp_path / "list.csv", 2)
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
+    args = ["dry-run", str(csv), "-t", str(template), "--no-state", *(["--debug"] if debug else [])]
+    code = (
+        "import sys\n"
+        "import smartmail.engine as engine\n"
+        "from smartmail.cli import main\n"
+        "def boom(*args, **kwargs):\n"
+        "    raise RuntimeError('bad \\x1b[2J value')\n"
+        "engine.build = boom\n"
+        f"try:\n    main({args!r})\n"
+        "except SystemExit as exc:\n    print('exit', exc.code)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_DEBUG"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "exit 2"  # an internal error stops the run
+    logged = [line for line in done.stderr.splitlines() if " ERROR smartmail: " in line]
+    assert len(logged) == 2, done.stderr  # one a row, in the CLI's format
+    assert logged[0].endswith("ERROR smartmail: row 2: unexpected error building the message")
+    assert "\x1b" not in done.stderr and "\\x1b[2J" in done.stderr
+    assert ("Traceback" in done.stderr) is debug
 
 
 @pytest.mark.parametrize(("command", "exit_code"), [("dry-run", 2), ("send", 0)])
