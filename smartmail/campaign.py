@@ -384,9 +384,10 @@ class CampaignRun:
 
     def check(self) -> DryRunResult:
         """Pre-flight only (a dry run): validate and render every row, send nothing, lock
-        nothing. The ledger is read, so rows already sent or suppressed show as skipped."""
+        nothing, write no state. The ledger is read, so rows already sent or suppressed show
+        as skipped; a state file that does not exist yet holds neither, and is not made."""
         from .engine import dry_run_summary, preflight
-        from .state_store import open_state
+        from .state import check_creatable, sqlite_file
         from .unsubscribe import missing_warning
 
         config, opts = self.config, self.options
@@ -406,8 +407,14 @@ class CampaignRun:
         ledger = None
         state = None
         if not (opts.no_state or opts.test_to):
-            state = open_state(opts.state_path)
-            ledger = state.ledger(self.campaign)
+            db = sqlite_file(opts.state_path)
+            if db is not None and not db.exists():
+                check_creatable(db)  # what opening it would have found; sqlite3 not loaded
+            else:
+                from .state_store import open_state
+
+                state = open_state(opts.state_path)
+                ledger = state.ledger(self.campaign)
         try:
             with readable(source.name):
                 checked = preflight(

@@ -10,10 +10,13 @@ share it. The schema is created on first use; `PRAGMA user_version` records its 
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # imported by connect(): a dry run with no state file has nothing to read
+    import sqlite3
 
 STATE_ENV = "SMARTMAIL_STATE"
 SCHEMA_VERSION = 1
@@ -83,11 +86,33 @@ def default_state_path() -> Path:
     return Path(base) / "smartmail" / "smartmail.db"
 
 
+def sqlite_file(value: str | os.PathLike[str] | None) -> Path | None:
+    """The SQLite file a `--state` value names (None: $SMARTMAIL_STATE, else the XDG default),
+    or None for a URL (`dynamodb://TABLE`), which `state_store.open_state` resolves."""
+    value = value if value is not None else os.environ.get(STATE_ENV) or None
+    if value is None:
+        return default_state_path()
+    return None if "://" in str(value) else Path(value)
+
+
+def check_creatable(db: Path) -> None:
+    """Refuse a state file that `connect` could not create (its folder neither exists nor can
+    be made), as opening it would, for a dry run that reads no state yet."""
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        reason = "not a folder" if not folder.is_dir() else "no permission to write"
+        raise ConfigError(f"{db}: cannot open the state database ({folder}: {reason})")
+
+
 def connect(path: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
     """Open (creating if needed) the state database, in WAL mode with the schema in place.
 
     Each thread must use its own connection: sqlite3 connections are not shared across threads.
     """
+    import sqlite3
+
     db = Path(path) if path is not None else default_state_path()
     try:
         db.parent.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,17 @@ international domain in its IDNA form, because that is the form a rendered recip
 from __future__ import annotations
 
 import csv
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from . import addresses
 from .addresses import normalise
 from .errors import Location, SourceError
 from .sources import RecipientSource, Row, SourceSpec
+
+if TYPE_CHECKING:  # the engine imports `key`: a dry run with no state file loads no sqlite3
+    import sqlite3
 
 REASONS = ("bounce", "complaint", "unsubscribe", "manual")
 EXPORT_COLUMNS = ("email", "reason", "detail", "created_at")

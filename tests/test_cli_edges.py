@@ -42,6 +42,14 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return (code if isinstance(code, int) else 0), out, err
 
 
+def main_exit(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
+
+
 def smtp_send(
     csv: Path, template: Path, server: SmtpServer, tmp_path: Path, *extra: str
 ) -> list[str]:
@@ -290,10 +298,12 @@ def test_help_imports_no_heavy_module() -> None:
 
 
 def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
-    """A dry run with the default ledger reads the ledger (sqlite3) but loads no AWS library,
-    no retry policy, transport or thread pool (it sends nothing), no IDNA tables (the domains
-    are ASCII), neither the campaign listing nor the DynamoDB state code, no rich (its output
-    is plain text), no `logging` (nothing logged) and no `email.utils` (the Date header)."""
+    """A dry run loads no AWS library, no retry policy, transport or thread pool (it sends
+    nothing), no IDNA tables (the domains are ASCII), neither the campaign listing nor the
+    DynamoDB state code, no rich (its output is plain text), no `logging` (nothing logged)
+    and no `email.utils` (the Date header). It reads the ledger (sqlite3) when there is one,
+    so a suppressed address shows as skipped; before the first send there is none to read,
+    and the dry run neither loads sqlite3 nor creates the state file."""
     csv = make_csv(tmp_path / "list.csv", 10)
     template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
     code = (
@@ -307,11 +317,34 @@ def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
         "print('used:', *[m for m in ['sqlite3', 'smartmail.ledger'] if m in sys.modules])\n"
         "print('loaded:', *[m for m in unused if m in sys.modules])\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert "Subject: Hi User 0" in done.stdout
+    state_file = state.default_state_path()  # under this test's own XDG_STATE_HOME
+
+    def dry_run() -> tuple[list[str], str]:
+        run = [sys.executable, "-c", code]
+        done = subprocess.run(run, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert "Subject: Hi User 0" in done.stdout
+        return done.stdout.strip().splitlines(), done.stdout
+
+    lines, _out = dry_run()
+    assert lines[-3:] == ["exit 0", "used:", "loaded:"]
+    assert not state_file.exists()
+
+    assert main_exit(["suppress", "add", "user3@example.org", "--reason", "bounce"]) == 0
+    lines, out = dry_run()
     assert lines[-3:] == ["exit 0", "used: sqlite3 smartmail.ledger", "loaded:"]
+    assert re.search(r"│ skipped +│ +1 │\n│   suppressed +│ +1 │", out), out
+
+
+def test_a_dry_run_refuses_a_state_it_could_not_create(tmp_path: Path) -> None:
+    """With no state file yet a dry run reads none, but still finds, as the send would, that
+    it could not make one there (one line, exit 2)."""
+    csv = make_csv(tmp_path / "list.csv", 2)
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi\n\nHi\n")
+    blocker = write(tmp_path / "a-file", "")
+    args = ["dry-run", str(csv), "-t", str(template), "--state", str(blocker / "s" / "s.db")]
+    assert main_exit(args) == 2
+    assert not (blocker / "s").exists()
 
 
 @pytest.mark.parametrize("debug", [False, True])
