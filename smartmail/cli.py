@@ -22,7 +22,6 @@ import contextlib
 import gc
 import json
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -64,6 +63,12 @@ if TYPE_CHECKING:
     from .state_store import SqliteState
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Parameter types are stateless: one of each, not one per option (each click.Path looks up
+# its translated name through gettext, with file system lookups, when made).
+_PATH = click.Path()
+_FILE = click.Path(dir_okay=False)
+_EXISTING_FILE = click.Path(dir_okay=False, exists=True)
+_FOLDER = click.Path(file_okay=False)
 PASSWORD_ENV = "SMARTMAIL_SMTP_PASSWORD"
 DEBUG_ENV = "SMARTMAIL_DEBUG"
 # Copies of library constants needed to declare options, so that `--help` does not import
@@ -133,17 +138,17 @@ def common_options(func: F) -> F:
             "--template",
             "template_path",
             required=True,
-            type=click.Path(),
+            type=_PATH,
             help="Message template: header block, blank line, body.",
         ),
         click.option(
             "--html-template",
-            type=click.Path(),
+            type=_PATH,
             help="HTML part. Default: the template's name with .html, when that file exists.",
         ),
         click.option(
             "--attachments-dir",
-            type=click.Path(file_okay=False),
+            type=_FOLDER,
             metavar="DIR",
             help="Folder attachments may come from. Default: the template's folder; a path "
             "leading anywhere else is refused.",
@@ -240,7 +245,7 @@ def transport_options(func: F) -> F:
         ),
         click.option(
             "--smtp-ca-file",
-            type=click.Path(dir_okay=False, exists=True),
+            type=_EXISTING_FILE,
             help="CA bundle to verify the server's certificate (default: system store).",
         ),
         click.option(
@@ -275,7 +280,7 @@ def state_options(func: F) -> F:
         click.option(
             "--state",
             "state_path",
-            type=click.Path(),
+            type=_PATH,
             metavar=STATE_METAVAR,
             envvar=STATE_ENV,
             show_envvar=True,
@@ -301,12 +306,12 @@ def run_options(func: F) -> F:
         click.option(
             "--report",
             "report_path",
-            type=click.Path(),
+            type=_PATH,
             help="Also write the summary as JSON to this file.",
         ),
         click.option(
             "--failed-csv",
-            type=click.Path(),
+            type=_PATH,
             help="Where to write failed and unsent rows for re-sending. "
             "Default: SOURCE-NAME.failed.csv in the current folder.",
         ),
@@ -357,7 +362,7 @@ def cli() -> None:
 @click.option(
     "--report",
     "report_path",
-    type=click.Path(),
+    type=_PATH,
     help="Also write the summary as JSON to this file.",
 )
 def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
@@ -488,7 +493,7 @@ def send_cmd(**kw: Any) -> None:
 @click.option(
     "--state",
     "state_path",
-    type=click.Path(),
+    type=_PATH,
     metavar=STATE_METAVAR,
     envvar=STATE_ENV,
     show_envvar=True,
@@ -506,9 +511,7 @@ def send_cmd(**kw: Any) -> None:
     show_envvar=True,
     help=f"Default: the campaign's; the password is read from ${PASSWORD_ENV}.",
 )
-@click.option(
-    "--smtp-ca-file", type=click.Path(dir_okay=False, exists=True), help="Default: the campaign's."
-)
+@click.option("--smtp-ca-file", type=_EXISTING_FILE, help="Default: the campaign's.")
 @click.option("--timeout", type=float, help="Default: the campaign's.")
 @click.option("--workers", type=click.IntRange(1, 256), help="Default: the campaign's.")
 @click.option(
@@ -661,7 +664,10 @@ def _confirm(plan: Plan) -> bool:
 
 class _Signals:
     """SIGINT/SIGTERM stop taking rows and let in-flight sends finish; a second one aborts at
-    once, after saying what was sent (messages still in flight stay in doubt in the ledger)."""
+    once, after saying what was sent (messages still in flight stay in doubt in the ledger).
+
+    `signal` is imported where used: its enums cost every start-up (a dry run) ~0.4 ms.
+    """
 
     def __init__(self, runner: CampaignRun) -> None:
         self.runner = runner
@@ -669,6 +675,8 @@ class _Signals:
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        import signal
+
         name = signal.Signals(signum).name
         if self.received:
             self._abort(signum, name)
@@ -681,6 +689,8 @@ class _Signals:
         )
 
     def _abort(self, signum: int, name: str) -> None:
+        import signal
+
         code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
         summary = self.runner.abort_summary()
         campaign = self.runner.campaign or "?"
@@ -704,10 +714,14 @@ class _Signals:
 
     def exit_code(self, code: int) -> int:
         if self.received:
+            import signal
+
             return EXIT_TERMINATED if self.received[0] == signal.SIGTERM else EXIT_INTERRUPTED
         return code
 
     def install(self) -> None:
+        import signal
+
         if threading.current_thread() is threading.main_thread() and not self.previous:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -716,6 +730,8 @@ class _Signals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import signal
+
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -882,7 +898,7 @@ def _progress(mode: str, interval: float) -> ProgressDisplay:
 @click.option(
     "--state",
     "state_path",
-    type=click.Path(dir_okay=False),
+    type=_FILE,
     metavar=STATE_METAVAR,
     envvar=STATE_ENV,
     show_envvar=True,
@@ -997,7 +1013,7 @@ def _feedback_state_option(func: F) -> F:
     option = click.option(
         "--state",
         "state_path",
-        type=click.Path(dir_okay=False),
+        type=_FILE,
         metavar=STATE_METAVAR,
         envvar=STATE_ENV,
         show_envvar=True,
@@ -1419,6 +1435,8 @@ def worker_cmd(
     SIGTERM or Ctrl-C finishes the job in hand, then exits; a second one stops that job too
     (messages in flight finish; the rest of the job goes back to the queue).
     """
+    import signal
+
     from .state_store import open_state
     from .workqueue import JobOutcome, run_worker
 

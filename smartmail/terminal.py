@@ -18,32 +18,34 @@ terminal's, or $COLUMNS, else 80.
 from __future__ import annotations
 
 import os
-import re
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-# C0 controls but TAB and LF, DEL, C1 controls, the Unicode line and paragraph separators, and
-# the bidirectional formatting characters (the "Trojan Source" ones).
-_UNSAFE = re.compile(
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+# C0 controls but TAB (LF is kept only in a preview), DEL, C1 controls, the Unicode line and
+# paragraph separators, and the bidirectional formatting characters (the "Trojan Source" ones),
+# each with its visible escape. A translation table, not a regular expression: compiling this
+# character class cost ~0.7 ms of every start-up, and printing is never the hot path.
+_UNSAFE_CODES = (
+    *range(0x00, 0x09),
+    *range(0x0A, 0x20),
+    *range(0x7F, 0xA0),
+    0x2028,
+    0x2029,
+    0x200E,
+    0x200F,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
 )
-_UNSAFE_KEEP_LF = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
-)
-
-
-def _visible(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _UNSAFE_CODES}
+_ESCAPES_KEEP_LF = {code: escape for code, escape in _ESCAPES.items() if code != 0x0A}
 
 
 def printable(text: str, *, newlines: bool = False) -> str:
     """`text` with every control character escaped; LF kept only when `newlines` is true
     (a preview), else escaped too (an error or a warning is one line)."""
-    pattern = _UNSAFE_KEEP_LF if newlines else _UNSAFE
-    return pattern.sub(_visible, text)
+    return text.translate(_ESCAPES_KEEP_LF if newlines else _ESCAPES)
 
 
 def cell_width(text: str) -> int:
