@@ -1069,15 +1069,13 @@ def suppress_remove_cmd(addresses_: tuple[str, ...], state_path: str | None) -> 
 @_feedback_state_option
 def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
     """Show every suppressed address, its reason and since when."""
-    from dataclasses import asdict
-
     from rich.markup import escape
     from rich.table import Table as RichTable
 
     with _open_state(state_path) as state:
         entries = list(state.suppressions)
     if as_json:
-        click.echo(json.dumps([asdict(e) for e in entries], indent=2))
+        click.echo(json.dumps([e._asdict() for e in entries], indent=2))
         return
     table = RichTable(title=f"suppressed addresses: {len(entries)}", title_justify="left")
     for column in ("address", "reason", "detail"):

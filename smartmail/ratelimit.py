@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -45,9 +45,8 @@ MIN_SAMPLE = 10  # sends in the last second below which a throttle just halves t
 RECOVER = 0.10  # the climb a second while far below the rate last accepted
 
 
-@dataclass
-class RateStats:
-    """How the rate behaved over a run, for the summary and the report."""
+class RateStats(NamedTuple):
+    """How the rate behaved over a run, for the summary and the report (a snapshot)."""
 
     configured: float | None
     current: float | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 
 from . import addresses
 from .addresses import normalise
@@ -27,8 +27,9 @@ _BATCH = 1000
 MAX_DETAIL = 500
 
 
-@dataclass(frozen=True)
-class Suppression:
+class Suppression(NamedTuple):
+    """One entry of the list (a NamedTuple: immutable, and cheap to define at start-up)."""
+
     address: str
     reason: str
     detail: str
@@ -149,7 +150,7 @@ class SuppressionStore(Protocol):
     def add_many(self, entries: Iterable[tuple[str, str, str]]) -> int: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class ImportResult:
     """What an import did. `problems` are one line each, naming file, row and column."""
 
