@@ -377,17 +377,22 @@ def test_a_dry_run_that_logs_sets_logging_up_first(tmp_path: Path, debug: bool) 
     assert ("Traceback" in done.stderr) is debug
 
 
-@pytest.mark.parametrize(("command", "exit_code"), [("dry-run", 2), ("send", 0)])
+@pytest.mark.parametrize(
+    ("command", "progress", "exit_code"),
+    [("dry-run", None, 2), ("send", "none", 0), ("send", None, 0)],
+)
 def test_a_dry_run_and_a_send_off_a_terminal_never_load_rich(
-    tmp_path: Path, command: str, exit_code: int
+    tmp_path: Path, command: str, progress: str | None, exit_code: int
 ) -> None:
-    """rich is for the live display: a dry run, and a send from cron (`--progress none` or
-    log lines), print their summary, warnings and notes without it."""
+    """rich is for the live display: a dry run, and a send from cron (`--progress none`, or
+    the default, which off a terminal is log lines), print their summary, warnings and notes
+    without it."""
     csv = write(tmp_path / "list.csv", "email,name\nann@example.org,Ann\nnope,Bob\n")
     template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
     args = [command, str(csv), "-t", str(template), "--state", str(tmp_path / "s.db")]
     if command == "send":
-        args += ["--transport", f"file://{tmp_path / 'out'}", "--yes", "--progress", "none"]
+        args += ["--transport", f"file://{tmp_path / 'out'}", "--yes"]
+        args += ["--progress", progress] if progress else []
     code = (
         "import sys\n"
         "from smartmail.cli import main\n"
@@ -395,7 +400,11 @@ def test_a_dry_run_and_a_send_off_a_terminal_never_load_rich(
         "except SystemExit as exc:\n    print('exit', exc.code)\n"
         "print('loaded:', *sorted(m for m in sys.modules if m.split('.')[0] == 'rich'))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    # As from cron: no terminal, and nothing that says to act as one.
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+    )
     assert done.returncode == 0, done.stderr
     # The summary table, a warning (row 3 is invalid) and the exit status all came out.
     assert "valid" in done.stdout or "sent" in done.stdout
