@@ -247,11 +247,13 @@ class _Writer(threading.Thread):
         """How long to wait for more statements before committing a batch nobody waits for.
 
         Longer shares an fsync among more statements; too long and the worker that marked a
-        row ahead reaches it before the mark is durable and has to wait. So: half a worker's
-        cycle, less the time the commit itself takes, within [0, LINGER]. At 2,400 messages a
-        second over 8 workers that is about a millisecond; against a slow provider, LINGER.
+        row ahead reaches it before the mark is durable and has to wait. So: three quarters of
+        a worker's cycle, less the time the commit itself takes, within [0, LINGER]. At 2,400
+        messages a second over 8 workers that is about 2 ms; against a slow provider, LINGER.
+        (Measured: half a cycle made 35 % more commits for the same throughput, a whole cycle
+        made workers wait.)
         """
-        return min(LINGER, max(0.0, self.cycle / 2 - self.commit_time))
+        return min(LINGER, max(0.0, self.cycle * 0.75 - self.commit_time))
 
     def run(self) -> None:
         try:
