@@ -465,7 +465,7 @@ def test_the_writer_lingers_no_longer_than_a_worker_takes_to_need_its_mark(tmp_p
         for message in messages:  # one worker going as fast as it can
             ledger.sending(message)
         assert writer.linger() < LINGER / 2
-        writer.cycle, writer.commit_time = 0.0008, 0.0005  # faster than a commit: no wait
+        writer.cycle, writer.commit_time = 0.0006, 0.0005  # faster than a commit: no wait
         assert writer.linger() == 0.0
         writer.cycle, writer.commit_time = 0.5, 0.0005  # a slow provider: the longest wait
         assert writer.linger() == LINGER
