@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -88,7 +88,7 @@ class _Ask(enum.Enum):
     ASK = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class SendOptions:
     """How a run treats its rows. Defaults are the documented safe ones."""
 
@@ -180,7 +180,7 @@ class NullJournal:
         return None
 
 
-@dataclass
+@dataclass(eq=False)
 class PreflightResult:
     """What pre-flight found: the rows to skip and why, the problems, and the previews.
 
@@ -429,7 +429,7 @@ def drop_suppressed_copies(
             headers.append((name, tuple(kept)))
     envelope = [a for a in rendered.envelope_to if address_key(a) not in gone]
     # head=None: the builder encodes the shorter header block again.
-    return replace(rendered, headers=headers, envelope_to=envelope, head=None), dropped
+    return rendered._replace(headers=headers, envelope_to=envelope, head=None), dropped
 
 
 def _suppressed(journal: Journal, others: Sequence[str]) -> dict[str, str]:
@@ -463,9 +463,13 @@ class CircuitBreaker:
             self.answers += 1
 
 
-@dataclass
 class _Job:
-    message: OutgoingMessage
+    """A message on the workers' queue (None there means: stop)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: OutgoingMessage) -> None:
+        self.message = message
 
 
 class FailedRows:

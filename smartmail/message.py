@@ -18,7 +18,7 @@ import mimetypes
 import os
 import stat
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
@@ -101,14 +101,14 @@ def check_buildable(rendered: RenderedMessage) -> RenderedMessage:
     """
     if rendered.head is None:
         utf8 = headers.needs_utf8(rendered.sender, rendered.envelope_to)
-        rendered = replace(rendered, head=_encode_head(rendered, utf8))
+        rendered = rendered._replace(head=_encode_head(rendered, utf8))
     if rendered.attachments and rendered.attachment_parts is None:
         try:
             parts = tuple(_attachment(path) for path in rendered.attachments)
         except OSError as exc:
             where = Location(rendered.source, rendered.row.number)
             raise InvalidRowError(where, f"an attachment cannot be read: {exc.strerror}") from None
-        rendered = replace(rendered, attachment_parts=parts)
+        rendered = rendered._replace(attachment_parts=parts)
     return rendered
 
 
