@@ -160,6 +160,8 @@ def test_sandbox_blocks_unsafe_attribute_access() -> None:
         ("Subject: x\n\nbody", "no From"),
         ("From: a@acme.example\n\nbody", "no Subject"),
         ("From: a@acme.example\nSubject: {{ x\n\nbody", "header Subject"),
+        ("From: a@acme.example\nSubject: {{ x|nosuch }}\n\nbody", "header Subject.*nosuch"),
+        ("From: a@acme.example\nSubject: {% if x %}\nTo: {% endif %}\n\nbody", "header Subject"),
         ("From: a@acme.example\nnot a header\n\nbody", "line 2"),
     ],
 )
