@@ -1,13 +1,14 @@
 """The dispatch engine: pre-flight every row, then rows -> messages -> limiter -> transport.
 
 Two passes over the source, which for a send is a `Snapshot` (a private copy, so both passes
-read the same bytes). Pre-flight renders, validates and builds the complete MIME message of
-every row (attachments read) and sends nothing; if it finds a problem that stops the run,
-nothing leaves. The send pass streams the snapshot again: the main thread takes each message
-pre-flight kept (or renders and builds it again past the cache) and puts it on a bounded
-queue, and `workers` threads (a ThreadPoolExecutor) take from it, wait for the shared rate
-limiter, send through their own transport session with retries, and record the outcome.
-Memory is bounded by the queue and the cache budget, whatever the file size.
+read the same bytes). Pre-flight renders and validates every row and checks all that could
+stop its MIME message from being built (attachments read and encoded, headers encoded), and
+sends nothing; if it finds a problem that stops the run, nothing leaves. The send pass streams
+the snapshot again: the main thread builds each message from what pre-flight kept (or renders
+it again past the cache) and puts it on a bounded queue, and `workers` threads (a
+ThreadPoolExecutor) take from it, wait for the shared rate limiter, send through their own
+transport session with retries, and record the outcome. Memory is bounded by the queue and
+the cache budget, whatever the file size.
 
 The engine knows nothing of which transport it drives: it acts on the error classes of
 `smartmail.errors` alone. A `Journal` (the ledger, when there is one) is told before each send
@@ -243,10 +244,12 @@ def preflight(
     journal: Journal | None = None,
     keep_rendered: int = 0,
 ) -> PreflightResult:
-    """Render, validate and build every row; send nothing. Shape errors raise SourceError.
+    """Render and validate every row, and check it can be built; send nothing. Shape errors
+    raise SourceError.
 
-    `keep_rendered` is a budget in bytes: built messages are kept (by row number) until it is
-    spent, for a send pass that follows; a dry run keeps none.
+    `keep_rendered` is a budget in bytes: checked messages are kept rendered (by row number)
+    until it is spent, for a send pass that follows; a dry run keeps none (its previews are
+    built).
     """
     result = PreflightResult(source=source.name, source_sha256=getattr(source, "sha256", None))
     budget = keep_rendered
@@ -548,7 +551,6 @@ class Run:
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
         )
         self._queued = 0  # messages the send pass has queued so far
-        # A message pre-flight built carries pre-flight's Date: stamp it again when it is sent.
 
     def _pause(self, seconds: float) -> None:
         """Sleep that wakes early when the run is stopping (retries and rate waits)."""
