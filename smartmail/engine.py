@@ -243,9 +243,10 @@ def preflight(
     journal: Journal | None = None,
     keep_rendered: int = 0,
 ) -> PreflightResult:
-    """Render, validate and build every row; send nothing. Shape errors raise SourceError.
+    """Render, validate and check that every row can be built; send nothing. Shape errors
+    raise SourceError.
 
-    `keep_rendered` is a budget in bytes: built messages are kept (by row number) until it is
+    `keep_rendered` is a budget in bytes: checked messages are kept (by row number) until it is
     spent, for a send pass that follows; a dry run keeps none.
     """
     result = PreflightResult(source=source.name, source_sha256=getattr(source, "sha256", None))
@@ -279,6 +280,14 @@ def preflight(
         except TemplateError as exc:
             result.add_problem(_problem(exc, source.name, row), fatal=True)
             result.skipped[row.number] = f"template error: {exc.problem}"
+            continue
+        except UnicodeEncodeError as exc:
+            # A lone surrogate in a header (a CSV read as UTF-7 can hold one): this row's
+            # value, not a crash of the whole run.
+            result.invalid += 1
+            problem = RowProblem(row.number, None, _build_problem(exc), source.name)
+            result.add_problem(problem, fatal=options.on_invalid == "abort")
+            result.skipped[row.number] = f"invalid: {problem.message}"
             continue
         key = addresses.normalise(rendered.recipient)
         seen_key = _seen_key(key)
