@@ -251,6 +251,7 @@ def preflight(
     """
     result = PreflightResult(source=source.name, source_sha256=getattr(source, "sha256", None))
     budget = keep_rendered
+    held: set[int] = set()  # ids of the encoded attachments kept messages hold (counted once)
     seen: set[int] = set()  # _seen_key of each recipient kept
     envelope = [options.test_to] if options.test_to else None
     asked: dict[int, tuple[str, str | None]] = {}  # row number: (key, veto), asked ahead
@@ -345,7 +346,7 @@ def preflight(
         result.valid += 1
         result.envelope_recipients += len(envelope or rendered.envelope_to)
         if budget > 0:
-            budget -= _rendered_size(rendered)
+            budget -= _rendered_size(rendered, held)
             result.kept[row.number] = rendered
         if preview is not None:
             result.previews.append(preview)
@@ -354,10 +355,18 @@ def preflight(
     return result
 
 
-def _rendered_size(rendered: RenderedMessage) -> int:
-    """About the bytes a kept message holds (its attachments are encoded once, shared)."""
+def _rendered_size(rendered: RenderedMessage, held: set[int]) -> int:
+    """About the bytes keeping a message adds: its text, and each encoded attachment not yet
+    held by a message kept before (a file attached to every row is encoded once and shared;
+    an invoice per row is not, and must count). `held` has the ids of those already counted:
+    each stays alive, so its id stays its own, while the messages are kept."""
     head = rendered.head or ()
-    return len(rendered.text) + len(rendered.html or "") + sum(map(len, head)) + 500
+    size = len(rendered.text) + len(rendered.html or "") + sum(map(len, head)) + 500
+    for part in rendered.attachment_parts or ():
+        if id(part) not in held:
+            held.add(id(part))
+            size += len(part)
+    return size
 
 
 def _asking_ahead(
