@@ -253,6 +253,7 @@ def preflight(
     """
     result = PreflightResult(source=source.name, source_sha256=getattr(source, "sha256", None))
     budget = keep_rendered
+    held: set[int] = set()  # ids of the encoded attachments kept messages hold (counted once)
     seen: set[int] = set()  # _seen_key of each recipient kept
     envelope = [options.test_to] if options.test_to else None
     asked: dict[int, tuple[str, str | None]] = {}  # row number: (key, veto), asked ahead
@@ -282,6 +283,14 @@ def preflight(
         except TemplateError as exc:
             result.add_problem(_problem(exc, source.name, row), fatal=True)
             result.skipped[row.number] = f"template error: {exc.problem}"
+            continue
+        except UnicodeEncodeError as exc:
+            # A lone surrogate in a header (a CSV read as UTF-7 can hold one): this row's
+            # value, not a crash of the whole run.
+            result.invalid += 1
+            problem = RowProblem(row.number, None, _build_problem(exc), source.name)
+            result.add_problem(problem, fatal=options.on_invalid == "abort")
+            result.skipped[row.number] = f"invalid: {problem.message}"
             continue
         key = addresses.normalise(rendered.recipient)
         seen_key = _seen_key(key)
@@ -339,7 +348,7 @@ def preflight(
         result.valid += 1
         result.envelope_recipients += len(envelope or rendered.envelope_to)
         if budget > 0:
-            budget -= _rendered_size(rendered)
+            budget -= _rendered_size(rendered, held)
             result.kept[row.number] = rendered
         if preview is not None:
             result.previews.append(preview)
@@ -348,13 +357,20 @@ def preflight(
     return result
 
 
-def _rendered_size(rendered: RenderedMessage) -> int:
-    """About the bytes a kept message holds in memory: its text, and the objects around it
-    (row, headers, mailboxes: ~300 bytes a header, measured with tracemalloc). Attachments
-    are encoded once per file and shared, so they do not count."""
+def _rendered_size(rendered: RenderedMessage, held: set[int]) -> int:
+    """About the bytes keeping a message adds: its text and the objects around it (row,
+    headers, mailboxes: ~300 bytes a header, measured with tracemalloc), and each encoded
+    attachment not yet held by a message kept before (a file attached to every row is encoded
+    once and shared; an invoice per row is not, and must count). `held` has the ids of those
+    already counted: each stays alive, so its id stays its own, while the messages are kept."""
     head = rendered.head or ()
     text = len(rendered.text) + len(rendered.html or "") + sum(map(len, head))
-    return text + 300 * len(rendered.headers) + 500
+    size = text + 300 * len(rendered.headers) + 500
+    for part in rendered.attachment_parts or ():
+        if id(part) not in held:
+            held.add(id(part))
+            size += len(part)
+    return size
 
 
 def _asking_ahead(

@@ -97,11 +97,20 @@ def check_buildable(rendered: RenderedMessage) -> RenderedMessage:
     MIME copies. Attachments are read and encoded here and returned with the message (a
     file's encoding is shared by every message attaching it), so it is sent with the files as
     checked; a header block not encoded yet is encoded here too. Raises InvalidRowError as
-    `build` would.
+    `build` would, and UnicodeEncodeError for text `build` could not encode (a lone
+    surrogate, from a template's string literal or a CSV read as UTF-7).
     """
-    if rendered.head is None:
-        utf8 = headers.needs_utf8(rendered.sender, rendered.envelope_to)
-        rendered = rendered._replace(head=_encode_head(rendered, utf8))
+    utf8 = headers.needs_utf8(rendered.sender, rendered.envelope_to)
+    head = rendered.head
+    if head is None:
+        head = _encode_head(rendered, utf8)
+        rendered = rendered._replace(head=head)
+    for line in head:
+        if not line.isascii():
+            line.encode("utf-8" if utf8 else "ascii")
+    for text in (rendered.text, rendered.html):
+        if text is not None and not text.isascii():
+            text.encode("utf-8")  # what `_text_part` does to it
     if rendered.attachments and rendered.attachment_parts is None:
         try:
             parts = tuple(_attachment(path) for path in rendered.attachments)

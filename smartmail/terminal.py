@@ -85,8 +85,8 @@ class Terminal:
         self.ansi = self.is_terminal and not dumb
         self.colour = self.ansi and not env.get("NO_COLOR")
         self.width = _width(stream, env, self.ansi)
-        encoding = getattr(stream, "encoding", None) or "utf-8"
-        self.unicode = encoding.lower().replace("-", "").startswith("utf")
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        self.unicode = self.encoding.lower().replace("-", "").startswith("utf")
 
     def styled(self, text: str, style: str) -> str:
         """`text` in `style` (words of `_SGR`: "bold yellow") where the stream shows it."""
@@ -100,8 +100,17 @@ class Terminal:
         return f"\x1b[{';'.join(codes)}m{text}\x1b[0m" if codes else text
 
     def line(self, text: str = "") -> None:
-        """Write one line as it is: the caller made its data printable and styled its own."""
-        self.stream.write(text + "\n")
+        """Write one line as it is: the caller made its data printable and styled its own.
+
+        A character the stream's encoding lacks (a name with an accent, printed under
+        PYTHONIOENCODING=ascii or a Latin-1 locale) is shown as its escape (`\\xeb`), as
+        Python does on stderr: a summary after sending must never end in a traceback."""
+        text += "\n"
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError:
+            shown = text.encode(self.encoding, "backslashreplace").decode(self.encoding)
+            self.stream.write(shown)
         self.stream.flush()
 
     def rule(self, title: str = "") -> None:

@@ -353,6 +353,65 @@ def test_a_message_that_cannot_be_built_is_invalid_at_preflight(
     assert not aborting.ok
 
 
+@pytest.mark.parametrize(
+    "template_text",
+    [
+        "From: a@acme.example\nTo: {{ email }}\nSubject: Hi\n\nHello {{ name }}\n",
+        "From: a@acme.example\nTo: {{ email }}\nSubject: Hi {{ name }}\n\nHello\n",
+    ],
+    ids=["body", "header"],
+)
+def test_a_value_that_cannot_be_encoded_is_found_by_preflight_not_the_send_pass(
+    smtp_server: SmtpServer, tmp_path: Path, template_text: str
+) -> None:
+    """UTF-7 decodes `+2AA-` to a lone surrogate, which no message can carry. Pre-flight
+    finds it (the row is invalid, the run does not crash), so the send pass fails nothing."""
+    path = write(
+        tmp_path / "r.csv",
+        "email,name\nuser0@example.org,Ann\nuser1@example.org,Bob+2AA-\nuser2@example.org,Cy\n",
+    )
+    template = MessageTemplate(template_text)
+    with RecipientSource(SourceSpec(str(path), encoding="utf-7")).snapshot() as snap:
+        checked = preflight(snap, template, SendOptions(), keep_rendered=1 << 20)
+        assert (checked.valid, checked.invalid) == (2, 1)
+        assert "row 3" in str(checked.problems[0])
+        assert "cannot be encoded" in checked.skipped[3]
+        summary = send_campaign(
+            snap, template, transport(smtp_server), checked=checked, retry=NO_WAIT
+        )
+    assert (summary.sent, summary.failed, summary.skipped) == (2, 0, 1)
+    assert recipients(smtp_server) == ["user0@example.org", "user2@example.org"]
+
+
+def test_kept_messages_count_their_own_attachments_against_the_budget(tmp_path: Path) -> None:
+    """Pre-flight keeps what it checked within a memory budget: a per-row attachment (an
+    invoice each) counts against it, or 10,000 invoices of 1 MB would all be held at once. A
+    file attached to every row is held once, and counted once."""
+    lines = ["email,invoice"]
+    for i in range(20):
+        (tmp_path / f"inv{i}.pdf").write_bytes(os.urandom(100_000))
+        lines.append(f"user{i}@example.org,inv{i}.pdf")
+    path = write(tmp_path / "r.csv", "\n".join(lines) + "\n")
+    template = MessageTemplate.load(write(tmp_path / "t.txt", ATTACHING))
+    budget = 500_000
+    checked = preflight(
+        RecipientSource(SourceSpec(str(path))), template, SendOptions(), keep_rendered=budget
+    )
+    assert checked.valid == 20
+    held = {id(p): len(p) for r in checked.kept.values() for p in r.attachment_parts or ()}
+    assert 0 < len(checked.kept) < 20
+    assert sum(held.values()) <= budget + 140_000  # at most one message over
+
+    shared = write(
+        tmp_path / "shared.csv",
+        "email,invoice\n" + "".join(f"user{i}@example.org,inv0.pdf\n" for i in range(20)),
+    )
+    checked = preflight(
+        RecipientSource(SourceSpec(str(shared))), template, SendOptions(), keep_rendered=budget
+    )
+    assert len(checked.kept) == 20
+
+
 def test_unexpected_error_in_the_send_pass_fails_that_row_and_the_run_goes_on(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -90,6 +90,33 @@ def test_an_ascii_only_stream_gets_ascii_borders() -> None:
     ]
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_stream_that_cannot_show_a_value_gets_its_escape_not_a_traceback(
+    tmp_path: Path, encoding: str
+) -> None:
+    """PYTHONIOENCODING=ascii (or a Latin-1 terminal) and a non-ASCII recipient: the preview,
+    the warnings and the summary are all printed, the missing characters as escapes."""
+    import os
+    import subprocess
+    import sys
+
+    write(tmp_path / "r.csv", "email,name\nzo\u00eb@example.org,Zo\u00eb \u0416\nbad,X\n")
+    write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHello {{ name }}\n")
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    done = subprocess.run(
+        [sys.executable, "-m", "smartmail", "dry-run", "r.csv", "-t", "t.txt", "--no-state"],
+        capture_output=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    out = done.stdout.decode(encoding)
+    assert done.returncode == 2, done.stderr.decode(encoding)  # a row invalid, no crash
+    assert "Traceback" not in done.stderr.decode(encoding)
+    assert "\\u0416" in out  # the preview's rule and text, as escapes
+    assert "smartmail dry-run" in out and "valid" in out
+
+
 def test_cells_and_rule_titles_are_made_printable_even_on_a_colour_terminal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
