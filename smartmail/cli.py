@@ -815,6 +815,13 @@ def main(argv: list[str] | None = None) -> None:
     # often that it took a quarter of pre-flight's time. A run makes no cyclic garbage to
     # speak of (none in a 20,000-row pre-flight), so collecting less often costs no memory.
     gc.set_threshold(10_000, 10, 10)
+    # A character stdout's encoding lacks (a non-ASCII address under PYTHONIOENCODING=ascii or
+    # a Latin-1 terminal) is printed as its escape, as Python's own stderr does: never a
+    # traceback, whoever writes it (our tables, click.echo, rich's status and suppress tables).
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError, OSError):
+            reconfigure(errors="backslashreplace")
     try:
         cli.main(args=argv, prog_name="smartmail", standalone_mode=False)
     except SmartmailError as exc:

@@ -117,6 +117,30 @@ def test_a_stream_that_cannot_show_a_value_gets_its_escape_not_a_traceback(
     assert "smartmail dry-run" in out and "valid" in out
 
 
+def test_the_rich_tables_on_an_ascii_stream_show_escapes_not_a_traceback(tmp_path: Path) -> None:
+    """`suppress list` and `status` still draw with rich: an address or campaign name the
+    output encoding lacks must not crash them either."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONIOENCODING": "ascii"}
+    env.pop("SMARTMAIL_STATE", None)
+
+    def smartmail(*args: str) -> subprocess.CompletedProcess[bytes]:
+        run = [sys.executable, "-m", "smartmail", *args]
+        return subprocess.run(run, capture_output=True, timeout=60, env=env, cwd=tmp_path)
+
+    added = smartmail("suppress", "add", "j\u00fcrgen@example.org", "--reason", "manual")
+    assert added.returncode == 0, added.stderr
+    for command in (["suppress", "list"], ["status"]):
+        done = smartmail(*command)
+        assert done.returncode == 0, done.stderr
+        assert b"Traceback" not in done.stderr
+    listed = smartmail("suppress", "list")
+    assert b"j\\xfcrgen@example.org" in listed.stdout
+
+
 def test_cells_and_rule_titles_are_made_printable_even_on_a_colour_terminal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
