@@ -69,6 +69,10 @@ INLINE_TEMPLATE_BYTES = 64 * 1024
 BATCH_ENTRIES = 10
 SEND_ATTEMPTS = 5
 LONG_POLL_SECONDS = 20
+# How long a worker keeps a campaign's stored settings before reading them again: a campaign
+# enqueued again with new settings (unsubscribe URL, tags, configuration set) reaches running
+# workers and warm Lambdas within this, at the cost of one read per campaign per period.
+CONFIG_TTL = 60.0
 QUEUED_PK = "Q#"
 
 
@@ -481,7 +485,7 @@ class Worker:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="smartmail-worker-"))
         self.abort = abort or threading.Event()
-        self._configs: dict[tuple[str, str], CampaignConfig] = {}
+        self._configs: dict[tuple[str, str], tuple[float, CampaignConfig]] = {}
         self._transports: dict[str, _KeptTransport] = {}
 
     def close(self) -> None:
@@ -533,11 +537,12 @@ class Worker:
         return outcome
 
     def campaign_config(self, job: Job) -> CampaignConfig:
-        """The campaign's stored config, its paths pointing at the unpacked template bundle."""
+        """The campaign's stored config, its paths pointing at the unpacked template bundle;
+        read again once it is `CONFIG_TTL` old, so settings changed by a new `enqueue` apply."""
         cache_key = (job.campaign, job.template.sha256)
         found = self._configs.get(cache_key)
-        if found is not None:
-            return found
+        if found is not None and time.monotonic() - found[0] < CONFIG_TTL:
+            return found[1]
         record = self.state.load(job.campaign)
         if record is None:
             raise JobError(f"a job of campaign {job.campaign!r}, which the state table lacks")
@@ -558,7 +563,7 @@ class Worker:
             rate=self.rate if self.rate is not None else config.rate,
             expected_workers=self.expected_workers or config.expected_workers,
         )
-        self._configs[cache_key] = config
+        self._configs[cache_key] = (time.monotonic(), config)
         return config
 
     def _bundle(self, job: Job, stored: dict[str, Any]) -> Bundle:

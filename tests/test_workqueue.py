@@ -268,6 +268,45 @@ def test_a_row_given_back_after_a_twin_delivery_deleted_its_job_is_queued_again(
     assert (status.sent, status.pending) == (2, 0)
 
 
+def test_a_running_worker_picks_up_settings_a_new_enqueue_changed(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker (or a warm Lambda) keeps a campaign's settings only for a while: enqueued again
+    with a new unsubscribe URL, the next rows carry the new one, not the cached one."""
+    from smartmail import workqueue
+    from smartmail.workqueue import Worker
+
+    url = make_queue()
+    state = open_state(URL)
+    old = "https://old.example/u?e={{ email|urlencode }}"
+    new = "https://new.example/u?e={{ email|urlencode }}"
+    enqueue_campaign(
+        config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="c", unsubscribe_url=old),
+        url,
+        state,
+    )
+    worker = Worker(state)
+    try:
+        [first] = receive_all(url)
+        assert worker.run_job(first["Body"]).sent == 2
+        sqs: Any = boto3.client("sqs", region_name=REGION)
+        sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])
+        enqueue_campaign(
+            config(tmp_path, make_csv(tmp_path / "r.csv", 3), campaign="c", unsubscribe_url=new),
+            url,
+            state,
+        )
+        [second] = receive_all(url)
+        monkeypatch.setattr(workqueue, "CONFIG_TTL", 0.0)  # the worker's period has passed
+        assert worker.run_job(second["Body"]).sent == 1
+    finally:
+        worker.close()
+    raw = {m.destinations[0]: m.raw_data for m in ses_backend().sent_messages}
+    assert "old.example" in raw["user0@example.org"]
+    assert "new.example" in raw["user2@example.org"]
+    assert "old.example" not in raw["user2@example.org"]
+
+
 def test_a_preflight_problem_queues_nothing(aws: None, tmp_path: Path) -> None:
     url = make_queue()
     csv = write(tmp_path / "r.csv", "email,name,code\nok@example.org,A,1\nbad-address,B,2\n")
