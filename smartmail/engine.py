@@ -219,6 +219,12 @@ class PreflightResult:
         """True when every row is valid (what dry-run's exit status reports)."""
         return not self.fatal_count and not self.invalid
 
+    def add_invalid(self, problem: RowProblem, fatal: bool) -> None:
+        """An invalid row: counted, reported, and skipped with the problem as its reason."""
+        self.invalid += 1
+        self.add_problem(problem, fatal)
+        self.skipped[problem.row] = f"invalid: {problem.message}"
+
     def add_problem(self, problem: RowProblem, fatal: bool) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS_KEPT:
@@ -276,9 +282,7 @@ def preflight(
                 row, source.to_column, source_name=source.name, allow_utf8_local=allow_utf8_local
             )
         except InvalidRowError as exc:
-            result.invalid += 1
-            result.add_problem(_problem(exc, source.name, row), fatal=options.on_invalid == "abort")
-            result.skipped[row.number] = f"invalid: {exc.problem}"
+            result.add_invalid(_problem(exc, source.name, row), options.on_invalid == "abort")
             continue
         except TemplateError as exc:
             result.add_problem(_problem(exc, source.name, row), fatal=True)
@@ -287,10 +291,8 @@ def preflight(
         except UnicodeEncodeError as exc:
             # A lone surrogate in a header (a CSV read as UTF-7 can hold one): this row's
             # value, not a crash of the whole run.
-            result.invalid += 1
             problem = RowProblem(row.number, None, _build_problem(exc), source.name)
-            result.add_problem(problem, fatal=options.on_invalid == "abort")
-            result.skipped[row.number] = f"invalid: {problem.message}"
+            result.add_invalid(problem, options.on_invalid == "abort")
             continue
         key = addresses.normalise(rendered.recipient)
         seen_key = _seen_key(key)
@@ -333,10 +335,8 @@ def preflight(
         except (OSError, ValueError) as exc:
             # Found now, not in the send pass: an unreadable attachment, a value that cannot
             # be encoded. The row is invalid, under the same policy as any other.
-            result.invalid += 1
             problem = RowProblem(row.number, None, _build_problem(exc), source.name)
-            result.add_problem(problem, fatal=options.on_invalid == "abort")
-            result.skipped[row.number] = f"invalid: {problem.message}"
+            result.add_invalid(problem, options.on_invalid == "abort")
             continue
         except Exception as exc:
             log.exception("row %s: unexpected error building the message", row.number)
