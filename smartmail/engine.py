@@ -157,9 +157,13 @@ class Journal(Protocol):
         ...
 
 
-# A journal may also have `ahead(message)`: a worker calls it with the row it will send next
-# while it sends the current one, so the journal can make that row's mark durable in the
-# background and `sending()` for it need not wait (the ledger does; see docs/ledger.md).
+# A journal may also have `mark(messages)`: the send pass then makes the rows' marks durable
+# a few at a time (one commit for `workers // 2` rows) before it queues them, and `sending()`
+# for a row so marked returns at once; the pass never has more than twice `workers` rows marked
+# and unfinished, so a crash leaves at most that many in doubt (the ledger does; see
+# docs/ledger.md). Without it, a journal may have `ahead(message)`: a worker calls it with the
+# row it will send next while it sends the current one, so the journal can make that row's
+# mark durable in the background and `sending()` for it need not wait.
 # It may also have `skip_reasons([(recipient, row), ...]) -> [reason or None, ...]`, the
 # answers of `skip_reason` for many rows at once: pre-flight and the send pass then ask in
 # groups of `CHECK_AHEAD` rows (the ledger answers each group in two queries).
@@ -485,6 +489,32 @@ class CircuitBreaker:
             self.answers += 1
 
 
+class _Budget:
+    """How many more rows the send pass may mark: twice the workers, less the rows marked and
+    not finished. It bounds what a crash can leave in doubt; `take` waits for room for a
+    whole batch, so one commit marks several rows."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.wanted = 1
+        self._cond = threading.Condition(threading.Lock())
+
+    def take(self, count: int, workers_gone: Callable[[], bool]) -> None:
+        with self._cond:
+            self.wanted = count
+            while self.free < count:
+                if workers_gone():
+                    raise RuntimeError("every send worker stopped")
+                self._cond.wait(0.2)
+            self.free -= count
+
+    def give(self, count: int = 1) -> None:
+        with self._cond:
+            self.free += count
+            if self.free >= self.wanted:
+                self._cond.notify()
+
+
 class _Job:
     """A message on the workers' queue (None there means: stop)."""
 
@@ -567,6 +597,7 @@ class Run:
             FailedRows(options.failed_csv, source.columns) if options.failed_csv else None
         )
         self._queued = 0  # messages the send pass has queued so far
+        self._budget: _Budget | None = None  # set by run() when the journal marks in batches
 
     def _pause(self, seconds: float) -> None:
         """Sleep that wakes early when the run is stopping (retries and rate waits)."""
@@ -714,8 +745,10 @@ class Run:
 
     def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
         session = self.transport.open_session()
-        # A journal with `ahead` starts marking the next row while this one is sent.
-        ahead = getattr(self.journal, "ahead", None)
+        budget = self._budget
+        # Without batched marks, a journal with `ahead` starts marking the next row while
+        # this one is sent.
+        ahead = None if budget is not None else getattr(self.journal, "ahead", None)
         following: list[_Job | None] = []
         try:
             while True:
@@ -728,7 +761,11 @@ class Run:
                     if following and following[0] is not None and not self.stop.is_set():
                         with contextlib.suppress(Exception):  # sending() reports any error
                             ahead(following[0].message)
-                self._send_one(session, job.message)
+                try:
+                    self._send_one(session, job.message)
+                finally:
+                    if budget is not None:
+                        budget.give()
         finally:
             session.close()
 
@@ -851,27 +888,77 @@ class Run:
 
     # --- the run -----------------------------------------------------------------------------
 
+    def _feed(self, jobs: queue.Queue[_Job | None], workers_gone: Callable[[], bool]) -> None:
+        for message in self._messages():
+            while True:
+                try:
+                    jobs.put(_Job(message), timeout=0.2)
+                    break
+                except queue.Full:
+                    if workers_gone():
+                        raise RuntimeError("every send worker stopped") from None
+
+    def _feed_marked(
+        self,
+        jobs: queue.Queue[_Job | None],
+        mark: Callable[[list[OutgoingMessage]], None],
+        workers_gone: Callable[[], bool],
+    ) -> None:
+        """Mark rows `workers // 2` at a time, in one commit, then queue them.
+
+        The next batch is built while the workers send, and marked once that many rows have
+        finished: the workers then find their rows durable already and rarely wait for one.
+        """
+        budget = self._budget
+        assert budget is not None
+        size = max(1, self.options.workers // 2)
+        messages = self._messages()
+        while batch := list(itertools.islice(messages, size)):
+            budget.take(len(batch), workers_gone)
+            if self.stop.is_set():  # stopping: these were never attempted, so never marked
+                budget.give(len(batch))
+                why = self.stop_reason or "interrupted"
+                for message in batch:
+                    self._outcome(message.row, message.recipient, "unsent", why)
+                continue
+            try:
+                mark(batch)
+            except Exception as exc:
+                budget.give(len(batch))
+                self._stop_run(f"could not record in the ledger: {exc}")
+                for message in batch:
+                    with contextlib.suppress(Exception):  # the ledger is what failed
+                        self._outcome(message.row, message.recipient, "unsent", str(exc))
+                raise
+            for message in batch:
+                jobs.put(_Job(message))
+
     def run(self) -> Summary:
         from concurrent.futures import ThreadPoolExecutor  # not for a dry run's pre-flight
 
         opts = self.options
-        jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=opts.workers * 4)
+        mark: Callable[[list[OutgoingMessage]], None] | None = getattr(self.journal, "mark", None)
+        # Batched marks bound the rows queued by the budget; otherwise the queue's size does.
+        jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=0 if mark else opts.workers * 4)
+        self._budget = _Budget(2 * opts.workers) if mark is not None else None
         title = f"sending via {self.transport.url}"
         self.progress.start(self.metrics, title)
         try:
             with ThreadPoolExecutor(opts.workers, thread_name_prefix="smartmail-send") as pool:
                 workers = [pool.submit(self._worker, jobs) for _ in range(opts.workers)]
+
+                def workers_gone() -> bool:
+                    if not all(w.done() for w in workers):
+                        return False
+                    for w in workers:
+                        w.result()
+                    return True
+
                 try:
-                    for message in self._messages():
-                        while True:
-                            try:
-                                jobs.put(_Job(message), timeout=0.2)
-                                break
-                            except queue.Full:
-                                if all(w.done() for w in workers):
-                                    for w in workers:
-                                        w.result()
-                                    raise RuntimeError("every send worker stopped") from None
+                    if mark is not None:
+                        self._feed_marked(jobs, mark, workers_gone)
+                    else:
+                        self._feed(jobs, workers_gone)
                 finally:
                     for _ in workers:
                         while True:

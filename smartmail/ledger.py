@@ -8,14 +8,16 @@ after the whole message was handed over (an `in-doubt` outcome leaves it `sendin
 the message may or may not have left. It is *in doubt* and, by default, not sent again (at
 most once); `smartmail retry CAMPAIGN --in-doubt` sends those on purpose.
 
-Writes go through one writer thread with its own connection that commits whatever is queued in
-one transaction (group commit), so many workers share one fsync. A worker marks the row it
-will send next (`ahead`) while it sends the current one; the writer commits that mark in the
-background, so by the time the worker needs it durable it usually is, and the worker does not
-wait. Outcomes are queued without waiting, in order, so a worker's outcome is committed no
-later than the mark of its row after next. A crash therefore leaves at most two rows per
-worker in doubt: the one in flight and the one marked ahead. `close()` commits the rest.
-Reads (`skip_reason`) use a connection per calling thread.
+Every write goes on one queue and is committed in one transaction with whatever else is
+queued (group commit), so many rows share one fsync. The send pass marks rows before it
+queues them, `workers // 2` at a time in one commit made on its own thread (`mark`), and
+never has more than twice `workers` rows marked and unfinished; outcomes are queued without
+waiting and go with the next commit, so the marks that reuse a finished row's place commit its
+outcome too. A worker then finds its row durable already: `sending()` returns at once. A crash
+therefore leaves at most two rows per worker in doubt (in flight, or marked and queued).
+Without `mark` (a library caller), a worker marks the row it will send next (`ahead`) while it
+sends the current one and the writer thread commits it in the background: the same bound.
+`close()` commits the rest. Reads (`skip_reason`) use a connection per calling thread.
 """
 
 from __future__ import annotations
@@ -216,11 +218,12 @@ class _Writer(threading.Thread):
     """The one thread that writes: commits everything queued so far in one transaction.
 
     Statements go on `ops`, a deque, in the order they were made. A caller that is waiting
-    for its statement rings `doorbell` with True: the writer commits at once. A statement
-    nobody waits for yet (an outcome, a worker's next `sending` mark made ahead) rings with
-    False only when it starts a new batch: the writer then lingers up to `LINGER` seconds so
-    that several workers' statements share one transaction and one fsync, unless a waiter
-    rings first. Whatever is queued is committed within `IDLE_FLUSH` seconds in any case.
+    for its statement rings `doorbell` with True: the writer commits at once. A worker's next
+    `sending` mark made ahead rings with False: the writer then lingers up to `LINGER` seconds
+    so that several workers' statements share one transaction and one fsync, unless a waiter
+    rings first. An outcome does not ring; it goes with the next commit. Each ring serves one
+    commit of all that is queued; whatever is queued is committed within `IDLE_FLUSH` seconds
+    in any case.
     A waiter holds a plain lock that the writer releases after the commit (no Future, no
     Condition), so a mark already committed costs its worker no hand-off at all.
     """
@@ -242,6 +245,10 @@ class _Writer(threading.Thread):
         # a commit takes. They set how long a batch may linger: see `linger()`.
         self.cycle = LINGER * 4
         self.commit_time = 0.0
+        # Held while a transaction is open on `conn`: the writer thread's, or that of a
+        # thread committing its own marks (`commit_now`), never both.
+        self.commit_lock = threading.Lock()
+        self.conn: sqlite3.Connection | None = None
 
     def linger(self) -> float:
         """How long to wait for more statements before committing a batch nobody waits for.
@@ -257,11 +264,12 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = state.connect(self.path)
+            conn = state.connect(self.path, shared=True)
             conn.execute("PRAGMA synchronous=FULL")
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
+        self.conn = conn
         self.ready.set_result(None)
         ring = self.doorbell
         try:
@@ -279,18 +287,44 @@ class _Writer(threading.Thread):
                     while True:  # this commit serves every ring so far
                         ring.get_nowait()
                 stop = self.stopping  # read before draining: nothing is queued after a stop
-                while self.ops:
+                # One commit a wake: what is queued during it waits for the next ring (a
+                # waiter has rung already) rather than taking a commit of its own.
+                self._commit_batch(conn)
+                while self.ops and (stop or len(self.ops) >= BATCH):
                     self._commit_batch(conn)
                 if stop:
                     return
         finally:
-            conn.close()
+            with self.commit_lock:
+                self.conn = None
+                conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection) -> None:
+        with self.commit_lock:
+            self._commit(conn, self._take(BATCH))
+
+    def _take(self, most: int) -> list[_Op]:
         ops, batch = self.ops, list[_Op]()
         with contextlib.suppress(IndexError):
-            while len(batch) < BATCH:
+            while len(batch) < most:
                 batch.append(ops.popleft())
+        return batch
+
+    def commit_now(self, extra: list[_Op]) -> None:
+        """Commit what is queued and then `extra` on the calling thread, now.
+
+        For a caller that needs its statements durable before it goes on (the send pass
+        marking rows): committing itself spares it a hand-off to the writer thread and back.
+        """
+        with self.commit_lock:
+            conn = self.conn
+            if conn is None:
+                raise LedgerError(f"{self.path}: the ledger is closed")
+            batch = self._take(len(self.ops)) + extra
+            for start in range(0, len(batch), BATCH):
+                self._commit(conn, batch[start : start + BATCH])
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
             began = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
@@ -310,10 +344,12 @@ class _Writer(threading.Thread):
                 op.done.release()
 
     def queue(self, op: _Op, *, urgent: bool) -> None:
-        """Queue a statement; ring when someone waits for it or when it starts a batch."""
-        first = not self.ops
+        """Queue a statement; ring when someone waits for it, for a mark made ahead (the
+        writer lingers for more), or when a batch is full. An outcome does not ring: it goes
+        with the next commit, which a mark soon needs (or within `IDLE_FLUSH`), so it costs
+        no commit of its own."""
         self.ops.append(op)
-        if urgent or first or len(self.ops) >= BATCH:
+        if urgent or op.sql is _SENDING or len(self.ops) >= BATCH:
             self.doorbell.put(urgent)
 
     def stop(self) -> None:
@@ -345,6 +381,7 @@ class Ledger:
         self._guard = threading.Lock()
         self._in_flight: set[str] = set()
         self._marked_ahead: set[str] = set()  # marked, but sending() not called yet
+        self._premarked: set[str] = set()  # the same, marked by `mark()`
         self._writer: _Writer | None = None
         # Unlocked (dry-run): rows `sending` under a live run are in flight, not in doubt.
         live = self.lock.held_elsewhere()
@@ -465,8 +502,35 @@ class Ledger:
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: cannot read the suppression list ({exc})") from None
 
+    def mark(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Make `sending` durable for rows about to be queued, in one commit.
+
+        The send pass calls this before it queues them, so a worker finds its row marked and
+        `sending()` returns at once. The calling thread commits (with whatever outcomes are
+        queued) itself: no hand-off to the writer thread and back.
+        """
+        if not messages:
+            return
+        ops = [
+            _Op(_SENDING, self._mark(message, key), None, key)
+            for message in messages
+            if (key := recipient_key(message.recipient))
+        ]
+        if not ops:
+            return
+        self._writable().commit_now(ops)
+        failed = next((op.error for op in ops if op.error is not None), None)
+        if failed is not None:
+            raise LedgerError(f"{self.path}: could not record to the ledger ({failed})")
+        with self._guard:
+            self._premarked.update(op.key for op in ops if op.key)
+
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)
+        if key in self._premarked:
+            with self._guard:
+                self._premarked.discard(key)
+            return
         self._note_cycle()
         ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
         op = ahead.pop(key, None) if ahead else None
@@ -475,6 +539,8 @@ class Ledger:
         if op is None:
             op = _Op(_SENDING, self._mark(message, key), _held_lock(), key)
             self._writable().queue(op, urgent=True)
+            self._wait(op, ring=False)
+            return
         self._wait(op)
 
     def ahead(self, message: OutgoingMessage) -> None:
@@ -510,7 +576,8 @@ class Ledger:
         """Put rows marked ahead but never attempted back to `pending`, for an abort: only the
         messages really in flight are then left in doubt."""
         with self._guard:
-            keys, self._marked_ahead = self._marked_ahead, set()
+            keys, self._marked_ahead = self._marked_ahead | self._premarked, set()
+            self._premarked = set()
             self._in_flight -= keys
         for key in keys:
             self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
@@ -529,6 +596,7 @@ class Ledger:
             mine = key in self._in_flight
             self._in_flight.discard(key)
             self._marked_ahead.discard(key)
+            self._premarked.discard(key)
         ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
         if ahead:
             ahead.pop(key, None)  # marked ahead but ended unsent (a stop): pending again below
@@ -608,16 +676,18 @@ class Ledger:
             return
         op = _Op(sql, params, _held_lock())
         writer.queue(op, urgent=True)
-        self._wait(op)
+        self._wait(op, ring=False)
 
-    def _wait(self, op: _Op) -> None:
-        """Until the writer has committed `op` (queued by this thread with its lock)."""
+    def _wait(self, op: _Op, *, ring: bool = True) -> None:
+        """Until the writer has committed `op` (queued by this thread with its lock).
+        `ring=False` when `op` was queued urgent: a second ring would cost a second commit."""
         done, writer = op.done, self._writer
         assert done is not None
         if not done.acquire(blocking=False):
             if writer is None:
                 raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")
-            writer.doorbell.put(True)  # no lingering: this thread needs it now
+            if ring:
+                writer.doorbell.put(True)  # no lingering: this thread needs it now
             while not done.acquire(timeout=WRITER_CHECK):
                 if not writer.is_alive():
                     raise LedgerError(f"{self.path}: the ledger writer stopped") from writer.error

@@ -106,17 +106,20 @@ def check_creatable(db: Path) -> None:
         raise ConfigError(f"{db}: cannot open the state database ({folder}: {reason})")
 
 
-def connect(path: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
+def connect(
+    path: str | os.PathLike[str] | None = None, *, shared: bool = False
+) -> sqlite3.Connection:
     """Open (creating if needed) the state database, in WAL mode with the schema in place.
 
-    Each thread must use its own connection: sqlite3 connections are not shared across threads.
+    Each thread must use its own connection, unless `shared`: then the caller makes sure only
+    one thread at a time uses it (the ledger's writer connection, under its commit lock).
     """
     import sqlite3
 
     db = Path(path) if path is not None else default_state_path()
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=True)
+        conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=not shared)
         conn.row_factory = sqlite3.Row
         # sqlite3 opens any file lazily: `--state recipients.csv` or /dev/null fails only here.
         conn.execute("PRAGMA journal_mode=WAL")

@@ -113,6 +113,96 @@ def test_sixteen_workers_lose_no_outcome(
     assert code == 2 and "no stored template" in out
 
 
+class WatchedLedger(Ledger):
+    """The real ledger; after each batch the send pass marks, counts the rows the database
+    holds as `sending`: what a crash at that moment would leave in doubt."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+        self.sending_seen: list[int] = []
+
+    def mark(self, messages: Any) -> None:
+        super().mark(messages)
+        self.batches.append(len(messages))
+        conn = sqlite3.connect(self.path)
+        try:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM deliveries WHERE status = 'sending'"
+            ).fetchone()
+        finally:
+            conn.close()
+        self.sending_seen.append(count)
+
+
+def test_the_send_pass_marks_rows_a_few_per_commit_and_never_more_than_two_per_worker(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    n, workers = 61, 4
+    csv = make_csv(tmp_path / "r.csv", n)
+    db = tmp_path / "state.db"
+    ledger = WatchedLedger(db, "bound")
+    ledger.acquire()
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(csv))),
+            MessageTemplate.load(template_file),
+            get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+            options=SendOptions(workers=workers, campaign="bound"),
+            journal=ledger,
+        )
+    finally:
+        ledger.close()
+    assert summary.sent == n and counts(db, "bound") == {"sent": n}
+    # Half the workers' rows per commit (the last batch is what is left)...
+    assert ledger.batches == [workers // 2] * (n // 2) + [1]
+    # ...and at no moment more than two rows per worker marked and not finished: a crash then
+    # could leave no more than that in doubt.
+    assert max(ledger.sending_seen) <= 2 * workers
+    assert len(smtp_server.handler.received) == n
+
+
+def test_a_ledger_that_fails_while_marking_stops_the_run_and_sends_nothing_unmarked(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    from smartmail.ledger import LedgerError
+
+    class FailingDisk(Ledger):
+        """The real ledger, whose disk fails on the third batch of marks."""
+
+        batches = 0
+
+        def mark(self, messages: Any) -> None:
+            self.batches += 1
+            if self.batches == 3:
+                raise LedgerError("state.db: could not record to the ledger (disk I/O error)")
+            super().mark(messages)
+
+    csv = make_csv(tmp_path / "r.csv", 20)
+    db = tmp_path / "state.db"
+    ledger = FailingDisk(db, "disk")
+    ledger.acquire()
+    try:
+        with pytest.raises(LedgerError):
+            send_campaign(
+                RecipientSource(SourceSpec(str(csv))),
+                MessageTemplate.load(template_file),
+                get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+                options=SendOptions(workers=4, campaign="disk"),
+                journal=ledger,
+            )
+    finally:
+        ledger.close()
+    # Only rows of the two batches marked were sent, and each of them is on record as sent;
+    # the run stopped at the failure, so rows queued but not yet attempted went back to
+    # pending and none is left in doubt.
+    got = set(smtp_server.handler.by_recipient())
+    assert got and got <= {f"user{i}@example.org" for i in range(4)}
+    recorded = statuses(db)
+    assert {r for r, status in recorded.items() if status == "sent"} == got
+    assert set(recorded.values()) <= {"sent", "pending"}
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
@@ -424,6 +514,38 @@ def test_a_row_marked_ahead_is_durable_before_it_is_sent_and_pending_again_if_ne
         second.recipient: "sent",
         third.recipient: "pending",
     }
+    again = Ledger(db, "c")
+    try:
+        assert again.in_doubt == frozenset()
+    finally:
+        again.close()
+
+
+def test_rows_the_send_pass_marks_are_durable_at_once_and_pending_again_if_never_sent(
+    tmp_path: Path,
+):
+    from smartmail.report import Outcome
+
+    db = tmp_path / "state.db"
+    first, second = _messages(tmp_path, 2)
+    ledger = Ledger(db, "c")
+    ledger.acquire()
+    try:
+        ledger.mark([first, second])
+        # On disk before mark() returns, both: the workers need not wait for them.
+        assert statuses(db) == {first.recipient: "sending", second.recipient: "sending"}
+        ledger.sending(first)  # marked already: no second write
+        ledger.record(Outcome(first.row, first.recipient, "sent", message_id="p1"))
+        ledger.release_ahead()  # an abort before `second` was attempted
+    finally:
+        ledger.close()
+    assert statuses(db) == {first.recipient: "sent", second.recipient: "pending"}
+    conn = sqlite3.connect(db)
+    try:
+        attempts = dict(conn.execute("SELECT recipient, attempts FROM deliveries"))
+    finally:
+        conn.close()
+    assert attempts == {first.recipient: 1, second.recipient: 1}
     again = Ledger(db, "c")
     try:
         assert again.in_doubt == frozenset()
