@@ -20,6 +20,7 @@ must grow by exactly N in every run and smartmail's report must say N sent.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -40,10 +41,19 @@ BARE = Path(__file__).resolve().with_name("bare_smtp.py")
 TIMEOUT = 600.0
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
-    """Run a child to completion: (wall seconds, CPU seconds, peak RSS MB). Fails loudly."""
+def timed(
+    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[float, float, float]:
+    """Run a child to completion: (wall seconds, CPU seconds, peak RSS MB). Fails loudly.
+
+    Give `cwd` outside any source tree when the child is `python -m smartmail`: `-m` puts the
+    working directory first on sys.path, ahead of PYTHONPATH, so run from the repository it
+    would import the repository's smartmail even when PYTHONPATH names another tree.
+    """
     began = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd
+    )
     timer = threading.Timer(TIMEOUT, proc.kill)
     timer.start()
     try:
@@ -116,7 +126,7 @@ def measure(
                     cmd.append("--no-state")
                 if name == "other":
                     env["PYTHONPATH"] = str(other)
-                seconds, cpu, rss = timed(cmd, env)
+                seconds, cpu, rss = timed(cmd, env, cwd=sub)
                 summary = json.loads(report.read_text(encoding="utf-8"))
                 if summary["sent"] != n:
                     raise RuntimeError(f"smartmail sent {summary['sent']} of {n}")
@@ -157,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     compile_smartmail()
+    if args.other:  # the same footing: bytecode written for the other tree too
+        compileall.compile_dir(Path(args.other) / "smartmail", quiet=1)
     sizes = [int(x) for x in args.messages.split(",")]
     results: dict[str, Any] = {"workers": args.workers, "sizes": []}
     sink = SinkProcess()

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                     env["CPU_PER_THREAD_OUT"] = str(root / f"{kind}.jsonl")
                     if kind == "other":
                         env["PYTHONPATH"] = str(args.other)
-                    timed(cmd, env)
+                    timed(cmd, env, cwd=root)
                     if json.loads(report.read_text(encoding="utf-8"))["sent"] != n:
                         raise RuntimeError(f"{kind}: not every row was sent")
         finally:
