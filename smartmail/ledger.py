@@ -15,8 +15,9 @@ never has more than twice `workers` rows marked and unfinished; outcomes are que
 waiting and go with the next commit, so the marks that reuse a finished row's place commit its
 outcome too. A worker then finds its row durable already: `sending()` returns at once. A crash
 therefore leaves at most two rows per worker in doubt (in flight, or marked and queued).
-Without `mark` (a library caller), a worker marks the row it will send next (`ahead`) while it
-sends the current one and the writer thread commits it in the background: the same bound.
+A caller that uses `sending()` without `mark` may instead have each worker mark the row it
+will send next (`ahead`) while it sends the current one; the writer thread commits those marks
+in the background: the same bound.
 `close()` commits the rest. Reads (`skip_reason`) use a connection per calling thread.
 """
 
