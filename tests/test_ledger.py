@@ -73,6 +73,29 @@ def per_recipient(server: SmtpServer) -> dict[str, int]:
     return {k: len(v) for k, v in server.handler.by_recipient().items()}
 
 
+def send_through(
+    ledger: Ledger,
+    server: SmtpServer,
+    csv: Path,
+    template: Path,
+    retry: RetryPolicy | None = None,
+    **options: Any,
+) -> Any:
+    """`send_campaign` to `server` with `ledger` as the journal, acquired and closed here."""
+    ledger.acquire()
+    try:
+        return send_campaign(
+            RecipientSource(SourceSpec(str(csv))),
+            MessageTemplate.load(template),
+            get_transport(server.url, TransportOptions(smtp_security="none")),
+            options=SendOptions(**options),
+            retry=retry,
+            journal=ledger,
+        )
+    finally:
+        ledger.close()
+
+
 # --- the ledger under load -----------------------------------------------------------------
 
 
@@ -86,19 +109,10 @@ def test_sixteen_workers_lose_no_outcome(
     smtp_server.handler.temp_fail_every = 7
     smtp_server.handler.reject_rcpt = {f"user{i}@example.org" for i in (3, 50, 299)}
     db = tmp_path / "state.db"
-    ledger = Ledger(db, "load")
-    ledger.acquire()
-    try:
-        summary = send_campaign(
-            RecipientSource(SourceSpec(str(csv))),
-            MessageTemplate.load(template_file),
-            get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
-            options=SendOptions(workers=16, campaign="load"),
-            retry=RetryPolicy(max_retries=10, initial=0.0, maximum=0.0, jitter=0.0),
-            journal=ledger,
-        )
-    finally:
-        ledger.close()
+    retry = RetryPolicy(max_retries=10, initial=0.0, maximum=0.0, jitter=0.0)
+    summary = send_through(
+        Ledger(db, "load"), smtp_server, csv, template_file, retry, workers=16, campaign="load"
+    )
     assert (summary.sent, summary.failed, summary.skipped) == (n - 3, 3, 3), summary.failure_reasons
     assert counts(db, "load") == {"sent": n - 3, "failed": 3, "skipped": 3}
     assert len(smtp_server.handler.received) == n - 3
@@ -142,17 +156,9 @@ def test_the_send_pass_marks_rows_a_few_per_commit_and_never_more_than_two_per_w
     csv = make_csv(tmp_path / "r.csv", n)
     db = tmp_path / "state.db"
     ledger = WatchedLedger(db, "bound")
-    ledger.acquire()
-    try:
-        summary = send_campaign(
-            RecipientSource(SourceSpec(str(csv))),
-            MessageTemplate.load(template_file),
-            get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
-            options=SendOptions(workers=workers, campaign="bound"),
-            journal=ledger,
-        )
-    finally:
-        ledger.close()
+    summary = send_through(
+        ledger, smtp_server, csv, template_file, workers=workers, campaign="bound"
+    )
     assert summary.sent == n and counts(db, "bound") == {"sent": n}
     # Half the workers' rows per commit (the last batch is what is left)...
     assert ledger.batches == [workers // 2] * (n // 2) + [1]
@@ -180,19 +186,10 @@ def test_a_ledger_that_fails_while_marking_stops_the_run_and_sends_nothing_unmar
 
     csv = make_csv(tmp_path / "r.csv", 20)
     db = tmp_path / "state.db"
-    ledger = FailingDisk(db, "disk")
-    ledger.acquire()
-    try:
-        with pytest.raises(LedgerError):
-            send_campaign(
-                RecipientSource(SourceSpec(str(csv))),
-                MessageTemplate.load(template_file),
-                get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
-                options=SendOptions(workers=4, campaign="disk"),
-                journal=ledger,
-            )
-    finally:
-        ledger.close()
+    with pytest.raises(LedgerError):
+        send_through(
+            FailingDisk(db, "disk"), smtp_server, csv, template_file, workers=4, campaign="disk"
+        )
     # Only rows of the two batches marked were sent, and each of them is on record as sent;
     # the run stopped at the failure, so rows queued but not yet attempted went back to
     # pending and none is left in doubt.
