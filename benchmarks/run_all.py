@@ -57,6 +57,27 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     s["ratio"] >= target if target else None,
                 )
             )
+        s = size["ledger"]
+        rows.append(
+            (
+                f"  of which: ledger-on send pass alone, {n:,} rows, msg/s",
+                f"{s['send_pass_rate']:,.0f}",
+                f"bare smtplib {bare:,.0f} (whole)",
+                f"{s['send_pass_rate'] / bare:.2f}",
+                "(context)",
+                None,
+            )
+        )
+        rows.append(
+            (
+                f"  and outside it (start-up, pre-flight of {n:,} rows, exit), s",
+                f"{s['outside_send_pass_s']:.2f}",
+                f"bare whole run {n / bare:.2f} s",
+                "",
+                "(context)",
+                None,
+            )
+        )
     ses = results["ses"]
     rows.append(
         (

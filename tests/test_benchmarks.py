@@ -66,6 +66,8 @@ def test_bench_cli_counts_every_message_at_the_sink() -> None:
     (size,) = result["sizes"]
     for name in ("bare", "ledger", "no-state"):
         assert size[name]["rate"] > 0 and size[name]["cpu_ms"] > 0
+    for name in ("ledger", "no-state"):  # start-up, pre-flight, exit: part of the whole run
+        assert 0 < size[name]["outside_send_pass_s"] < 150 / size[name]["rate"]
 
 
 @pytest.mark.slow
