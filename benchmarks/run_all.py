@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,19 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 ratio <= 1.5,
             )
         )
+    counted = st.get("instructions")
+    if counted:  # the same ratio by a count the load does not move (valgrind installed)
+        for key, label in (("help", "smartmail --help"), ("dry_run", "10-row dry-run")):
+            rows.append(
+                (
+                    f"  {label} by instructions (callgrind), M",
+                    f"{counted[key] / 1e6:.1f}",
+                    f"import click, jinja2 {counted['baseline'] / 1e6:.1f}",
+                    f"{counted[key] / counted['baseline']:.2f}",
+                    "(context)",
+                    None,
+                )
+            )
     if "dryrun" in results:
         d = results["dryrun"]
         rows.append(
@@ -237,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rate_args = ["--messages", "400", "--precise", "600"] if q else []
     results["rate"] = bench_rate.main(rate_args)
     print("== start-up (bench_startup)", flush=True)
-    results["startup"] = bench_startup.main(["--repeat", "3" if q else "7"])
+    counting = ["--instructions"] if shutil.which("valgrind") else []
+    results["startup"] = bench_startup.main(["--repeat", "3" if q else "7", *counting])
     print("== dry-run (bench_dryrun)", flush=True)
     results["dryrun"] = bench_dryrun.main(["--rows", "100000" if q else "1000000"])
     rows = rows_from(results)

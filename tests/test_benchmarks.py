@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +101,15 @@ def test_the_startup_benchmark_runs_each_command() -> None:
     result = bench_startup.main(["--repeat", "1"])
     assert set(result) == {"baseline", "help", "dry_run"}
     assert all(seconds > 0 for seconds in result.values())
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_the_startup_benchmark_counts_instructions_the_load_does_not_move() -> None:
+    from benchmarks.bench_startup import instructions
+
+    nothing = instructions([sys.executable, "-S", "-c", "pass"])
+    imports = instructions([sys.executable, "-S", "-c", "import json"])
+    assert 0 < nothing < imports  # importing a module is work the count sees
 
 
 def test_cpu_per_thread_sends_every_row_and_accounts_each_thread() -> None:
