@@ -926,12 +926,30 @@ class Run:
             except Exception as exc:
                 budget.give(len(batch))
                 self._stop_run(f"could not record in the ledger: {exc}")
-                for message in batch:
-                    with contextlib.suppress(Exception):  # the ledger is what failed
-                        self._outcome(message.row, message.recipient, "unsent", str(exc))
+                self._never_queued(batch, str(exc))
                 raise
-            for message in batch:
-                jobs.put(_Job(message))
+            except BaseException:
+                # Ctrl-C in a library caller, within the commit: landed or not, these rows
+                # were never attempted. Recorded unsent, a mark that landed goes back to
+                # pending instead of leaving the rows in doubt.
+                budget.give(len(batch))
+                self._never_queued(batch, "interrupted")
+                raise
+            queued = 0
+            try:
+                for message in batch:
+                    jobs.put(_Job(message))
+                    queued += 1
+            except BaseException:  # the same, between the commit and the queue
+                budget.give(len(batch) - queued)
+                self._never_queued(batch[queued:], "interrupted")
+                raise
+
+    def _never_queued(self, batch: list[OutgoingMessage], reason: str) -> None:
+        """Outcomes for rows the send pass marked (or tried to) and will never queue."""
+        for message in batch:
+            with contextlib.suppress(Exception):  # the ledger may be what failed
+                self._outcome(message.row, message.recipient, "unsent", reason)
 
     def run(self) -> Summary:
         from concurrent.futures import ThreadPoolExecutor  # not for a dry run's pre-flight
@@ -959,6 +977,10 @@ class Run:
                         self._feed_marked(jobs, mark, workers_gone)
                     else:
                         self._feed(jobs, workers_gone)
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):
+                        self.stop.set()  # Ctrl-C in a library caller: the workers stop too
+                    raise
                 finally:
                     for _ in workers:
                         while True:

@@ -158,7 +158,7 @@ class CampaignRecord:
 class _Op:
     """One statement for the writer; `done` (a locked lock) is released once it is committed."""
 
-    __slots__ = ("done", "error", "key", "params", "sql")
+    __slots__ = ("done", "error", "finished", "key", "params", "sql")
 
     def __init__(
         self,
@@ -172,6 +172,7 @@ class _Op:
         self.done = done
         self.key = key  # the delivery it writes: statements on distinct keys commute
         self.error: BaseException | None = None
+        self.finished = False  # committed (or failed) and its waiter released: never again
 
 
 def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> None:
@@ -290,7 +291,8 @@ class _Writer(threading.Thread):
                 stop = self.stopping  # read before draining: nothing is queued after a stop
                 # One commit a wake: what is queued during it waits for the next ring (a
                 # waiter has rung already) rather than taking a commit of its own.
-                self._commit_batch(conn)
+                if self.ops:  # an idle wake with nothing queued opens no transaction
+                    self._commit_batch(conn)
                 while self.ops and (stop or len(self.ops) >= BATCH):
                     self._commit_batch(conn)
                 if stop:
@@ -316,14 +318,27 @@ class _Writer(threading.Thread):
 
         For a caller that needs its statements durable before it goes on (the send pass
         marking rows): committing itself spares it a hand-off to the writer thread and back.
+        Interrupted (Ctrl-C in a library caller: the send pass runs on the caller's thread),
+        it leaves no transaction open and puts back at the head of the queue what it took
+        from others and did not finish, so the writer commits it: no outcome is lost. (One
+        that landed just before the interrupt is applied again: every statement but a mark's
+        attempt count is idempotent.) The caller's own `extra` is dropped: it was stopped.
         """
         with self.commit_lock:
             conn = self.conn
             if conn is None:
                 raise LedgerError(f"{self.path}: the ledger is closed")
-            batch = self._take(len(self.ops)) + extra
-            for start in range(0, len(batch), BATCH):
-                self._commit(conn, batch[start : start + BATCH])
+            taken: list[_Op] = []
+            try:
+                ops = self.ops
+                while ops:
+                    taken.append(ops.popleft())
+                batch = taken + extra
+                for start in range(0, len(batch), BATCH):
+                    self._commit(conn, batch[start : start + BATCH])
+            except BaseException:
+                self.ops.extendleft(reversed([op for op in taken if not op.finished]))
+                raise
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
@@ -340,7 +355,14 @@ class _Writer(threading.Thread):
             self.error = exc
             for op in batch:
                 op.error = exc
+        except BaseException:
+            # Only a signal's exception, on the thread of a `commit_now`: the connection is
+            # shared with the writer thread, so no transaction may stay open on it.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         for op in batch:
+            op.finished = True
             if op.done is not None:
                 op.done.release()
 

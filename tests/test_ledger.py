@@ -200,6 +200,74 @@ def test_a_ledger_that_fails_while_marking_stops_the_run_and_sends_nothing_unmar
     assert set(recorded.values()) <= {"sent", "pending"}
 
 
+class InterruptedLedger(Ledger):
+    """The real ledger; Ctrl-C (a library caller's KeyboardInterrupt) lands just after the
+    third batch of marks is committed, before the send pass can queue those rows."""
+
+    def mark(self, messages: Any) -> None:
+        super().mark(messages)
+        self.marked = getattr(self, "marked", 0) + 1
+        if self.marked == 3:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_as_the_send_pass_marks_rows_leaves_none_of_them_in_doubt(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    n, workers = 40, 4
+    csv = make_csv(tmp_path / "r.csv", n)
+    db = tmp_path / "state.db"
+    with pytest.raises(KeyboardInterrupt):
+        send_through(InterruptedLedger(db, "c"), smtp_server, csv, template_file, workers=workers)
+    # The third batch was marked and never queued: back to pending, not in doubt; what the
+    # server got is recorded sent.
+    first = counts(db, "c")
+    assert "sending" not in first
+    assert first.get("sent", 0) == len(smtp_server.handler.received) < n
+    assert first.get("pending", 0) >= workers // 2
+    # The re-run sends the rest, and nobody twice.
+    summary = send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=workers)
+    assert summary.sent == n - first.get("sent", 0)
+    assert counts(db, "c") == {"sent": n}
+    assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
+
+
+def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import threading
+
+    from smartmail import ledger as ledger_module
+
+    real_apply, calls = ledger_module._apply, []
+
+    def apply_then_ctrl_c(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        # Ctrl-C lands on the caller's thread between the statements and the COMMIT of a
+        # batch of marks, which also carries outcomes the workers queued.
+        real_apply(conn, batch)
+        if threading.current_thread() is threading.main_thread():
+            calls.append(len(batch))
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(ledger_module, "_apply", apply_then_ctrl_c)
+    n, workers = 60, 4
+    csv = make_csv(tmp_path / "r.csv", n)
+    db = tmp_path / "state.db"
+    with pytest.raises(KeyboardInterrupt):
+        send_through(Ledger(db, "k"), smtp_server, csv, template_file, workers=workers)
+    monkeypatch.setattr(ledger_module, "_apply", real_apply)
+    # Every message the server got is recorded sent (the outcomes in the rolled-back commit
+    # were committed later, by close), and nothing is left in doubt.
+    first = counts(db, "k")
+    assert first.get("sent", 0) == len(smtp_server.handler.received) < n
+    assert "sending" not in first
+    summary = send_through(Ledger(db, "k"), smtp_server, csv, template_file, workers=workers)
+    assert summary.sent == n - first.get("sent", 0)
+    assert counts(db, "k") == {"sent": n}
+    assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
