@@ -283,10 +283,14 @@ class CampaignRun:
                 if release is not None and self.stop_event.is_set():
                     with contextlib.suppress(Exception):
                         release()
-                with contextlib.suppress(Exception):
-                    self.ledger.flush()
+            # Counted before the flush: every outcome counted is queued for the ledger by
+            # then, so the ledger holds at least what the counts say (sends that finish
+            # meanwhile are committed too, or left in doubt).
             if self.engine_run is not None:
                 found.append(self._summary(self.engine_run, interrupted=True))
+            if self.ledger is not None:
+                with contextlib.suppress(Exception):
+                    self.ledger.flush()
 
         thread = threading.Thread(target=work, name="smartmail-abort", daemon=True)
         thread.start()

@@ -606,12 +606,8 @@ class Run:
     # --- outcomes ----------------------------------------------------------------------------
 
     def _finish(self, outcome: Outcome) -> None:
-        self.metrics.record(outcome)
-        redrive = outcome.status == "failed" or (
-            outcome.status == "unsent" and (self.stop_reason or self.stop.is_set())
-        )
-        if self.failed_rows is not None and redrive:
-            self.failed_rows.add(outcome)
+        # The ledger first: an outcome counted is then queued for the ledger already, so the
+        # counts an abort commits and shows never run ahead of what the ledger gets.
         try:
             self.journal.record(outcome)
         except Exception as exc:
@@ -620,6 +616,13 @@ class Run:
             self.stop_reason = self.stop_reason or f"could not record an outcome: {exc}"
             self.stop.set()
             raise
+        finally:
+            self.metrics.record(outcome)
+            redrive = outcome.status == "failed" or (
+                outcome.status == "unsent" and (self.stop_reason or self.stop.is_set())
+            )
+            if self.failed_rows is not None and redrive:
+                self.failed_rows.add(outcome)
 
     def _outcome(self, row: Row, recipient: str, status: Status, reason: str = "") -> None:
         self._finish(Outcome(row=row, recipient=recipient, status=status, reason=reason))

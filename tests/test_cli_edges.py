@@ -499,6 +499,55 @@ def test_a_second_ctrl_c_aborts_at_once_and_says_what_was_sent(
     assert statuses.get("sent") == 2 and statuses.get("sending") == 1  # in doubt, not re-sent
 
 
+ABORT_INSIDE_A_COMMIT = """
+import os, signal, sys, threading
+from smartmail import ledger
+real, calls = ledger._apply, []
+def apply(conn, batch):
+    real(conn, batch)
+    outcomes = [op for op in batch if op.sql is ledger._SENT_MINE]
+    if outcomes and threading.current_thread() is threading.main_thread():
+        calls.append(len(outcomes))
+        if len(calls) == 3:  # Ctrl-C, then a kill, as the send pass commits marks and outcomes
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_signal_inside_a_ledger_commit_still_commits_what_was_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The handlers run on the main thread, which holds the ledger's commit lock there: an
+    # abort that waited for it there would give up after 3 s with nothing committed.
+    csv = make_csv(tmp_path / "r.csv", 40)
+    db = tmp_path / "state.db"
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_INSIDE_A_COMMIT, "send", str(csv), "-t", str(template_file),
+         "--transport", smtp_server.url, "--smtp-security", "none", "--workers", "4",
+         "--state", str(db), "--campaign", "c", "--yes", "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    err = done.stderr
+    assert done.returncode == 143, err
+    assert "SIGTERM again: aborted" in err and "Traceback" not in err
+    assert "could not be read in time" not in err
+    found = re.search(r"sent (\d+), failed 0, skipped 0, not sent (\d+)", err)
+    assert found is not None, err
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    conn.close()
+    sent = {r for r, status in statuses.items() if status == "sent"}
+    # Every outcome the abort reported is committed (and sends that finished meanwhile); at
+    # most the rows in flight are in doubt.
+    assert len(sent) >= int(found.group(1)) > 0
+    assert sent <= set(smtp_server.handler.by_recipient())
+    assert list(statuses.values()).count("sending") <= 2 * 4
+
+
 @pytest.mark.slow
 def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
