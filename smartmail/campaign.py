@@ -747,7 +747,10 @@ class CampaignRun:
 
     def _limiter(self, transport: Transport) -> Any:
         """`rate` is this process's; by default the transport's rate (SES: the account's
-        MaxSendRate) divided by `expected_workers`, so N workers together stay within it."""
+        MaxSendRate) divided by `expected_workers`, so N workers together stay within it.
+        A worker waiting for its slot wakes when the run stops: a row it holds then goes back
+        to pending at once, instead of waiting out the slot (up to workers / rate seconds),
+        or being left in doubt by an abort meanwhile."""
         from .ratelimit import TokenBucket, Unlimited
 
         rate = self.config.rate
@@ -755,7 +758,9 @@ class CampaignRun:
             # The account's rate is shared: each of the expected workers takes its share.
             account = transport.default_rate()
             rate = account / self.config.expected_workers if account else None
-        return TokenBucket(rate, self.config.burst) if rate else Unlimited()
+        if not rate:
+            return Unlimited(sleep=self._pause)
+        return TokenBucket(rate, self.config.burst, sleep=self._pause)
 
     def _record(
         self, source: RecipientSource, template: MessageTemplate, transport: Transport

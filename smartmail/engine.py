@@ -579,7 +579,7 @@ class Run:
         self.transport = transport
         self.checked = checked
         self.options = options
-        self.limiter: Limiter = limiter or Unlimited()
+        self.limiter: Limiter = limiter or Unlimited(sleep=self._pause)
         self.stop = stop or threading.Event()
         if retry is None:
             from .retry import RetryPolicy

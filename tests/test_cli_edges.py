@@ -549,6 +549,43 @@ def test_a_second_signal_inside_a_ledger_commit_still_commits_what_was_sent(
 
 
 @pytest.mark.slow
+def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_pending(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # At one message a second, three of the four workers hold a row and wait for its slot
+    # (up to 3 s ahead). Ctrl-C wakes them: their rows go back to pending, and a second
+    # Ctrl-C soon after leaves nothing in doubt, since nothing was in flight.
+    csv = make_csv(tmp_path / "r.csv", 12)
+    db = tmp_path / "state.db"
+    proc = subprocess.Popen(
+        [*smartmail_command(), "send", str(csv), "-t", str(template_file),
+         "--transport", smtp_server.url, "--smtp-security", "none", "--workers", "4",
+         "--rate", "1", "--burst", "1", "--state", str(db), "--campaign", "slow", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while len(smtp_server.handler.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    conn.close()
+    assert statuses.get("sent") == len(smtp_server.handler.received) >= 2, statuses
+    assert "sending" not in statuses, statuses  # nothing was in flight: nothing in doubt
+
+
+@pytest.mark.slow
 def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
