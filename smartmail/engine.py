@@ -916,36 +916,39 @@ class Run:
         assert budget is not None
         size = max(1, self.options.workers // 2)
         messages = self._messages()
-        while batch := list(itertools.islice(messages, size)):
-            budget.take(len(batch), workers_gone)
-            if self.stop.is_set():  # stopping: these were never attempted, so never marked
-                budget.give(len(batch))
-                why = self.stop_reason or "interrupted"
-                for message in batch:
-                    self._outcome(message.row, message.recipient, "unsent", why)
-                continue
+        while True:
+            batch: list[OutgoingMessage] = []
+            took = queued = 0  # budget taken for the batch; its rows on the workers' queue
             try:
-                mark(batch)
-            except Exception as exc:
-                budget.give(len(batch))
-                self._stop_run(f"could not record in the ledger: {exc}")
-                self._never_queued(batch, str(exc))
-                raise
-            except BaseException:
-                # Ctrl-C in a library caller, within the commit: landed or not, these rows
-                # were never attempted. Recorded unsent, a mark that landed goes back to
-                # pending instead of leaving the rows in doubt.
-                budget.give(len(batch))
-                self._never_queued(batch, "interrupted")
-                raise
-            queued = 0
-            try:
+                for message in messages:
+                    batch.append(message)
+                    if len(batch) == size:
+                        break
+                if not batch:
+                    return
+                budget.take(len(batch), workers_gone)
+                took = len(batch)
+                if self.stop.is_set():  # stopping: these were never attempted, so never marked
+                    raise _Interrupted
+                try:
+                    mark(batch)
+                except Exception as exc:
+                    self._stop_run(f"could not record in the ledger: {exc}")
+                    raise
                 for message in batch:
                     jobs.put(_Job(message))
                     queued += 1
-            except BaseException:  # the same, between the commit and the queue
-                budget.give(len(batch) - queued)
-                self._never_queued(batch[queued:], "interrupted")
+            except _Interrupted:
+                budget.give(took)
+                self._never_queued(batch, self.stop_reason or "interrupted")
+            except BaseException as exc:
+                # The snapshot changed, the ledger failed, every worker stopped, or Ctrl-C in
+                # a library caller (within the commit, or after it): the rows of the batch not
+                # queued were never attempted. Recorded unsent, a mark that landed goes back
+                # to pending instead of leaving them in doubt.
+                budget.give(took - queued)
+                why = str(exc) if isinstance(exc, Exception) else "interrupted"
+                self._never_queued(batch[queued:], why)
                 raise
 
     def _never_queued(self, batch: list[OutgoingMessage], reason: str) -> None:

@@ -5,6 +5,7 @@ Crash, overlap and signal behaviour with real processes is in test_ledger_proces
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from pathlib import Path
@@ -20,6 +21,7 @@ from smartmail import (
     SendOptions,
     SourceSpec,
     build,
+    preflight,
     send_campaign,
 )
 from smartmail.cli import cli
@@ -266,6 +268,47 @@ def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
     assert summary.sent == n - first.get("sent", 0)
     assert counts(db, "k") == {"sent": n}
     assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
+
+
+def test_rows_read_into_a_batch_when_the_list_turns_out_changed_are_recorded_not_lost(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    class Shrinking(RecipientSource):
+        """The list as pre-flight read it (7 rows); 5 rows when the send pass reads it."""
+
+        reads = 0
+
+        def rows(self) -> Any:
+            self.reads += 1
+            rows = super().rows()
+            return rows if self.reads == 1 else itertools.islice(rows, 5)
+
+    csv = make_csv(tmp_path / "r.csv", 7)
+    db = tmp_path / "state.db"
+    ledger = Ledger(db, "shrunk")
+    ledger.acquire()
+    try:
+        source, template = Shrinking(SourceSpec(str(csv))), MessageTemplate.load(template_file)
+        options = SendOptions(workers=4)
+        checked = preflight(source, template, options, journal=ledger)
+        with pytest.raises(SmartmailError, match="changed during the run"):
+            send_campaign(
+                source,
+                template,
+                get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+                options=options,
+                journal=ledger,
+                checked=checked,
+            )
+    finally:
+        ledger.close()
+    # Rows 1-4 went in two batches of two; row 5 was read into the third when the list ran
+    # short. It was never sent, and the ledger says so rather than not at all.
+    assert len(smtp_server.handler.received) == 4
+    conn = sqlite3.connect(db)
+    found = dict(conn.execute("SELECT row_number, status FROM deliveries"))
+    conn.close()
+    assert found == {2: "sent", 3: "sent", 4: "sent", 5: "sent", 6: "pending"}
 
 
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
