@@ -791,6 +791,9 @@ class CampaignRun:
             interrupted=interrupted or (run.stop.is_set() and run.stop_reason is None),
             test_to=run.options.test_to,
             failed_csv=str(failed_rows.path) if failed_rows and failed_rows.count else None,
+            warnings=[w for w in [failed_rows.warning(run.options.campaign)] if w]
+            if failed_rows
+            else [],
         )
 
     def _nothing_to_retry(self, source: str, transport: str) -> CampaignResult:

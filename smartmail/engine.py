@@ -534,22 +534,48 @@ class FailedRows:
         self._writer: csv.DictWriter[str] | None = None
         self._lock = threading.Lock()
         self.count = 0
+        self.missing = 0  # rows it should hold and could not be given (the ledger has them)
+        self.error: str | None = None
 
     def add(self, outcome: Outcome) -> None:
+        """Add a row; a file that cannot be written (its folder gone, a full disk) costs the
+        send nothing: the ledger records every outcome anyway. The summary says so."""
         with self._lock:
-            if self._writer is None:
-                self._fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
-                self._writer = csv.DictWriter(self._fh, [*self.columns, "error"])
-                self._writer.writeheader()
-            self._writer.writerow({**outcome.row.values, "error": outcome.reason})
-            self.count += 1
+            if self.error is not None:
+                self.missing += 1
+                return
+            try:
+                if self._writer is None:
+                    self._fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+                    self._writer = csv.DictWriter(self._fh, [*self.columns, "error"])
+                    self._writer.writeheader()
+                self._writer.writerow({**outcome.row.values, "error": outcome.reason})
+                self.count += 1
+            except OSError as exc:
+                self.error = exc.strerror or type(exc).__name__
+                self.missing += 1
+                log.error("cannot write %s: %s", self.path, self.error)
+
+    def warning(self, campaign: str) -> str | None:
+        if self.error is None:
+            return None
+        return (
+            f"cannot write {self.path} ({self.error}): {self.missing} row(s) to re-drive are "
+            f"not in it; the ledger has them (`smartmail status {campaign}`; `smartmail retry "
+            f"{campaign}` re-drives them)"
+        )
 
     def close(self, *, remove_stale: bool = True) -> None:
         """Finish the file. When this run had no row to re-drive, a file an earlier run left
         at this path goes too: it would offer rows since sent, to be sent a second time."""
         with self._lock:
             if self._fh is not None:
-                self._fh.close()
+                try:
+                    self._fh.close()
+                except OSError as exc:  # the last rows did not reach the disk
+                    self.error = exc.strerror or type(exc).__name__
+                    self.missing += self.count
+                    self.count = 0
             elif remove_stale:
                 try:
                     self.path.unlink(missing_ok=True)
@@ -1016,6 +1042,9 @@ class Run:
             failed_csv=str(self.failed_rows.path)
             if self.failed_rows and self.failed_rows.count
             else None,
+            warnings=[w for w in [self.failed_rows.warning(opts.campaign)] if w]
+            if self.failed_rows
+            else [],
         )
 
 

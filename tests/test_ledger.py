@@ -311,6 +311,24 @@ def test_rows_read_into_a_batch_when_the_list_turns_out_changed_are_recorded_not
     assert found == {2: "sent", 3: "sent", 4: "sent", 5: "sent", 6: "pending"}
 
 
+def test_a_failed_rows_file_that_cannot_be_written_costs_no_row_and_says_so(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    n = 20
+    csv = make_csv(tmp_path / "r.csv", n)
+    smtp_server.handler.reject_rcpt = {"user3@example.org", "user11@example.org"}
+    db = tmp_path / "state.db"
+    gone = tmp_path / "gone" / "failed.csv"  # its folder is not there (removed mid-run)
+    summary = send_through(
+        Ledger(db, "f"), smtp_server, csv, template_file, workers=4, failed_csv=gone
+    )
+    # Every row still went its way and is recorded; the summary says the file is short.
+    assert (summary.sent, summary.failed) == (n - 2, 2)
+    assert counts(db, "f") == {"sent": n - 2, "failed": 2}
+    assert summary.failed_csv is None
+    assert any(str(gone) in w and "2 row(s)" in w for w in summary.warnings), summary.warnings
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
