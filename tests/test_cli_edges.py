@@ -26,7 +26,8 @@ from smartmail import cli as cli_module
 from smartmail import events, state, suppression
 from smartmail.cli import main
 
-from .conftest import SmtpServer, free_port, make_csv, write
+from .conftest import TEMPLATE, SmtpServer, free_port, make_csv, write
+from .unprivileged import unprivileged
 
 HOSTILE_TITLE = "\x1b]0;pwned\x07"
 HOSTILE_CLEAR = "\x1b[2J"
@@ -112,23 +113,20 @@ def test_an_unwritable_outbox_is_exit_2_with_nothing_sent(
     assert code == 2 and "outbox" in one_error_line(err)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not stop root from writing")
 def test_a_read_only_folder_for_the_report_is_exit_2(
-    smtp_server: SmtpServer,
-    tmp_path: Path,
-    template_file: Path,
-    capsys: pytest.CaptureFixture[str],
+    smtp_server: SmtpServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        csv = make_csv(tmp_path / "r.csv", 2)
-        args = smtp_send(csv, template_file, smtp_server, tmp_path, "--report", f"{locked}/r.json")
+    def body(folder: Path) -> None:
+        locked = folder / "ro"
+        locked.mkdir()
+        locked.chmod(0o500)
+        csv = make_csv(folder / "r.csv", 2)
+        template = write(folder / "msg.txt", TEMPLATE)
+        args = smtp_send(csv, template, smtp_server, folder, "--report", f"{locked}/r.json")
         code, _, err = run_main(args, capsys)
-    finally:
-        locked.chmod(0o700)
-    assert code == 2 and "--report" in one_error_line(err)
+        assert code == 2 and "--report" in one_error_line(err)
+
+    unprivileged(body)
     assert not smtp_server.handler.received
 
 

@@ -12,7 +12,6 @@ import contextlib
 import email
 import os
 import re
-import stat
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -25,6 +24,7 @@ from smartmail.errors import InvalidRowError, TemplateError
 
 from .conftest import write
 from .header_oracle import check_head, decode_mailbox
+from .unprivileged import unprivileged
 
 
 def parse(data: bytes) -> EmailMessage:
@@ -152,16 +152,15 @@ def test_unreadable_attachments_are_one_line_row_errors(folder: Path) -> None:
         assert "\n" not in str(err.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_an_attachment_without_read_permission_is_a_row_error(folder: Path) -> None:
-    locked = folder / "locked.pdf"
-    locked.write_bytes(b"x")
-    locked.chmod(0)
-    try:
+def test_an_attachment_without_read_permission_is_a_row_error() -> None:
+    def body(folder: Path) -> None:
+        locked = folder / "locked.pdf"
+        locked.write_bytes(b"x")
+        locked.chmod(0)
         with pytest.raises(InvalidRowError, match="cannot be read"):
             attaching(folder).render(row(file="locked.pdf"), "email")
-    finally:
-        locked.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+    unprivileged(body)
 
 
 def test_a_file_that_vanishes_before_building_is_a_row_error(folder: Path) -> None:

@@ -43,6 +43,7 @@ from smartmail.transports import TransportOptions, get_transport
 
 from .aws_recorder import RECORDER
 from .conftest import SmtpServer, make_csv, write
+from .unprivileged import unprivileged
 
 NO_WAIT = RetryPolicy(max_retries=1, initial=0.0, maximum=0.0, jitter=0.0)
 
@@ -116,13 +117,14 @@ def test_snapshot_errors_name_the_original_file_and_row(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"{path}, row 3, column 'name': bytes that are not valid")
 
 
-def test_unreadable_list_is_one_line(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads a file whatever its mode")
-    path = make_csv(tmp_path / "r.csv", 2)
-    path.chmod(0)
-    with pytest.raises(SourceError, match="cannot read: Permission denied"):
-        RecipientSource(SourceSpec(str(path))).snapshot()
+def test_unreadable_list_is_one_line() -> None:
+    def body(folder: Path) -> None:
+        path = make_csv(folder / "r.csv", 2)
+        path.chmod(0)
+        with pytest.raises(SourceError, match="cannot read: Permission denied"):
+            RecipientSource(SourceSpec(str(path))).snapshot()
+
+    unprivileged(body)
 
 
 def test_no_room_for_the_snapshot_is_one_line(
@@ -319,16 +321,20 @@ def test_attachment_removed_past_the_cache_fails_that_row_only(
     }
 
 
-def test_unreadable_attachment_is_found_by_preflight(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads a file whatever its mode")
-    path, template_path = invoices(tmp_path, 2)
-    (tmp_path / "inv1.pdf").chmod(0)
-    checked = preflight(
-        RecipientSource(SourceSpec(str(path))), MessageTemplate.load(template_path), SendOptions()
-    )
-    assert checked.valid == 1 and checked.invalid == 1
-    assert "row 3" in str(checked.problems[0]) and "Permission denied" in str(checked.problems[0])
+def test_unreadable_attachment_is_found_by_preflight() -> None:
+    def body(folder: Path) -> None:
+        path, template_path = invoices(folder, 2)
+        (folder / "inv1.pdf").chmod(0)
+        checked = preflight(
+            RecipientSource(SourceSpec(str(path))),
+            MessageTemplate.load(template_path),
+            SendOptions(),
+        )
+        assert checked.valid == 1 and checked.invalid == 1
+        problem = str(checked.problems[0])
+        assert "row 3" in problem and "Permission denied" in problem
+
+    unprivileged(body)
 
 
 def test_a_message_that_cannot_be_built_is_invalid_at_preflight(
