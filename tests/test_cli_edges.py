@@ -456,6 +456,14 @@ def smartmail_command() -> list[str]:
     return [sys.executable, "-m", "smartmail"]
 
 
+def send_args(csv: Path, template: Path, url: str, db: Path, *extra: str) -> list[str]:
+    """`send` to a plain-SMTP test server with a ledger of its own, no prompt, no progress."""
+    return [
+        "send", str(csv), "-t", str(template), "--transport", url, "--smtp-security", "none",
+        "--state", str(db), "--yes", "--progress", "none", *extra,
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once_and_says_what_was_sent(
     slow_server: tuple[str, SlowHandler], tmp_path: Path, template_file: Path
@@ -464,9 +472,8 @@ def test_a_second_ctrl_c_aborts_at_once_and_says_what_was_sent(
     csv = make_csv(tmp_path / "r.csv", 5)
     db = tmp_path / "state.db"
     proc = subprocess.Popen(
-        [*smartmail_command(), "send", str(csv), "-t", str(template_file), "--transport", url,
-         "--smtp-security", "none", "--workers", "1", "--timeout", "60", "--state", str(db),
-         "--campaign", "slow", "--yes", "--progress", "none"],
+        [*smartmail_command(), *send_args(csv, template_file, url, db, "--workers", "1",
+         "--timeout", "60", "--campaign", "slow")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path,
     )  # fmt: skip
@@ -524,9 +531,8 @@ def test_a_second_signal_inside_a_ledger_commit_still_commits_what_was_sent(
     csv = make_csv(tmp_path / "r.csv", 40)
     db = tmp_path / "state.db"
     done = subprocess.run(
-        [sys.executable, "-c", ABORT_INSIDE_A_COMMIT, "send", str(csv), "-t", str(template_file),
-         "--transport", smtp_server.url, "--smtp-security", "none", "--workers", "4",
-         "--state", str(db), "--campaign", "c", "--yes", "--progress", "none"],
+        [sys.executable, "-c", ABORT_INSIDE_A_COMMIT,
+         *send_args(csv, template_file, smtp_server.url, db, "--workers", "4", "--campaign", "c")],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )  # fmt: skip
     err = done.stderr
@@ -556,10 +562,8 @@ def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_
     csv = make_csv(tmp_path / "r.csv", 12)
     db = tmp_path / "state.db"
     proc = subprocess.Popen(
-        [*smartmail_command(), "send", str(csv), "-t", str(template_file),
-         "--transport", smtp_server.url, "--smtp-security", "none", "--workers", "4",
-         "--rate", "1", "--burst", "1", "--state", str(db), "--campaign", "slow", "--yes",
-         "--progress", "none"],
+        [*smartmail_command(), *send_args(csv, template_file, smtp_server.url, db, "--workers",
+         "4", "--rate", "1", "--burst", "1", "--campaign", "slow")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path,
     )  # fmt: skip
