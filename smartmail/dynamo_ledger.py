@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -50,6 +50,7 @@ from .sources import Row
 
 Clock = Callable[[], float]
 _CHANGEABLE = "attribute_not_exists(pk) OR st IN (:pending, :skipped)"
+_ROWS_PER_READ = 50  # a delivery and a suppression key each: BatchGetItem takes 100
 
 
 class ClaimLost(AlreadyClaimedError):
@@ -157,14 +158,37 @@ class DynamoLedger:
     def skip_reason(self, recipient: str, row: Row) -> str | None:
         """One consistent batch read of the delivery and the suppression, then the SQLite
         ledger's rules, with an expired lease in place of "no run holds the lock"."""
-        key = recipient_key(recipient)
+        return self.skip_reasons([(recipient, row)])[0]
+
+    def skip_reasons(self, items: Sequence[tuple[str, Row]]) -> list[str | None]:
+        """`skip_reason` for many rows, one answer per item, in order: strongly consistent
+        BatchGetItem calls of 50 rows (a delivery and a suppression each: the 100 keys one
+        call takes). A job's pre-flight and its send pass then make one round trip per 50
+        rows instead of one per row (each costs the worker ~1.5 ms of boto3 CPU)."""
+        keys = [recipient_key(recipient) for recipient, _row in items]
+        wanted = [key for key in dict.fromkeys(keys) if key]  # DynamoDB refuses an empty key
+        found: dict[tuple[str, str], Item] = {}
         try:
             self.table.ensure()
-            found = self.table.get_many([delivery_key(self.campaign, key), suppression_key(key)])
+            for start in range(0, len(wanted), _ROWS_PER_READ):
+                chunk = wanted[start : start + _ROWS_PER_READ]
+                found.update(
+                    self.table.get_many(
+                        [
+                            item
+                            for key in chunk
+                            for item in (delivery_key(self.campaign, key), suppression_key(key))
+                        ]
+                    )
+                )
         except SmartmailError as exc:
             raise LedgerError(f"cannot read the ledger: {exc}") from None
-        delivery = found.get(("D#" + self.campaign, key))
-        suppressed = found.get(("S#" + key, "S"))
+        deliveries = "D#" + self.campaign
+        return [
+            self._veto(found.get((deliveries, key)), found.get(("S#" + key, "S"))) for key in keys
+        ]
+
+    def _veto(self, delivery: Item | None, suppressed: Item | None) -> str | None:
         status = text(delivery, "st") if delivery else None
         if status == "sent":
             return "already sent"

@@ -209,6 +209,46 @@ def test_failed_rows_wait_for_retry_and_unsent_rows_go_back_to_pending(
     assert state.retry_rows("news", "failed") == []
 
 
+def test_many_rows_are_checked_in_a_few_reads_with_the_answers_of_one_at_a_time(
+    state: DynamoState, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's pre-flight and send pass ask about all their rows at once: 120 rows cross two
+    reads of 50, with every reason a row can have, a repeated address and an empty one."""
+    dead = state.ledger("news")
+    dead.sending(message("user110@example.org", 112))  # ... and that worker dies
+    clock.now += 61  # past the 60 s lease: in doubt
+    ledger = state.ledger("news")
+    sent, failed, busy = (message(f"user{i}@example.org", i + 2) for i in (5, 60, 61))
+    for msg in (sent, failed, busy):
+        ledger.sending(msg)
+    ledger.record(outcome(sent, "sent", message_id="ses-1"))
+    ledger.record(outcome(failed, "failed", reason="permanent: 550"))
+    state.suppressions.add("User7@Example.org", "bounce")
+    items = [(f"user{i}@example.org", Row(i + 2, {})) for i in range(120)]
+    items += [("USER5@example.org", Row(200, {})), ("", Row(201, {}))]
+    reads: list[int] = []
+    get_many = ledger.table.get_many
+
+    def counted(keys: list[Any]) -> Any:
+        reads.append(len(keys))
+        return get_many(keys)
+
+    monkeypatch.setattr(ledger.table, "get_many", counted)
+    reasons = state.ledger("news").skip_reasons(items)
+    assert reads == [100, 100, 40]  # 50 rows a read; the repeat is asked once, "" never
+    expected: dict[int, str] = {
+        5: "already sent",
+        60: "failed before (smartmail retry news sends it again)",
+        61: "already being sent",
+        7: "suppressed: bounce",
+        110: "in doubt (smartmail retry news --in-doubt sends it again)",
+        120: "already sent",
+    }
+    assert reasons == [expected.get(i) for i in range(122)]
+    retry = state.ledger("news", resend="in-doubt").skip_reasons(items[108:112])
+    assert retry == [None, None, None, None]
+
+
 def test_a_send_whose_answer_was_lost_stays_in_doubt_and_is_never_sent_again(
     state: DynamoState,
 ) -> None:
