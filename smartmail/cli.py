@@ -389,6 +389,8 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
         warn(warning)
     print_summary(result.summary)
     _ledger_notes(result.summary)
+    if result.report_error is not None:
+        say_err(result.report_error, lead="error:", style="bold red")
     raise SystemExit(result.exit_code)
 
 
@@ -645,6 +647,14 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
             "`smartmail status` shows the campaign)"
         )
         say_err(f"{result.error}; {what}", lead="error:", style="bold red")
+    if result.report_error is not None:
+        recorded = (
+            "nothing was sent"
+            if result.nothing_sent
+            else "the run itself is recorded (the summary above; the ledger and failed rows "
+            "as usual)"
+        )
+        say_err(f"{result.report_error}; {recorded}", lead="error:", style="bold red")
     raise SystemExit(signals.exit_code(result.exit_code))
 
 

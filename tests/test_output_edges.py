@@ -1,0 +1,156 @@
+"""Outputs that go away while a command runs: a `--report` whose folder is removed (or becomes
+a folder) before the end, and a reader of stdout or stderr that stops reading (`| head -1`).
+Real files, SQLite, aiosmtpd and processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import Envelope, Session
+
+from smartmail.cli import main
+
+from .conftest import RecordingHandler, SmtpServer, _start, make_csv
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+class MidRunHandler(RecordingHandler):
+    """Accepts mail like the recording handler, and runs `during` once, while the first
+    message is in the server's hands: what happens to the machine mid-campaign."""
+
+    def __init__(self, during: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.during: Callable[[], None] | None = during
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.during is not None:
+            self.during()
+            self.during = None
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _remove(folder: Path) -> Callable[[], None]:
+    return lambda: shutil.rmtree(folder)
+
+
+def _make_folder_at(path: Path) -> Callable[[], None]:
+    return lambda: path.mkdir()
+
+
+# --- a report that cannot be written at the end ---------------------------------------------------
+
+
+@pytest.mark.parametrize("breakage", ["folder removed", "a folder at its path"])
+def test_a_report_unwritable_at_the_end_is_an_error_and_everything_else_is_recorded(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str], breakage: str
+) -> None:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    report = folder / "run.json"
+    during = _remove(folder) if breakage == "folder removed" else _make_folder_at(report)
+    handler = MidRunHandler(during, reject_rcpt={"user1@example.org"})
+    controller = _start(handler)
+    server = SmtpServer(controller.hostname, controller.port, handler)
+    csv_path = make_csv(tmp_path / "r.csv", 3)
+    failed = tmp_path / "failed.csv"
+    state_db = tmp_path / "state.db"
+    try:
+        code, _, err = run_main(
+            ["send", str(csv_path), "-t", str(template_file), "--transport", server.url,
+             "--smtp-security", "none", "--state", str(state_db), "--yes", "--workers", "1",
+             "--progress", "none", "--retry-wait", "0", "--failed-csv", str(failed),
+             "--report", str(report)],
+            capsys,
+        )  # fmt: skip
+    finally:
+        controller.stop()
+    assert code == 5  # not 0 or 1: the report a script reads next is not this run's
+    lines = error_lines(err)
+    assert len(lines) == 1 and str(report) in lines[0] and "--report" in lines[0], err
+    assert not report.is_file()
+    # Everything else is as without --report: two sent, one failed and offered for re-sending.
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == [
+        "user0@example.org",
+        "user2@example.org",
+    ]
+    with sqlite3.connect(state_db) as db:
+        statuses = sorted(s for (s,) in db.execute("SELECT status FROM deliveries"))
+    assert statuses == ["failed", "sent", "sent"]
+    with failed.open(newline="") as fh:
+        assert [row["email"] for row in csv.DictReader(fh)] == ["user1@example.org"]
+
+
+FULL_DISK = "/dev/full"  # accepts opening for writing, then every write fails: a full disk
+
+
+@pytest.mark.skipif(not os.path.exists(FULL_DISK), reason="needs /dev/full")
+def test_a_report_on_a_full_disk_after_a_clean_run_is_exit_5_and_the_outbox_stays(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file:// run: the outbox's messages are kept, and the ledger has them: a re-run
+    sends nothing again."""
+    outbox = tmp_path / "outbox"
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    args = ["send", str(csv_path), "-t", str(template_file), "--transport", f"file://{outbox}",
+            "--state", str(tmp_path / "s.db"), "--yes", "--progress", "none",
+            "--failed-csv", str(tmp_path / "f.csv")]  # fmt: skip
+    code, _, err = run_main([*args, "--report", FULL_DISK], capsys)
+    assert code == 5, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and FULL_DISK in lines[0] and "No space left" in lines[0], err
+    assert len(list(outbox.glob("*.eml"))) == 2
+    code, out, _ = run_main(args, capsys)
+    assert code == 0 and "already sent: 2" in out
+    assert len(list(outbox.glob("*.eml"))) == 2
+
+
+@pytest.mark.skipif(not os.path.exists(FULL_DISK), reason="needs /dev/full")
+def test_a_dry_run_whose_report_cannot_be_written_is_exit_2(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 3)
+    code, out, err = run_main(
+        ["dry-run", str(csv_path), "-t", str(template_file), "--report", FULL_DISK,
+         "--state", str(tmp_path / "s.db")],
+        capsys,
+    )  # fmt: skip
+    assert code == 2  # every row is valid: without the report problem this is 0
+    lines = error_lines(err)
+    assert len(lines) == 1 and FULL_DISK in lines[0], err
+    assert "smartmail dry-run" in out  # the summary is still shown
+
+
+def test_a_written_report_is_unchanged(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "run.json"
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    code, _, err = run_main(
+        ["send", str(csv_path), "-t", str(template_file), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--state", str(tmp_path / "s.db"), "--yes",
+         "--progress", "none", "--failed-csv", str(tmp_path / "f.csv"), "--report", str(report)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and not error_lines(err)
+    assert json.loads(report.read_text())["sent"] == 2
