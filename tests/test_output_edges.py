@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from aiosmtpd.smtp import Envelope, Session
 
 from smartmail.cli import main
 
-from .conftest import RecordingHandler, SmtpServer, _start, make_csv
+from .conftest import RecordingHandler, SmtpServer, _start, make_csv, write
+from .test_cli import installed_smartmail
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -154,3 +156,115 @@ def test_a_written_report_is_unchanged(
     )  # fmt: skip
     assert code == 0 and not error_lines(err)
     assert json.loads(report.read_text())["sent"] == 2
+
+
+# --- a reader that stops reading (`| head -1`) ----------------------------------------------------
+
+NOISE = ("Traceback", "BrokenPipe", "Broken pipe", "Exception ignored", "error:")
+
+
+def run_unread(args: list[str], *, closed: str = "stdout") -> tuple[int, str]:
+    """Run the installed command with its stdout (or stdout and stderr: "both") on a pipe
+    whose reader has already gone, as after `| head -1` read its line: every write there
+    meets EPIPE, from the first one on. Returns the exit status and stderr (when open)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [installed_smartmail(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=write_end if closed == "both" else subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    return proc.returncode, (proc.stderr or b"").decode()
+
+
+def run_to_devnull(args: list[str]) -> int:
+    """The exit status with nobody reading and nothing lost: output to /dev/null."""
+    return subprocess.run(
+        [installed_smartmail(), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    ).returncode
+
+
+def file_send(csv_path: Path, template: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["send", str(csv_path), "-t", str(template), "--transport",
+            f"file://{tmp_path / 'outbox'}", "--state", str(tmp_path / "s.db"), "--yes",
+            "--failed-csv", str(tmp_path / "f.csv"), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args", [["status"], ["status", "--json"], ["suppress", "list"], ["suppress", "export", "-"]]
+)
+def test_a_listing_whose_reader_has_gone_exits_0_and_says_nothing(
+    tmp_path: Path, template_file: Path, args: list[str]
+) -> None:
+    state_db = str(tmp_path / "s.db")
+    assert run_to_devnull(file_send(make_csv(tmp_path / "r.csv", 3), template_file, tmp_path)) == 0
+    assert run_to_devnull(["suppress", "add", "gone@example.org", "--state", state_db]) == 0
+    code, err = run_unread([*args, "--state", state_db])
+    assert (code, err) == (0, "")
+
+
+@pytest.mark.parametrize("invalid", [False, True])
+def test_a_dry_run_whose_reader_has_gone_exits_as_it_would_have(
+    tmp_path: Path, template_file: Path, invalid: bool
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 30)
+    if invalid:
+        write(csv_path, csv_path.read_text() + "not-an-address,Bad,C9\n")
+    args = ["dry-run", str(csv_path), "-t", str(template_file), "--preview", "5", "--no-state"]
+    expected = run_to_devnull(args)
+    assert expected == (2 if invalid else 0)
+    code, err = run_unread(args)
+    assert code == expected
+    assert not any(noise in err for noise in NOISE), err
+
+
+def test_a_send_whose_reader_has_gone_records_everything_and_exits_as_it_would_have(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 5)
+    report = tmp_path / "run.json"
+    code, err = run_unread(
+        ["send", str(csv_path), "-t", str(template_file), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--state", str(tmp_path / "s.db"), "--yes",
+         "--failed-csv", str(tmp_path / "f.csv"), "--report", str(report)]
+    )  # fmt: skip
+    assert code == 0
+    assert not any(noise in err for noise in NOISE), err
+    assert len(smtp_server.handler.received) == 5
+    assert json.loads(report.read_text())["sent"] == 5
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert dict(db.execute("SELECT status, count(*) FROM deliveries GROUP BY status")) == {
+            "sent": 5
+        }
+
+
+def test_a_send_whose_output_and_warnings_are_unread_still_sends_every_valid_row(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """`smartmail send ... 2>&1 | head -1`: the pre-flight warning about the invalid row, the
+    progress lines and the summary all meet a closed pipe; the send goes on regardless."""
+    csv_path = make_csv(tmp_path / "r.csv", 6)
+    write(csv_path, csv_path.read_text() + "not-an-address,Bad,C9\n")
+    args = file_send(
+        csv_path, template_file, tmp_path, "--progress", "log", "--log-interval", "0.1"
+    )
+    code, _ = run_unread(args, closed="both")
+    assert code == 0
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert dict(db.execute("SELECT status, count(*) FROM deliveries GROUP BY status")) == {
+            "sent": 6,
+            "skipped": 1,
+        }
+    # The run finished as one to /dev/null would have: a re-run has nothing new to send.
+    assert run_to_devnull(args) == 0
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
