@@ -330,7 +330,7 @@ def preflight(
                 result.skipped[row.number] = "suppressed: every address of the message"
                 continue
         try:
-            rendered = check_buildable(rendered)
+            rendered = check_buildable(rendered, envelope)
             preview = (
                 build(rendered, envelope_to=envelope, tags=options.tags)
                 if len(result.previews) < options.preview
