@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -247,15 +248,16 @@ def test_a_send_whose_reader_has_gone_records_everything_and_exits_as_it_would_h
         }
 
 
+@pytest.mark.parametrize("progress", ["log", "live"])
 def test_a_send_whose_output_and_warnings_are_unread_still_sends_every_valid_row(
-    tmp_path: Path, template_file: Path
+    tmp_path: Path, template_file: Path, progress: str
 ) -> None:
     """`smartmail send ... 2>&1 | head -1`: the pre-flight warning about the invalid row, the
     progress lines and the summary all meet a closed pipe; the send goes on regardless."""
     csv_path = make_csv(tmp_path / "r.csv", 6)
     write(csv_path, csv_path.read_text() + "not-an-address,Bad,C9\n")
     args = file_send(
-        csv_path, template_file, tmp_path, "--progress", "log", "--log-interval", "0.1"
+        csv_path, template_file, tmp_path, "--progress", progress, "--log-interval", "0.1"
     )
     code, _ = run_unread(args, closed="both")
     assert code == 0
@@ -268,3 +270,46 @@ def test_a_send_whose_output_and_warnings_are_unread_still_sends_every_valid_row
     # The run finished as one to /dev/null would have: a re-run has nothing new to send.
     assert run_to_devnull(args) == 0
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+
+
+LIBRARY_RUN_WITH_AN_UNREAD_DISPLAY = """
+import contextlib, json, os, sys
+from rich.console import Console
+from smartmail import CampaignConfig, RunOptions, run_campaign
+from smartmail.campaign import Hooks
+from smartmail.progress import RichProgress
+
+template, source, outbox, state, failed, out = sys.argv[1:]
+read_end, write_end = os.pipe()
+os.close(read_end)
+unread = os.fdopen(write_end, "w")
+display = RichProgress(Console(file=unread, force_terminal=True, width=80))
+config = CampaignConfig(template=template, source=source, transport="file://" + outbox)
+options = RunOptions(state_path=state, failed_csv=failed)
+result = run_campaign(config, options, Hooks(progress=display))
+with open(out, "w") as fh:
+    json.dump({"code": result.exit_code, "error": result.error, "sent": result.summary.sent}, fh)
+with contextlib.suppress(OSError):
+    unread.close()
+"""
+
+
+def test_a_progress_display_whose_reader_has_gone_does_not_stop_the_run_finishing(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """A library caller's live display on a stream nobody reads any more (rich then raises
+    SystemExit): the send pass still sends, records, and finishes as usual, removing an
+    earlier run's failed-rows CSV, now stale, which would offer rows sent since."""
+    stale = write(tmp_path / "f.csv", "email,name,code,error\nuser0@example.org,U,C,old\n")
+    out = tmp_path / "result.json"
+    args = [str(template_file), str(make_csv(tmp_path / "r.csv", 3)), str(tmp_path / "outbox"),
+            str(tmp_path / "s.db"), str(stale), str(out)]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", LIBRARY_RUN_WITH_AN_UNREAD_DISPLAY, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert json.loads(out.read_text()) == {"code": 0, "error": None, "sent": 3}
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 3
+    assert not stale.exists()
