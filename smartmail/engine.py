@@ -997,7 +997,7 @@ class Run:
         try:
             step()
         except (Exception, SystemExit) as exc:
-            log.warning("the progress display failed and is off: %s", exc or type(exc).__name__)
+            log.warning("the progress display failed and is off: %s: %s", type(exc).__name__, exc)
             self.progress = NullProgress()
 
 
