@@ -165,6 +165,9 @@ class CampaignResult:
     plan: Plan | None = None
     error: str | None = None
     note: str | None = None
+    report_error: str | None = None
+    """The `--report` file could not be written at the end (one line naming it). Everything
+    else (the ledger, the failed-rows CSV, an outbox) is recorded as usual."""
 
     @property
     def nothing_sent(self) -> bool:
@@ -177,13 +180,18 @@ class CampaignResult:
         """The documented exit code (the CLI uses 130/143 instead when a signal stopped it).
 
         A problem after the send pass began is 5, unless not one message was attempted: then
-        it is 2, which always means that nothing was sent."""
+        it is 2, which always means that nothing was sent. A report that could not be
+        written turns what would have been 0 or 1 into 5 (2 when nothing was sent): whoever
+        reads it must not take its absence, or an old one, for this run's; a stop or an
+        interruption keeps its own code (the next run is needed either way)."""
         if self.error is not None:
             return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
         if self.summary.stopped:
             return EXIT_STOPPED
         if self.summary.interrupted:
             return EXIT_INTERRUPTED
+        if self.report_error is not None:
+            return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
         if self.summary.failed or self.summary.lost_replies:
             return EXIT_SOME_FAILED
         return EXIT_OK
@@ -196,10 +204,12 @@ class DryRunResult:
 
     checked: PreflightResult
     summary: Summary
+    report_error: str | None = None
+    """The `--report` file could not be written (one line naming it): exit 2."""
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self.checked.clean else EXIT_USAGE
+        return EXIT_OK if self.checked.clean and self.report_error is None else EXIT_USAGE
 
 
 def dry_run_campaign(
@@ -445,8 +455,8 @@ class CampaignRun:
         warning = missing_warning(checked.valid, template.header_names)
         if warning:
             summary.warnings.append(warning)
-        self._write_report(summary)
-        return DryRunResult(checked=checked, summary=summary)
+        problem = self._write_report(summary)
+        return DryRunResult(checked=checked, summary=summary, report_error=problem)
 
     def _send_options(self) -> SendOptions:
         """The engine's options for this run, from the campaign's config and the run's own."""
@@ -526,9 +536,10 @@ class CampaignRun:
         error = error or closed
         if summary is None or error is not None:
             summary = self._summary(run, error=error)
-        result = CampaignResult(summary=summary, plan=plan, error=error)
-        self._write_report(summary)
-        return result
+        # Last, after the ledger is closed and the failed rows written: a report that cannot be
+        # written (its folder removed meanwhile) loses nothing else, and the exit code says so.
+        report_error = self._write_report(summary)
+        return CampaignResult(summary=summary, plan=plan, error=error, report_error=report_error)
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -696,7 +707,9 @@ class CampaignRun:
 
         summary = dry_run_summary(checked, send_options, transport)
         summary.dry_run = False
-        self._write_report(summary)
+        problem = self._write_report(summary)
+        if problem is not None:
+            self._warn(problem)
         first = next((str(p) for p in checked.problems), reasons[0])
         raise NothingToSendError(
             f"every row was skipped ({len(reasons)} of {checked.rows}; first: {first}); "
@@ -812,14 +825,20 @@ class CampaignRun:
             summary=summary, note=f"nothing to retry: campaign {self.campaign} has no {which} rows"
         )
 
-    def _write_report(self, summary: Summary) -> None:
+    def _write_report(self, summary: Summary) -> str | None:
+        """Write `--report`, if asked; the problem as one line naming the file, if any.
+
+        Pre-flight made sure it could be written, but its folder may have been removed, or a
+        folder made at its path, by the end of a campaign that took hours."""
         path = self.options.report_path
         if not path:
-            return
+            return None
         try:
             Path(path).write_text(summary.to_json() + "\n", encoding="utf-8")
         except OSError as exc:
-            self._warn(f"{path}: cannot write the report ({exc.strerror})")
+            reason = exc.strerror or type(exc).__name__
+            return f"--report {path}: cannot write the report ({reason})"
+        return None
 
 
 # --- helpers shared with the CLI and other entry points -----------------------------------------

@@ -6,8 +6,9 @@ Nothing else in smartmail imports Click, and the campaign pipeline is the librar
 Exit codes (the README's table): 0 all sent, 1 some rows failed, 2 nothing was sent (usage
 error, pre-flight problem, unwritable output, every row skipped, confirmation declined),
 3 campaign locked by another run, 4 run stopped by the provider (quota, paused account),
-5 stopped by an internal or state problem after sending began, 130 interrupted (SIGINT),
-143 terminated (SIGTERM).
+5 stopped by an internal or state problem after sending began (or its --report could not be
+written at the end), 130 interrupted (SIGINT), 143 terminated (SIGTERM). A reader of stdout or
+stderr that goes away (`| head -1`) changes none of them (`_quiet_when_unread`).
 
 Start-up time matters (`smartmail --help` from cron and shells): module-level imports are
 Click and light modules only; boto3, tenacity, Jinja2 and the engine are imported inside the
@@ -389,6 +390,8 @@ def dry_run_cmd(preview: int, report_path: str | None, **kw: Any) -> None:
         warn(warning)
     print_summary(result.summary)
     _ledger_notes(result.summary)
+    if result.report_error is not None:
+        say_err(result.report_error, lead="error:", style="bold red")
     raise SystemExit(result.exit_code)
 
 
@@ -645,6 +648,14 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
             "`smartmail status` shows the campaign)"
         )
         say_err(f"{result.error}; {what}", lead="error:", style="bold red")
+    if result.report_error is not None:
+        recorded = (
+            "nothing was sent"
+            if result.nothing_sent
+            else "the run itself is recorded (the summary above; the ledger and failed rows "
+            "as usual)"
+        )
+        say_err(f"{result.report_error}; {recorded}", lead="error:", style="bold red")
     raise SystemExit(signals.exit_code(result.exit_code))
 
 
@@ -828,6 +839,35 @@ def main(argv: list[str] | None = None) -> None:
     # often that it took a quarter of pre-flight's time. A run makes no cyclic garbage to
     # speak of (none in a 20,000-row pre-flight), so collecting less often costs no memory.
     gc.set_threshold(10_000, 10, 10)
+    with _quiet_when_unread():
+        _main(argv)
+
+
+@contextlib.contextmanager
+def _quiet_when_unread() -> Iterator[None]:
+    """A reader of stdout or stderr that goes away (`smartmail status | head -1`) is not an
+    error: output there stops, unseen, and the command ends as it would have (a send records
+    every row), with its own exit status (`terminal.quiet_when_unread`)."""
+    from .terminal import quiet_when_unread
+
+    originals: list[tuple[str, Any, Any]] = []
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is getattr(sys, f"__{name}__"):  # not a test's capture, nor a caller's
+            quiet = quiet_when_unread(stream)
+            if quiet is not None:
+                originals.append((name, stream, quiet))
+                setattr(sys, name, quiet)
+    try:
+        yield
+    finally:
+        for name, stream, quiet in originals:
+            with contextlib.suppress(Exception):
+                quiet.flush()
+            setattr(sys, name, stream)
+
+
+def _main(argv: list[str] | None) -> None:
     # A character stdout's encoding lacks (a non-ASCII address under PYTHONIOENCODING=ascii or
     # a Latin-1 terminal) is printed as its escape, as Python's own stderr does: never a
     # traceback, whoever writes it (our tables, click.echo, rich's status and suppress tables).
@@ -853,8 +893,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         say_err("Interrupted.")
         raise SystemExit(EXIT_INTERRUPTED) from None
-    except BrokenPipeError:
-        raise SystemExit(EXIT_SOME_FAILED) from None
 
 
 def reference() -> str:

@@ -330,7 +330,7 @@ def preflight(
                 result.skipped[row.number] = "suppressed: every address of the message"
                 continue
         try:
-            rendered = check_buildable(rendered)
+            rendered = check_buildable(rendered, envelope)
             preview = (
                 build(rendered, envelope_to=envelope, tags=options.tags)
                 if len(result.previews) < options.preview
@@ -992,7 +992,7 @@ class Run:
         jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=0 if mark else opts.workers * 4)
         self._budget = _Budget(2 * opts.workers) if mark is not None else None
         title = f"sending via {self.transport.url}"
-        self.progress.start(self.metrics, title)
+        self._display(lambda: self.progress.start(self.metrics, title))
         try:
             with ThreadPoolExecutor(opts.workers, thread_name_prefix="smartmail-send") as pool:
                 workers = [pool.submit(self._worker, jobs) for _ in range(opts.workers)]
@@ -1026,7 +1026,7 @@ class Run:
                     w.result()
         finally:
             self.metrics.finish()
-            self.progress.stop()
+            self._display(lambda: self.progress.stop())
             if self.failed_rows is not None:
                 self.failed_rows.close(remove_stale=not opts.test_to)  # a proof changes nothing
             self.transport.close()
@@ -1046,6 +1046,16 @@ class Run:
             if self.failed_rows
             else [],
         )
+
+    def _display(self, step: Callable[[], None]) -> None:
+        """Start or stop the progress display; one that fails never stops the send pass, nor
+        keeps the failed rows from being written. rich, whose console meets a closed pipe,
+        raises SystemExit(1), hence the catch; the display is then left off."""
+        try:
+            step()
+        except (Exception, SystemExit) as exc:
+            log.warning("the progress display failed and is off: %s: %s", type(exc).__name__, exc)
+            self.progress = NullProgress()
 
 
 def default_campaign_id(source_identity: str, template_text: str) -> str:

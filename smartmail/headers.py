@@ -49,10 +49,24 @@ class HeaderError(ValueError):
     """A header value that cannot be written within the line limits; the message says why."""
 
 
-def needs_utf8(sender: str, recipients: Iterable[str]) -> bool:
-    """SMTPUTF8 is needed when a local part is non-ASCII (domains are always IDNA)."""
-    return not sender.partition("@")[0].isascii() or not all(
-        a.partition("@")[0].isascii() for a in recipients
+def needs_utf8(
+    sender: str,
+    recipients: Iterable[str],
+    fields: Iterable[tuple[str, str | tuple[Mailbox, ...]]] = (),
+) -> bool:
+    """SMTPUTF8 is needed when a local part is non-ASCII (domains are always IDNA): in the
+    envelope as it is sent (the sender, `recipients`: after suppressed copies are left out,
+    or the --test-to address in place of the message's own), or in an address header that
+    is written (`fields`; Bcc is not), where such a local part can only go raw, in UTF-8."""
+    if not sender.partition("@")[0].isascii():
+        return True
+    if not all(a.isascii() or a.rpartition("@")[0].isascii() for a in recipients):
+        return True
+    return any(
+        not box.address.isascii() and not box.address.rpartition("@")[0].isascii()
+        for name, value in fields
+        if not isinstance(value, str) and name.lower() != "bcc"
+        for box in value
     )
 
 

@@ -59,11 +59,8 @@ def build(
     (a template cannot set them). Raises InvalidRowError when a header cannot be written
     within the line limits or an attachment cannot be read.
     """
-    utf8 = headers.needs_utf8(rendered.sender, rendered.envelope_to)
+    utf8, head = _head_for(rendered, envelope_to)
     where = Location(rendered.source, rendered.row.number)
-    head = rendered.head
-    if head is None:
-        head = _encode_head(rendered, utf8)
     sender_domain = rendered.sender.rpartition("@")[2] or "localhost"
     message_id = f"<{_unique()}@{sender_domain}>"
     lines = [
@@ -89,7 +86,9 @@ def build(
     )
 
 
-def check_buildable(rendered: RenderedMessage) -> RenderedMessage:
+def check_buildable(
+    rendered: RenderedMessage, envelope_to: list[str] | None = None
+) -> RenderedMessage:
     """Refuse now what `build` would refuse later, without building.
 
     Pre-flight checks every row this way, and the send pass builds each message just before
@@ -98,13 +97,12 @@ def check_buildable(rendered: RenderedMessage) -> RenderedMessage:
     file's encoding is shared by every message attaching it), so it is sent with the files as
     checked; a header block not encoded yet is encoded here too. Raises InvalidRowError as
     `build` would, and UnicodeEncodeError for text `build` could not encode (a lone
-    surrogate, from a template's string literal or a CSV read as UTF-7).
+    surrogate, from a template's string literal or a CSV read as UTF-7). `envelope_to` is
+    where `build` will send it (--test-to), which can change whether it goes as SMTPUTF8.
     """
-    utf8 = headers.needs_utf8(rendered.sender, rendered.envelope_to)
-    head = rendered.head
-    if head is None:
-        head = _encode_head(rendered, utf8)
-        rendered = rendered._replace(head=head)
+    if rendered.head is None:
+        rendered = rendered._replace(head=_encode_head(rendered, _utf8(rendered, None)))
+    utf8, head = _head_for(rendered, envelope_to)
     for line in head:
         if not line.isascii():
             line.encode("utf-8" if utf8 else "ascii")
@@ -119,6 +117,26 @@ def check_buildable(rendered: RenderedMessage) -> RenderedMessage:
             raise InvalidRowError(where, f"an attachment cannot be read: {exc.strerror}") from None
         rendered = rendered._replace(attachment_parts=parts)
     return rendered
+
+
+def _utf8(rendered: RenderedMessage, envelope_to: list[str] | None) -> bool:
+    """Whether the message goes as SMTPUTF8: decided by what is sent, the envelope (the
+    message's own, or `envelope_to` in its place) and the address headers written."""
+    envelope = rendered.envelope_to if envelope_to is None else envelope_to
+    return headers.needs_utf8(rendered.sender, envelope, rendered.headers)
+
+
+def _head_for(rendered: RenderedMessage, envelope_to: list[str] | None) -> tuple[bool, list[str]]:
+    """SMTPUTF8 or not, and the header block encoded for it.
+
+    `rendered.head`, when present, is encoded for the message's own envelope (the template
+    decides as `_utf8` does; leaving a suppressed copy out clears it); sent elsewhere
+    (--test-to) the decision can differ, and the block is encoded again."""
+    utf8 = _utf8(rendered, envelope_to)
+    head = rendered.head
+    if head is None or (envelope_to is not None and utf8 != _utf8(rendered, None)):
+        head = _encode_head(rendered, utf8)
+    return utf8, head
 
 
 def _encode_head(rendered: RenderedMessage, utf8: bool) -> list[str]:

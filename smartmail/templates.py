@@ -420,7 +420,8 @@ class MessageTemplate:
         if len(values) != len(self._specs):  # only a template expression can make a NUL
             raise TemplateError(where, f"template {self.name}: a header value renders a NUL")
         # Encoded as they come for 7-bit (nearly every message), again at the end when a
-        # non-ASCII local part makes it SMTPUTF8 (the builder makes the same decision).
+        # non-ASCII local part, in the envelope or in any address header written, makes it
+        # SMTPUTF8 (the builder makes the same decision: message._utf8).
         head = [] if self.has_to else [f"To: {recipient}"]
         try:
             for spec, value in zip(self._specs, values, strict=True):
@@ -495,7 +496,7 @@ class MessageTemplate:
                 )
             if not envelope:
                 raise InvalidRowError(where, "the message has no recipient")
-            if headers.needs_utf8(sender, envelope):
+            if headers.needs_utf8(sender, envelope, result):
                 head = headers.encode(result, utf8=True)
         except headers.HeaderError as exc:
             raise InvalidRowError(where, str(exc)) from None

@@ -17,11 +17,14 @@ terminal's, or $COLUMNS, else 80.
 
 from __future__ import annotations
 
+import io
 import os
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from _typeshed import ReadableBuffer
 
 # C0 controls but TAB (LF is kept only in a preview), DEL, C1 controls, the Unicode line and
 # paragraph separators, and the bidirectional formatting characters (the "Trojan Source" ones),
@@ -150,3 +153,62 @@ def _width(stream: IO[str], env: Mapping[str, str], terminal: bool) -> int:
         except (AttributeError, ValueError, OSError):  # not a real file (a test's capture)
             pass
     return 80
+
+
+# --- a reader that goes away -----------------------------------------------------------------
+
+
+class _UntilReaderGone(io.RawIOBase):
+    """Writes to a file descriptor; once its reader has gone (EPIPE: `smartmail status | head
+    -1`), /dev/null takes the descriptor's place and every write succeeds, unseen.
+
+    What a process that ignores SIGPIPE should do with output nobody reads: no traceback, no
+    "Broken pipe" message, and the command carries on to its own end and exit status (a send
+    records every row, and its summary goes nowhere).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+    def write(self, data: ReadableBuffer) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BrokenPipeError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self._fd)
+            finally:
+                os.close(null)
+            return memoryview(data).nbytes
+
+
+def quiet_when_unread(stream: TextIO | None) -> TextIO | None:
+    """`stream` (the process's own stdout or stderr) as a text stream that a reader going away
+    cannot break (`_UntilReaderGone`), with the same encoding, errors and buffering; None when
+    it needs none (a terminal, which never answers EPIPE, or not a file descriptor at all)."""
+    if stream is None or not isinstance(stream, io.TextIOWrapper):
+        return None
+    try:
+        fd = stream.fileno()
+        if os.isatty(fd):
+            return None
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+    stream.flush()
+    return io.TextIOWrapper(
+        io.BufferedWriter(_UntilReaderGone(fd)),
+        encoding=stream.encoding,
+        errors=stream.errors,
+        line_buffering=stream.line_buffering,
+        write_through=stream.write_through,
+    )

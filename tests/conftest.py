@@ -37,6 +37,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    mail_options: list[str] = field(default_factory=list)
 
     @property
     def message(self) -> EmailMessage:
@@ -107,7 +108,12 @@ class RecordingHandler:
                 return "451 4.3.0 Temporary local problem, try again"
             content = envelope.original_content or b""
             self.received.append(
-                Received(str(envelope.mail_from), list(envelope.rcpt_tos), bytes(content))
+                Received(
+                    str(envelope.mail_from),
+                    list(envelope.rcpt_tos),
+                    bytes(content),
+                    list(envelope.mail_options),
+                )
             )
             return self.ok_reply.format(n=n)
 
@@ -162,9 +168,21 @@ def _start(handler: RecordingHandler, **server_kwargs: Any) -> Controller:
 
 @pytest.fixture
 def smtp_server() -> Iterator[SmtpServer]:
-    """A plain SMTP server (no TLS, no AUTH) that records what it accepts."""
+    """A plain SMTP server (no TLS, no AUTH) that records what it accepts. It offers
+    SMTPUTF8 (aiosmtpd's Controller does by default); `ascii_smtp_server` does not."""
     handler = RecordingHandler()
     controller = _start(handler)
+    try:
+        yield SmtpServer(controller.hostname, controller.port, handler)
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def ascii_smtp_server() -> Iterator[SmtpServer]:
+    """`smtp_server` without SMTPUTF8 (it does not offer it in its EHLO answer)."""
+    handler = RecordingHandler()
+    controller = _start(handler, enable_SMTPUTF8=False)
     try:
         yield SmtpServer(controller.hostname, controller.port, handler)
     finally:

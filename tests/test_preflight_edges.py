@@ -342,10 +342,10 @@ def test_a_message_that_cannot_be_built_is_invalid_at_preflight(
 ) -> None:
     from smartmail.message import check_buildable as real
 
-    def faulty(rendered: Any) -> Any:
+    def faulty(rendered: Any, *args: Any) -> Any:
         if rendered.recipient == "user1@example.org":
             raise UnicodeEncodeError("ascii", "é", 0, 1, "cannot encode")
-        return real(rendered)
+        return real(rendered, *args)
 
     monkeypatch.setattr(engine, "check_buildable", faulty)
     path = make_csv(tmp_path / "r.csv", 3)

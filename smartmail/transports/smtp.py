@@ -252,7 +252,8 @@ class SmtpSession:
         if message.utf8:
             if not conn.has_extn("smtputf8"):
                 raise PermanentError(
-                    f"{message.recipient}: the address needs SMTPUTF8, which "
+                    f"{message.recipient}: the message needs SMTPUTF8 (an address in its "
+                    f"envelope or headers has a non-ASCII local part), which "
                     f"{self.transport.url} does not offer"
                 )
             options += ["SMTPUTF8", "BODY=8BITMIME"]

@@ -1,0 +1,315 @@
+"""Outputs that go away while a command runs: a `--report` whose folder is removed (or becomes
+a folder) before the end, and a reader of stdout or stderr that stops reading (`| head -1`).
+Real files, SQLite, aiosmtpd and processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import Envelope, Session
+
+from smartmail.cli import main
+
+from .conftest import RecordingHandler, SmtpServer, _start, make_csv, write
+from .test_cli import installed_smartmail
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+class MidRunHandler(RecordingHandler):
+    """Accepts mail like the recording handler, and runs `during` once, while the first
+    message is in the server's hands: what happens to the machine mid-campaign."""
+
+    def __init__(self, during: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.during: Callable[[], None] | None = during
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.during is not None:
+            self.during()
+            self.during = None
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _remove(folder: Path) -> Callable[[], None]:
+    return lambda: shutil.rmtree(folder)
+
+
+def _make_folder_at(path: Path) -> Callable[[], None]:
+    return lambda: path.mkdir()
+
+
+# --- a report that cannot be written at the end ---------------------------------------------------
+
+
+@pytest.mark.parametrize("breakage", ["folder removed", "a folder at its path"])
+def test_a_report_unwritable_at_the_end_is_an_error_and_everything_else_is_recorded(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str], breakage: str
+) -> None:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    report = folder / "run.json"
+    during = _remove(folder) if breakage == "folder removed" else _make_folder_at(report)
+    handler = MidRunHandler(during, reject_rcpt={"user1@example.org"})
+    controller = _start(handler)
+    server = SmtpServer(controller.hostname, controller.port, handler)
+    csv_path = make_csv(tmp_path / "r.csv", 3)
+    failed = tmp_path / "failed.csv"
+    state_db = tmp_path / "state.db"
+    try:
+        code, _, err = run_main(
+            ["send", str(csv_path), "-t", str(template_file), "--transport", server.url,
+             "--smtp-security", "none", "--state", str(state_db), "--yes", "--workers", "1",
+             "--progress", "none", "--retry-wait", "0", "--failed-csv", str(failed),
+             "--report", str(report)],
+            capsys,
+        )  # fmt: skip
+    finally:
+        controller.stop()
+    assert code == 5  # not 0 or 1: the report a script reads next is not this run's
+    lines = error_lines(err)
+    assert len(lines) == 1 and str(report) in lines[0] and "--report" in lines[0], err
+    assert not report.is_file()
+    # Everything else is as without --report: two sent, one failed and offered for re-sending.
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == [
+        "user0@example.org",
+        "user2@example.org",
+    ]
+    with sqlite3.connect(state_db) as db:
+        statuses = sorted(s for (s,) in db.execute("SELECT status FROM deliveries"))
+    assert statuses == ["failed", "sent", "sent"]
+    with failed.open(newline="") as fh:
+        assert [row["email"] for row in csv.DictReader(fh)] == ["user1@example.org"]
+
+
+FULL_DISK = "/dev/full"  # accepts opening for writing, then every write fails: a full disk
+
+
+@pytest.mark.skipif(not os.path.exists(FULL_DISK), reason="needs /dev/full")
+def test_a_report_on_a_full_disk_after_a_clean_run_is_exit_5_and_the_outbox_stays(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file:// run: the outbox's messages are kept, and the ledger has them: a re-run
+    sends nothing again."""
+    outbox = tmp_path / "outbox"
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    args = ["send", str(csv_path), "-t", str(template_file), "--transport", f"file://{outbox}",
+            "--state", str(tmp_path / "s.db"), "--yes", "--progress", "none",
+            "--failed-csv", str(tmp_path / "f.csv")]  # fmt: skip
+    code, _, err = run_main([*args, "--report", FULL_DISK], capsys)
+    assert code == 5, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and FULL_DISK in lines[0] and "No space left" in lines[0], err
+    assert len(list(outbox.glob("*.eml"))) == 2
+    code, out, _ = run_main(args, capsys)
+    assert code == 0 and "already sent: 2" in out
+    assert len(list(outbox.glob("*.eml"))) == 2
+
+
+@pytest.mark.skipif(not os.path.exists(FULL_DISK), reason="needs /dev/full")
+def test_a_dry_run_whose_report_cannot_be_written_is_exit_2(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 3)
+    code, out, err = run_main(
+        ["dry-run", str(csv_path), "-t", str(template_file), "--report", FULL_DISK,
+         "--state", str(tmp_path / "s.db")],
+        capsys,
+    )  # fmt: skip
+    assert code == 2  # every row is valid: without the report problem this is 0
+    lines = error_lines(err)
+    assert len(lines) == 1 and FULL_DISK in lines[0], err
+    assert "smartmail dry-run" in out  # the summary is still shown
+
+
+def test_a_written_report_is_unchanged(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "run.json"
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    code, _, err = run_main(
+        ["send", str(csv_path), "-t", str(template_file), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--state", str(tmp_path / "s.db"), "--yes",
+         "--progress", "none", "--failed-csv", str(tmp_path / "f.csv"), "--report", str(report)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and not error_lines(err)
+    assert json.loads(report.read_text())["sent"] == 2
+
+
+# --- a reader that stops reading (`| head -1`) ----------------------------------------------------
+
+NOISE = ("Traceback", "BrokenPipe", "Broken pipe", "Exception ignored", "error:")
+
+
+def run_unread(args: list[str], *, closed: str = "stdout") -> tuple[int, str]:
+    """Run the installed command with its stdout (or stdout and stderr: "both") on a pipe
+    whose reader has already gone, as after `| head -1` read its line: every write there
+    meets EPIPE, from the first one on. Returns the exit status and stderr (when open)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [installed_smartmail(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=write_end if closed == "both" else subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    return proc.returncode, (proc.stderr or b"").decode()
+
+
+def run_to_devnull(args: list[str]) -> int:
+    """The exit status with nobody reading and nothing lost: output to /dev/null."""
+    return subprocess.run(
+        [installed_smartmail(), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    ).returncode
+
+
+def file_send(csv_path: Path, template: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["send", str(csv_path), "-t", str(template), "--transport",
+            f"file://{tmp_path / 'outbox'}", "--state", str(tmp_path / "s.db"), "--yes",
+            "--failed-csv", str(tmp_path / "f.csv"), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args", [["status"], ["status", "--json"], ["suppress", "list"], ["suppress", "export", "-"]]
+)
+def test_a_listing_whose_reader_has_gone_exits_0_and_says_nothing(
+    tmp_path: Path, template_file: Path, args: list[str]
+) -> None:
+    state_db = str(tmp_path / "s.db")
+    assert run_to_devnull(file_send(make_csv(tmp_path / "r.csv", 3), template_file, tmp_path)) == 0
+    assert run_to_devnull(["suppress", "add", "gone@example.org", "--state", state_db]) == 0
+    code, err = run_unread([*args, "--state", state_db])
+    assert (code, err) == (0, "")
+
+
+@pytest.mark.parametrize("invalid", [False, True])
+def test_a_dry_run_whose_reader_has_gone_exits_as_it_would_have(
+    tmp_path: Path, template_file: Path, invalid: bool
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 30)
+    if invalid:
+        write(csv_path, csv_path.read_text() + "not-an-address,Bad,C9\n")
+    args = ["dry-run", str(csv_path), "-t", str(template_file), "--preview", "5", "--no-state"]
+    expected = run_to_devnull(args)
+    assert expected == (2 if invalid else 0)
+    code, err = run_unread(args)
+    assert code == expected
+    assert not any(noise in err for noise in NOISE), err
+
+
+def test_a_send_whose_reader_has_gone_records_everything_and_exits_as_it_would_have(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 5)
+    report = tmp_path / "run.json"
+    code, err = run_unread(
+        ["send", str(csv_path), "-t", str(template_file), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--state", str(tmp_path / "s.db"), "--yes",
+         "--failed-csv", str(tmp_path / "f.csv"), "--report", str(report)]
+    )  # fmt: skip
+    assert code == 0
+    assert not any(noise in err for noise in NOISE), err
+    assert len(smtp_server.handler.received) == 5
+    assert json.loads(report.read_text())["sent"] == 5
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert dict(db.execute("SELECT status, count(*) FROM deliveries GROUP BY status")) == {
+            "sent": 5
+        }
+
+
+@pytest.mark.parametrize("progress", ["log", "live"])
+def test_a_send_whose_output_and_warnings_are_unread_still_sends_every_valid_row(
+    tmp_path: Path, template_file: Path, progress: str
+) -> None:
+    """`smartmail send ... 2>&1 | head -1`: the pre-flight warning about the invalid row, the
+    progress lines and the summary all meet a closed pipe; the send goes on regardless."""
+    csv_path = make_csv(tmp_path / "r.csv", 6)
+    write(csv_path, csv_path.read_text() + "not-an-address,Bad,C9\n")
+    args = file_send(
+        csv_path, template_file, tmp_path, "--progress", progress, "--log-interval", "0.1"
+    )
+    code, _ = run_unread(args, closed="both")
+    assert code == 0
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert dict(db.execute("SELECT status, count(*) FROM deliveries GROUP BY status")) == {
+            "sent": 6,
+            "skipped": 1,
+        }
+    # The run finished as one to /dev/null would have: a re-run has nothing new to send.
+    assert run_to_devnull(args) == 0
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+
+
+LIBRARY_RUN_WITH_AN_UNREAD_DISPLAY = """
+import contextlib, json, os, sys
+from rich.console import Console
+from smartmail import CampaignConfig, RunOptions, run_campaign
+from smartmail.campaign import Hooks
+from smartmail.progress import RichProgress
+
+template, source, outbox, state, failed, out = sys.argv[1:]
+read_end, write_end = os.pipe()
+os.close(read_end)
+unread = os.fdopen(write_end, "w")
+display = RichProgress(Console(file=unread, force_terminal=True, width=80))
+config = CampaignConfig(template=template, source=source, transport="file://" + outbox)
+options = RunOptions(state_path=state, failed_csv=failed)
+result = run_campaign(config, options, Hooks(progress=display))
+with open(out, "w") as fh:
+    json.dump({"code": result.exit_code, "error": result.error, "sent": result.summary.sent}, fh)
+with contextlib.suppress(OSError):
+    unread.close()
+"""
+
+
+def test_a_progress_display_whose_reader_has_gone_does_not_stop_the_run_finishing(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """A library caller's live display on a stream nobody reads any more (rich then raises
+    SystemExit): the send pass still sends, records, and finishes as usual, removing an
+    earlier run's failed-rows CSV, now stale, which would offer rows sent since."""
+    stale = write(tmp_path / "f.csv", "email,name,code,error\nuser0@example.org,U,C,old\n")
+    out = tmp_path / "result.json"
+    args = [str(template_file), str(make_csv(tmp_path / "r.csv", 3)), str(tmp_path / "outbox"),
+            str(tmp_path / "s.db"), str(stale), str(out)]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", LIBRARY_RUN_WITH_AN_UNREAD_DISPLAY, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert json.loads(out.read_text()) == {"code": 0, "error": None, "sent": 3}
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 3
+    assert not stale.exists()
