@@ -822,7 +822,10 @@ class CampaignRun:
         )
         which = self.options.resend or "failed"
         return CampaignResult(
-            summary=summary, note=f"nothing to retry: campaign {self.campaign} has no {which} rows"
+            summary=summary,
+            note=f"nothing to retry: campaign {self.campaign} has no {which} rows",
+            # A report all the same: a script reading it must not find the last run's.
+            report_error=self._write_report(summary),
         )
 
     def _write_report(self, summary: Summary) -> str | None:

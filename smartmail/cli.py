@@ -637,6 +637,8 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
         raise
     if result.note:
         say(result.note)
+        if result.report_error is not None:
+            say_err(f"{result.report_error}; nothing was sent", lead="error:", style="bold red")
         raise SystemExit(result.exit_code)
     print_summary(result.summary)
     _ledger_notes(result.summary)
