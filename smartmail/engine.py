@@ -261,6 +261,11 @@ def preflight(
     until it is spent, for a send pass that follows; a dry run keeps none (its previews are
     built).
     """
+    if options.test_to and not allow_utf8_local:
+        try:  # the proof's address must be one this transport can send to, as every row's
+            addresses.validate(options.test_to, allow_utf8_local=False)
+        except addresses.AddressError as exc:
+            raise ConfigError(f"--test-to: {exc}") from None
     result = PreflightResult(source=source.name, source_sha256=getattr(source, "sha256", None))
     budget = keep_rendered
     held: set[int] = set()  # ids of the encoded attachments kept messages hold (counted once)

@@ -127,6 +127,18 @@ def test_send_from_s3_through_ses_as_a_subprocess(
     assert body is not None and "your code is C00003" in body.get_content()
 
 
+@mock_aws
+def test_a_proof_to_an_address_ses_cannot_send_to_is_refused_with_nothing_sent(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    verify_sender()
+    args = send_args(make_csv(tmp_path / "r.csv", 2), template_file, "--rate", "50")
+    code, _, err = run_cli([*args, "--test-to", "jörg@example.org"], capsys)
+    assert code == 2
+    assert "--test-to" in err and "non-ASCII local part" in err and "SMTPUTF8" in err
+    assert ses_backend().sent_messages == []
+
+
 # --- the 24-hour quota --------------------------------------------------------------------------
 
 
