@@ -529,11 +529,12 @@ class CampaignRun:
     # --- steps ---------------------------------------------------------------------------------
 
     def _template(self) -> MessageTemplate:
-        from . import unsubscribe
+        from . import codecache, unsubscribe
         from .templates import MessageTemplate
 
         config = self.config
         kwargs: dict[str, Any] = {
+            "cache": codecache.default_cache(),  # skips Jinja's compiler after the first run
             "html_path": config.html_template,
             "extra_headers": unsubscribe.headers(config.unsubscribe_url, config.unsubscribe_mailto),
         }
