@@ -65,6 +65,7 @@ from .errors import (
 from .message import OutgoingMessage, build, check_buildable
 from .progress import NullProgress, ProgressDisplay
 from .ratelimit import Limiter, Unlimited
+from .records import Described
 from .report import Metrics, Outcome, Status, Summary
 from .sources import RecipientSource, Row, RowProblem
 from .suppression import key as address_key
@@ -89,8 +90,8 @@ class _Ask(enum.Enum):
     ASK = 0
 
 
-@dataclass(eq=False)
-class SendOptions:
+@dataclass(repr=False, eq=False)
+class SendOptions(Described):
     """How a run treats its rows. Defaults are the documented safe ones."""
 
     workers: int = 4
@@ -185,8 +186,8 @@ class NullJournal:
         return None
 
 
-@dataclass(eq=False)
-class PreflightResult:
+@dataclass(repr=False, eq=False)
+class PreflightResult(Described):
     """What pre-flight found: the rows to skip and why, the problems, and the previews.
 
     `kept` holds the rendered and checked messages (by row number) within the cache budget,

@@ -41,6 +41,7 @@ from . import state
 from .errors import SmartmailError
 from .lock import CampaignLock
 from .message import OutgoingMessage
+from .records import Record
 from .sources import Row
 from .suppression import SuppressionList
 from .suppression import key as suppression_key
@@ -144,8 +145,8 @@ def in_doubt_reason(campaign: str) -> str:
     return f"in doubt (smartmail retry {campaign} --in-doubt sends it again)"
 
 
-@dataclass
-class CampaignRecord:
+@dataclass(repr=False, eq=False)
+class CampaignRecord(Record):
     """What the campaigns row keeps so `retry` can send again the same way. Never a secret."""
 
     id: str

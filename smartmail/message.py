@@ -26,6 +26,7 @@ from urllib.parse import quote
 from . import headers
 from .dates import formatdate
 from .errors import InvalidRowError, Location
+from .records import Record
 from .sources import Row
 from .templates import RenderedMessage
 
@@ -33,8 +34,8 @@ CRLF = "\r\n"
 _MAX_LINE = 998
 
 
-@dataclass(slots=True)
-class OutgoingMessage:
+@dataclass(slots=True, repr=False, eq=False)
+class OutgoingMessage(Record):
     """What a transport needs: the envelope and the finished MIME bytes."""
 
     sender: str
