@@ -36,7 +36,6 @@ import csv
 import enum
 import hashlib
 import itertools
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -71,7 +70,9 @@ from .sources import RecipientSource, Row, RowProblem
 from .suppression import key as address_key
 from .templates import HeaderValue, MessageTemplate, RenderedMessage
 
-if TYPE_CHECKING:  # a dry run (pre-flight, summary) needs neither; `Run` imports them
+if TYPE_CHECKING:  # a dry run (pre-flight, summary) needs none of these; `Run` imports them
+    import queue
+
     from .retry import RetryPolicy
     from .transports.base import Delivery, Session, Transport
 
@@ -745,6 +746,8 @@ class Run:
     # --- workers -----------------------------------------------------------------------------
 
     def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
+        import queue
+
         session = self.transport.open_session()
         budget = self._budget
         # Without batched marks, a journal with `ahead` starts marking the next row while
@@ -890,6 +893,8 @@ class Run:
     # --- the run -----------------------------------------------------------------------------
 
     def _feed(self, jobs: queue.Queue[_Job | None], workers_gone: Callable[[], bool]) -> None:
+        import queue
+
         for message in self._messages():
             while True:
                 try:
@@ -935,7 +940,8 @@ class Run:
                 jobs.put(_Job(message))
 
     def run(self) -> Summary:
-        from concurrent.futures import ThreadPoolExecutor  # not for a dry run's pre-flight
+        import queue  # neither for a dry run's pre-flight
+        from concurrent.futures import ThreadPoolExecutor
 
         opts = self.options
         mark: Callable[[list[OutgoingMessage]], None] | None = getattr(self.journal, "mark", None)

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -47,6 +46,7 @@ from .suppression import SuppressionList
 from .suppression import key as suppression_key
 
 if TYPE_CHECKING:
+    import queue
     from concurrent.futures import Future
 
     from .report import Outcome
@@ -231,7 +231,8 @@ class _Writer(threading.Thread):
     """
 
     def __init__(self, path: Path) -> None:
-        from concurrent.futures import Future  # a send's; a dry run reads and never writes
+        import queue  # a send's, as the Future; a dry run reads and never writes
+        from concurrent.futures import Future
 
         super().__init__(name="smartmail-ledger", daemon=True)
         self.path = path
@@ -265,6 +266,8 @@ class _Writer(threading.Thread):
         return min(LINGER, max(0.0, self.cycle * 0.75 - self.commit_time))
 
     def run(self) -> None:
+        import queue
+
         try:
             conn = state.connect(self.path, shared=True)
             conn.execute("PRAGMA synchronous=FULL")

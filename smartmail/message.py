@@ -11,10 +11,8 @@ parsing it back with `email.policy.SMTP`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import itertools
-import mimetypes
 import os
 import stat
 import time
@@ -215,6 +213,9 @@ def _attachment(path: Path) -> str:
 @lru_cache(maxsize=64)
 def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
     """Encode a file once per run, however many messages attach it (cache keyed by mtime)."""
+    import base64  # imported here: a run without attachments needs neither
+    import mimetypes
+
     filename = os.path.basename(path)
     ctype, encoding = mimetypes.guess_type(filename)
     if ctype is None or encoding is not None:
