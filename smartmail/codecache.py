@@ -34,6 +34,7 @@ _SUFFIX = ".jinja"
 # Open a folder (or refuse a symbolic link) where the platform allows it; 0 elsewhere.
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO in place of an entry must not hang a run
 
 
 def default_folder() -> Path | None:
@@ -96,7 +97,7 @@ class CodeCache:
         if folder is None:
             return None
         try:
-            fd = os.open(key, os.O_RDONLY | _NOFOLLOW, dir_fd=folder)
+            fd = os.open(key, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=folder)
         except OSError:
             return None
         finally:

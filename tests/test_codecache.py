@@ -216,6 +216,14 @@ def test_a_symbolic_link_is_not_followed(template: Path, tmp_path: Path) -> None
     assert "POISONED" not in rendered(template, cache)[2]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_in_place_of_an_entry_is_a_miss_not_a_hang(template: Path, tmp_path: Path) -> None:
+    cache, entry = _cached(template, tmp_path)
+    entry.unlink()
+    os.mkfifo(entry, 0o600)
+    assert rendered(template, cache) == rendered(template, None)
+
+
 @pytest.mark.parametrize(
     "content", [b"", b"not marshal", marshal.dumps([1, 2]), marshal.dumps({"text": 1})]
 )
