@@ -13,7 +13,9 @@ valgrind is installed.
 The dry run reads a state database of its own (XDG_STATE_HOME in the scratch folder), made
 before timing: as for a user who has sent before, it opens the ledger and the suppression
 list, and it never reads or writes the real one. (With no state file at all it would skip
-them: a first dry run is a little faster.)
+them: a first dry run is a little faster.) Its cache of compiled templates is in the scratch
+folder too (XDG_CACHE_HOME), filled by one untimed dry run: what is timed is a run after the
+first, as a user runs a template again (the first run of a template also compiles it).
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="smartmail-bench-") as tmp:
         csv_path, template = write_campaign(Path(tmp), 10)
-        env = {**os.environ, "XDG_STATE_HOME": str(Path(tmp) / "state")}
+        env = {
+            **os.environ,
+            "XDG_STATE_HOME": str(Path(tmp) / "state"),
+            "XDG_CACHE_HOME": str(Path(tmp) / "cache"),
+        }
         env.pop(state.STATE_ENV, None)
         state.connect(Path(tmp) / "state" / "smartmail" / "smartmail.db").close()
         commands = {
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "help": [py, "-m", "smartmail", "--help"],
             "dry_run": [py, "-m", "smartmail", "dry-run", str(csv_path), "-t", str(template)],
         }
+        wall(commands["dry_run"], env)  # compiles the template into the cache
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.repeat):
             for name, cmd in commands.items():

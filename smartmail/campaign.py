@@ -42,6 +42,7 @@ from .errors import (
     SmartmailError,
 )
 from .files import check_writable, check_writable_dir, readable
+from .records import Described
 
 if TYPE_CHECKING:
     from .dynamo_ledger import DynamoLedger
@@ -127,8 +128,8 @@ class Plan(NamedTuple):
     """With --allow-partial: the messages that would have been sent without the quota."""
 
 
-@dataclass(eq=False)  # hooks are callables: equality means nothing (and costs start-up)
-class Hooks:
+@dataclass(repr=False, eq=False)  # hooks are callables: equality means nothing (and costs start-up)
+class Hooks(Described):
     """How a run talks to whoever started it. Every hook is optional: the defaults are silent
     and never ask (a library call, a worker, a Lambda)."""
 
@@ -157,8 +158,8 @@ class Secrets(NamedTuple):
         return f"Secrets(smtp_password={'<hidden>' if self.smtp_password else None})"
 
 
-@dataclass(eq=False)
-class CampaignResult:
+@dataclass(repr=False, eq=False)
+class CampaignResult(Described):
     """How a run ended. `error` is set when a problem stopped it after sending had begun."""
 
     summary: Summary
@@ -197,8 +198,8 @@ class CampaignResult:
         return EXIT_OK
 
 
-@dataclass(eq=False)
-class DryRunResult:
+@dataclass(repr=False, eq=False)
+class DryRunResult(Described):
     """What a dry run found: every row's verdict (`checked`, previews included) and the
     summary. Exit code 0 only when every row is valid."""
 
@@ -544,11 +545,12 @@ class CampaignRun:
     # --- steps ---------------------------------------------------------------------------------
 
     def _template(self) -> MessageTemplate:
-        from . import unsubscribe
+        from . import codecache, unsubscribe
         from .templates import MessageTemplate
 
         config = self.config
         kwargs: dict[str, Any] = {
+            "cache": codecache.default_cache(),  # skips Jinja's compiler after the first run
             "html_path": config.html_template,
             "extra_headers": unsubscribe.headers(config.unsubscribe_url, config.unsubscribe_mailto),
         }

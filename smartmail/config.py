@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from .errors import ConfigError
+from .records import Record
 
 CONFIG_VERSION = 1
 ON_INVALID = ("skip", "abort")
@@ -25,8 +26,8 @@ SMTP_SECURITY = ("starttls", "tls", "none")
 Resend = Literal["failed", "in-doubt"]
 
 
-@dataclass
-class CampaignConfig:
+@dataclass(repr=False, eq=False)
+class CampaignConfig(Record):
     """Everything campaign-wide that a send needs; what the ledger stores for `retry`.
 
     Never a secret: the SMTP password is given to each run (`Secrets`, or the

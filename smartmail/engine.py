@@ -36,7 +36,6 @@ import csv
 import enum
 import hashlib
 import itertools
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,12 +64,15 @@ from .errors import (
 from .message import OutgoingMessage, build, check_buildable
 from .progress import NullProgress, ProgressDisplay
 from .ratelimit import Limiter, Unlimited
+from .records import Described
 from .report import Metrics, Outcome, Status, Summary
 from .sources import RecipientSource, Row, RowProblem
 from .suppression import key as address_key
 from .templates import HeaderValue, MessageTemplate, RenderedMessage
 
-if TYPE_CHECKING:  # a dry run (pre-flight, summary) needs neither; `Run` imports them
+if TYPE_CHECKING:  # a dry run (pre-flight, summary) needs none of these; `Run` imports them
+    import queue
+
     from .retry import RetryPolicy
     from .transports.base import Delivery, Session, Transport
 
@@ -89,8 +91,8 @@ class _Ask(enum.Enum):
     ASK = 0
 
 
-@dataclass(eq=False)
-class SendOptions:
+@dataclass(repr=False, eq=False)
+class SendOptions(Described):
     """How a run treats its rows. Defaults are the documented safe ones."""
 
     workers: int = 4
@@ -185,8 +187,8 @@ class NullJournal:
         return None
 
 
-@dataclass(eq=False)
-class PreflightResult:
+@dataclass(repr=False, eq=False)
+class PreflightResult(Described):
     """What pre-flight found: the rows to skip and why, the problems, and the previews.
 
     `kept` holds the rendered and checked messages (by row number) within the cache budget,
@@ -778,6 +780,8 @@ class Run:
     # --- workers -----------------------------------------------------------------------------
 
     def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
+        import queue
+
         session = self.transport.open_session()
         budget = self._budget
         # Without batched marks, a journal with `ahead` starts marking the next row while
@@ -923,6 +927,8 @@ class Run:
     # --- the run -----------------------------------------------------------------------------
 
     def _feed(self, jobs: queue.Queue[_Job | None], workers_gone: Callable[[], bool]) -> None:
+        import queue
+
         for message in self._messages():
             while True:
                 try:
@@ -989,7 +995,8 @@ class Run:
                 self._outcome(message.row, message.recipient, "unsent", reason)
 
     def run(self) -> Summary:
-        from concurrent.futures import ThreadPoolExecutor  # not for a dry run's pre-flight
+        import queue  # neither for a dry run's pre-flight
+        from concurrent.futures import ThreadPoolExecutor
 
         opts = self.options
         mark: Callable[[list[OutgoingMessage]], None] | None = getattr(self.journal, "mark", None)

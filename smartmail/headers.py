@@ -13,7 +13,7 @@ encoded-word "however long" for display names.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import string
 from collections.abc import Iterable, Sequence
 
@@ -287,6 +287,11 @@ def _q_words(encoded: str, first: int) -> list[str]:
     return words
 
 
+def _b64(data: bytes | bytearray) -> str:
+    """`base64.b64encode(data)` as text, without importing base64 (binascii is loaded anyway)."""
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
 def _b_words(text: str, first_bytes: int) -> list[str]:
     words: list[str] = []
     budget = first_bytes
@@ -294,9 +299,9 @@ def _b_words(text: str, first_bytes: int) -> list[str]:
     for char in text:
         data = char.encode("utf-8")
         if chunk and len(chunk) + len(data) > budget:
-            words.append(f"{_B_PREFIX}{base64.b64encode(chunk).decode('ascii')}?=")
+            words.append(f"{_B_PREFIX}{_b64(chunk)}?=")
             chunk = bytearray()
             budget = _B_BYTES
         chunk += data
-    words.append(f"{_B_PREFIX}{base64.b64encode(chunk).decode('ascii')}?=")
+    words.append(f"{_B_PREFIX}{_b64(chunk)}?=")
     return words

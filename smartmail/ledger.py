@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -41,11 +40,13 @@ from . import state
 from .errors import SmartmailError
 from .lock import CampaignLock
 from .message import OutgoingMessage
+from .records import Record
 from .sources import Row
 from .suppression import SuppressionList
 from .suppression import key as suppression_key
 
 if TYPE_CHECKING:
+    import queue
     from concurrent.futures import Future
 
     from .report import Outcome
@@ -144,8 +145,8 @@ def in_doubt_reason(campaign: str) -> str:
     return f"in doubt (smartmail retry {campaign} --in-doubt sends it again)"
 
 
-@dataclass
-class CampaignRecord:
+@dataclass(repr=False, eq=False)
+class CampaignRecord(Record):
     """What the campaigns row keeps so `retry` can send again the same way. Never a secret."""
 
     id: str
@@ -231,7 +232,8 @@ class _Writer(threading.Thread):
     """
 
     def __init__(self, path: Path) -> None:
-        from concurrent.futures import Future  # a send's; a dry run reads and never writes
+        import queue  # a send's, as the Future; a dry run reads and never writes
+        from concurrent.futures import Future
 
         super().__init__(name="smartmail-ledger", daemon=True)
         self.path = path
@@ -265,6 +267,8 @@ class _Writer(threading.Thread):
         return min(LINGER, max(0.0, self.cycle * 0.75 - self.commit_time))
 
     def run(self) -> None:
+        import queue
+
         try:
             conn = state.connect(self.path, shared=True)
             conn.execute("PRAGMA synchronous=FULL")

@@ -11,10 +11,8 @@ parsing it back with `email.policy.SMTP`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import itertools
-import mimetypes
 import os
 import stat
 import time
@@ -26,6 +24,7 @@ from urllib.parse import quote
 from . import headers
 from .dates import formatdate
 from .errors import InvalidRowError, Location
+from .records import Record
 from .sources import Row
 from .templates import RenderedMessage
 
@@ -33,8 +32,8 @@ CRLF = "\r\n"
 _MAX_LINE = 998
 
 
-@dataclass(slots=True)
-class OutgoingMessage:
+@dataclass(slots=True, repr=False, eq=False)
+class OutgoingMessage(Record):
     """What a transport needs: the envelope and the finished MIME bytes."""
 
     sender: str
@@ -232,6 +231,9 @@ def _attachment(path: Path) -> str:
 @lru_cache(maxsize=64)
 def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
     """Encode a file once per run, however many messages attach it (cache keyed by mtime)."""
+    import base64  # imported here: a run without attachments needs neither
+    import mimetypes
+
     filename = os.path.basename(path)
     ctype, encoding = mimetypes.guess_type(filename)
     if ctype is None or encoding is not None:

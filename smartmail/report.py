@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .ratelimit import RateStats
+from .records import Record
 from .sources import Row
 
 Status = Literal["sent", "failed", "skipped", "unsent", "in-doubt"]
@@ -27,8 +28,8 @@ IN_DOUBT_PREFIX = "in doubt"  # the reason of every in-doubt row, this run's or 
 MAX_LISTED = 1000  # rows listed by name in the report (in doubt, sent without some Cc/Bcc)
 
 
-@dataclass(slots=True)
-class Outcome:
+@dataclass(slots=True, repr=False, eq=False)
+class Outcome(Record):
     """How one row ended. Every row gets exactly one."""
 
     row: Row
@@ -121,8 +122,8 @@ def _percentile(values: list[float], pct: float) -> float | None:
     return values[index]
 
 
-@dataclass
-class Summary:
+@dataclass(repr=False, eq=False)
+class Summary(Record):
     """Everything a user wants to know after a run; also the JSON report."""
 
     campaign: str

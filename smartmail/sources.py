@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from .errors import ConfigError, Location, SourceError
+from .records import Record
 
 DELIMITERS = (",", ";", "\t")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -46,8 +47,8 @@ class Row(NamedTuple):
     values: dict[str, str]
 
 
-@dataclass
-class SourceSpec:
+@dataclass(repr=False, eq=False)
+class SourceSpec(Record):
     """Where the recipients are and how to read them."""
 
     location: str
@@ -384,8 +385,8 @@ def describe(spec: SourceSpec) -> str:
     return os.path.abspath(spec.location)
 
 
-@dataclass
-class RowProblem:
+@dataclass(repr=False, eq=False)
+class RowProblem(Record):
     """A problem found in one row, reported with its location."""
 
     row: int

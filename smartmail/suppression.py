@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 from . import addresses
 from .addresses import normalise
 from .errors import Location, SourceError
+from .records import Described
 from .sources import RecipientSource, Row, SourceSpec
 
 if TYPE_CHECKING:  # the engine imports `key`: a dry run with no state file loads no sqlite3
@@ -150,8 +151,8 @@ class SuppressionStore(Protocol):
     def add_many(self, entries: Iterable[tuple[str, str, str]]) -> int: ...
 
 
-@dataclass(eq=False)
-class ImportResult:
+@dataclass(repr=False, eq=False)
+class ImportResult(Described):
     """What an import did. `problems` are one line each, naming file, row and column."""
 
     rows: int = 0

@@ -238,9 +238,11 @@ def make_csv(path: Path, n: int, *, domain: str = "example.org") -> Path:
 def private_state(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No test (or subprocess it starts) reads or writes the user's real state database: the
-    ledger would remember every test campaign and skip it as already sent next time."""
+    """No test (or subprocess it starts) reads or writes the user's real state database (the
+    ledger would remember every test campaign and skip it as already sent next time) or cache."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+    # Nor the user's cache of compiled templates (codecache.py).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     # A subprocess killed by a test leaves its private copy of the list here, not in /tmp.
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
     monkeypatch.delenv("SMARTMAIL_STATE", raising=False)

@@ -297,7 +297,8 @@ def test_help_imports_no_heavy_module() -> None:
 
 def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
     """A dry run loads no AWS library, no retry policy, transport or thread pool (it sends
-    nothing), no IDNA tables (the domains are ASCII), neither the campaign listing nor the
+    nothing, so no work queue), no IDNA tables (the domains are ASCII), no `mimetypes` or
+    `base64` (there is no attachment), neither the campaign listing nor the
     DynamoDB state code, no rich (its output is plain text), no `logging` (nothing logged)
     and no `email.utils` (the Date header). It reads the ledger (sqlite3) when there is one,
     so a suppressed address shows as skipped; before the first send there is none to read,
@@ -311,7 +312,8 @@ def test_dry_run_loads_only_what_it_uses(tmp_path: Path) -> None:
         "except SystemExit as exc:\n    print('exit', exc.code)\n"
         "unused = ['boto3', 'botocore', 'tenacity', 'idna', 'smartmail.retry',\n"
         "          'smartmail.transports', 'smartmail.dynamo', 'smartmail.campaigns',\n"
-        "          'concurrent.futures', 'rich', 'logging', 'email.utils', 'socket']\n"
+        "          'concurrent.futures', 'queue', 'rich', 'logging', 'email.utils', 'socket',\n"
+        "          'mimetypes', 'base64']\n"
         "print('used:', *[m for m in ['sqlite3', 'smartmail.ledger'] if m in sys.modules])\n"
         "print('loaded:', *[m for m in unused if m in sys.modules])\n"
     )

@@ -307,9 +307,12 @@ def test_tabs_in_headers_and_control_characters_in_the_body_are_fine() -> None:
     assert "bell\x07" in msg.get_content()
 
 
-def test_control_characters_in_the_template_itself_stop_at_load() -> None:
-    with pytest.raises(TemplateError, match=re.escape("U+001B")):
-        MessageTemplate("From: a@acme.example\nSubject: \x1b[31mred\n\nbody\n")
+@pytest.mark.parametrize("char", ["\x1b", "\x00", "\x85", "\u2028", "\u2029"])
+def test_control_characters_in_the_template_itself_stop_at_load(char: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(f"U+{ord(char):04X}")):
+        MessageTemplate(f"From: a@acme.example\nSubject: dark {char}[31mred\n\nbody\n")
+    # A tab is white space, and any printable character is fine.
+    MessageTemplate("From: a@acme.example\nSubject: a\tb \u00e9\u2027\n\nbody\n")
 
 
 # --- headers the builder owns --------------------------------------------------------------
