@@ -279,25 +279,26 @@ def test_a_lost_claim_skips_the_row_and_sends_nothing(
     state = open_state(ddb)
     other = state.ledger("spring")
     mine = state.ledger("spring")
-    original = DynamoLedger.skip_reason
+    original = DynamoLedger.skip_reasons
     checks: Counter[str] = Counter()
 
-    def checked_then_raced(self: DynamoLedger, recipient: str, row: Row) -> str | None:
-        verdict = original(self, recipient, row)
-        if self is mine:
-            checks[recipient] += 1
-        # The send pass's check (pre-flight's is the first) passes; then the other wins.
-        if self is mine and recipient == "user1@example.org" and checks[recipient] == 2:
-            message = _message(recipient, row)
-            other.sending(message)
-            if winner_outcome:
-                other.record(Outcome(row=row, recipient=recipient, status="sent", message_id="x"))
-        return verdict
+    def checked_then_raced(self: DynamoLedger, items: list[tuple[str, Row]]) -> list[str | None]:
+        verdicts = original(self, items)
+        for recipient, row in items:
+            if self is mine:
+                checks[recipient] += 1
+            # The send pass's check (pre-flight's is the first) passes; then the other wins.
+            if self is mine and recipient == "user1@example.org" and checks[recipient] == 2:
+                other.sending(_message(recipient, row))
+                if winner_outcome:
+                    won = Outcome(row=row, recipient=recipient, status="sent", message_id="x")
+                    other.record(won)
+        return verdicts
 
     csv_path = make_csv(tmp_path / "list.csv", 3)
     outbox = tmp_path / "outbox"
     with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.DEBUG, "smartmail"):
-        mp.setattr(DynamoLedger, "skip_reason", checked_then_raced)
+        mp.setattr(DynamoLedger, "skip_reasons", checked_then_raced)
         summary = send_campaign(
             RecipientSource(SourceSpec(str(csv_path))),
             MessageTemplate.load(template_file),
