@@ -402,7 +402,9 @@ class Ledger:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        self._in_flight: set[str] = set()
+        # Marked by this run and not finished: the key and the row it was marked for. A
+        # later row with the same address (a duplicate, skipped) is not that row.
+        self._in_flight: dict[str, int] = {}
         self._marked_ahead: set[str] = set()  # marked, but sending() not called yet
         self._premarked: set[str] = set()  # the same, marked by `mark()`
         self._writer: _Writer | None = None
@@ -601,13 +603,14 @@ class Ledger:
         with self._guard:
             keys, self._marked_ahead = self._marked_ahead | self._premarked, set()
             self._premarked = set()
-            self._in_flight -= keys
+            for key in keys:
+                self._in_flight.pop(key, None)
         for key in keys:
             self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
 
     def _mark(self, message: OutgoingMessage, key: str) -> tuple[Any, ...]:
         with self._guard:
-            self._in_flight.add(key)
+            self._in_flight[key] = message.row.number
         row = message.row
         return (self.campaign, key, row.number, _row_json(row), message.message_id)
 
@@ -616,10 +619,14 @@ class Ledger:
         if not key:
             return
         with self._guard:
-            mine = key in self._in_flight
-            self._in_flight.discard(key)
-            self._marked_ahead.discard(key)
-            self._premarked.discard(key)
+            # Only the outcome of the row that was marked finishes the mark: the send pass
+            # records a duplicate of an address in flight skipped, and that must not turn the
+            # marked row's own `unsent` into a no-op (left `sending`: in doubt, never tried).
+            mine = self._in_flight.get(key) == outcome.row.number
+            if mine:
+                del self._in_flight[key]
+                self._marked_ahead.discard(key)
+                self._premarked.discard(key)
         ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
         if ahead:
             ahead.pop(key, None)  # marked ahead but ended unsent (a stop): pending again below

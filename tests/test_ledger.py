@@ -329,6 +329,68 @@ def test_a_failed_rows_file_that_cannot_be_written_costs_no_row_and_says_so(
     assert any(str(gone) in w and "2 row(s)" in w for w in summary.warnings), summary.warnings
 
 
+class StopAtTheDuplicate(Ledger):
+    """The real ledger; Ctrl-C lands just as the send pass records a duplicate row skipped."""
+
+    stop: Any = None
+
+    def record(self, outcome: Any) -> None:
+        super().record(outcome)
+        if outcome.status == "skipped" and outcome.reason == "duplicate recipient":
+            self.stop.set()
+
+
+def test_a_stop_leaves_no_row_in_doubt_whose_duplicate_was_skipped_meanwhile(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    import threading
+
+    from smartmail.ratelimit import TokenBucket
+
+    # One worker at one message every 5 s: row 2 goes at once, row 3 waits for its slot, row
+    # 4 is marked and queued behind it; row 5, the same address again, is skipped as a
+    # duplicate while row 4 waits, and the stop comes then. Row 4 was never attempted: it goes
+    # back to pending like the rows around it, not left in doubt.
+    rows = ["y", "x", "a", "a", "b", "c"]
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,code\n" + "".join(f"{r}@example.org,{r.upper()},C{r}\n" for r in rows),
+    )
+    db = tmp_path / "state.db"
+    stop = threading.Event()
+    ledger = StopAtTheDuplicate(db, "dup")
+    ledger.stop = stop
+
+    def pause(seconds: float) -> None:  # the run's stop-aware sleep, as `CampaignRun` gives
+        stop.wait(seconds)
+
+    ledger.acquire()
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(csv))),
+            MessageTemplate.load(template_file),
+            get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+            options=SendOptions(workers=1),
+            limiter=TokenBucket(0.2, 1, sleep=pause),
+            journal=ledger,
+            stop=stop,
+        )
+    finally:
+        ledger.close()
+    assert [r.rcpt_tos for r in smtp_server.handler.received] == [["y@example.org"]]
+    assert summary.sent == 1
+    conn = sqlite3.connect(db)
+    found = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    conn.close()
+    assert found == {
+        "y@example.org": "sent",
+        "x@example.org": "pending",
+        "a@example.org": "pending",  # not `sending`: nobody tried to send it
+        "b@example.org": "pending",
+        "c@example.org": "pending",
+    }
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
