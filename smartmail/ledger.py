@@ -329,15 +329,21 @@ class _Writer(threading.Thread):
             if conn is None:
                 raise LedgerError(f"{self.path}: the ledger is closed")
             taken: list[_Op] = []
+            ops = self.ops
             try:
-                ops = self.ops
                 while ops:
-                    taken.append(ops.popleft())
+                    # Kept before it leaves the queue: a signal's exception lands as a call
+                    # returns, and one popped and not kept yet would be lost (its waiter too).
+                    taken.append(ops[0])
+                    ops.popleft()
                 batch = taken + extra
                 for start in range(0, len(batch), BATCH):
                     self._commit(conn, batch[start : start + BATCH])
             except BaseException:
-                self.ops.extendleft(reversed([op for op in taken if not op.finished]))
+                back = [op for op in taken if not op.finished]
+                if back and ops and ops[0] is back[-1]:
+                    back.pop()  # kept, and still on the queue: interrupted in between
+                ops.extendleft(reversed(back))
                 raise
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:

@@ -270,6 +270,82 @@ def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
     assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
 
 
+def test_ctrl_c_at_any_point_of_a_mark_commit_loses_no_statement_queued_by_others(
+    tmp_path: Path,
+):
+    import sys
+    import threading
+
+    from smartmail import ledger as ledger_module
+    from smartmail.ledger import _ENSURE, _PENDING, _SENDING, _held_lock, _Op, _Writer
+
+    # A signal's exception lands on the caller's thread after any call returns. Try each such
+    # point of `commit_now` in turn: whatever other threads queued (outcomes, and a statement
+    # someone waits for) is committed in the end, once, and its waiter released.
+    where = {
+        _Writer.commit_now.__code__,
+        _Writer._commit.__code__,
+        ledger_module._apply.__code__,
+    }
+    errors: list[BaseException | None] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    try:
+        point = 0
+        while True:
+            point += 1
+            db = tmp_path / f"{point}.db"
+            writer = _Writer(db)  # not started yet: nothing else takes from its queue
+            writer.conn = connect(db, shared=True)
+            writer.commit_now([_Op(_ENSURE, ("c",), None)])
+            others = [
+                _Op(_PENDING, ("c", f"o{i}@x.org", i, "{}", "stopped"), None, f"o{i}@x.org")
+                for i in range(3)
+            ]
+            waited = _Op(None, (), _held_lock())  # a flush: its caller blocks on `done`
+            writer.ops.extend([others[0], waited, *others[1:]])
+            marks = [
+                _Op(_SENDING, ("c", f"m{i}@x.org", 10 + i, "{}", f"<{i}@x>"), None, f"m{i}@x.org")
+                for i in range(2)
+            ]
+            returns = 0
+
+            def interrupt(frame: Any, event: str, arg: Any, at: int = point) -> None:
+                nonlocal returns
+                if event == "c_return" and frame.f_code in where:
+                    returns += 1
+                    if returns == at:
+                        raise KeyboardInterrupt
+
+            sys.setprofile(interrupt)
+            try:
+                writer.commit_now(marks)
+            except KeyboardInterrupt:
+                interrupted = True
+            else:
+                interrupted = False
+            finally:
+                sys.setprofile(None)
+            writer.conn.close()
+            writer.conn = None
+            writer.start()  # the writer thread commits whatever is left on the queue
+            writer.stop()
+            writer.join(10)
+            assert not writer.is_alive() and not errors, (point, errors)
+            assert not writer.ops and all(op.finished for op in [*others, waited]), point
+            assert waited.done is not None and waited.done.acquire(timeout=5), point
+            conn = connect(db)
+            found = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+            conn.close()
+            assert {k: v for k, v in found.items() if k.startswith("o")} == {
+                f"o{i}@x.org": "pending" for i in range(3)
+            }, point
+            if not interrupted:
+                break
+        assert point > 5  # the commit had that many points an interrupt could land at
+    finally:
+        threading.excepthook = hook
+
+
 def test_rows_read_into_a_batch_when_the_list_turns_out_changed_are_recorded_not_lost(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ):
