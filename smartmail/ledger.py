@@ -32,7 +32,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -313,8 +313,9 @@ class _Writer(threading.Thread):
                 batch.append(ops.popleft())
         return batch
 
-    def commit_now(self, extra: list[_Op]) -> None:
-        """Commit what is queued and then `extra` on the calling thread, now.
+    def commit_now(self, extra: list[_Op], then: Callable[[], None] | None = None) -> None:
+        """Commit what is queued and then `extra` on the calling thread, now; then `then()`,
+        still under the commit lock (what waits for the lock sees its effect too).
 
         For a caller that needs its statements durable before it goes on (the send pass
         marking rows): committing itself spares it a hand-off to the writer thread and back.
@@ -339,6 +340,8 @@ class _Writer(threading.Thread):
                 batch = taken + extra
                 for start in range(0, len(batch), BATCH):
                     self._commit(conn, batch[start : start + BATCH])
+                if then is not None:
+                    then()
             except BaseException:
                 back = [op for op in taken if not op.finished]
                 if back and ops and ops[0] is back[-1]:
@@ -549,12 +552,18 @@ class Ledger:
         ]
         if not ops:
             return
-        self._writable().commit_now(ops)
+
+        def marked() -> None:
+            # Under the commit lock: an abort's `release_ahead` that came during the commit
+            # waits for it, and finds these rows to put back.
+            if all(op.error is None for op in ops):
+                with self._guard:
+                    self._premarked.update(op.key for op in ops if op.key)
+
+        self._writable().commit_now(ops, marked)
         failed = next((op.error for op in ops if op.error is not None), None)
         if failed is not None:
             raise LedgerError(f"{self.path}: could not record to the ledger ({failed})")
-        with self._guard:
-            self._premarked.update(op.key for op in ops if op.key)
 
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)
@@ -605,14 +614,21 @@ class Ledger:
 
     def release_ahead(self, reason: str = "not attempted (the run was aborted)") -> None:
         """Put rows marked ahead but never attempted back to `pending`, for an abort: only the
-        messages really in flight are then left in doubt."""
-        with self._guard:
-            keys, self._marked_ahead = self._marked_ahead | self._premarked, set()
-            self._premarked = set()
+        messages really in flight are then left in doubt.
+
+        A commit of marks under way (the signal came as the send pass committed them) ends
+        first: those rows will never be sent either (the run is stopping), and are put back
+        with the others rather than left `sending` by an exit right after the commit.
+        """
+        writer = self._writer
+        with writer.commit_lock if writer is not None else contextlib.nullcontext():
+            with self._guard:
+                keys, self._marked_ahead = self._marked_ahead | self._premarked, set()
+                self._premarked = set()
+                for key in keys:
+                    self._in_flight.pop(key, None)
             for key in keys:
-                self._in_flight.pop(key, None)
-        for key in keys:
-            self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
+                self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
 
     def _mark(self, message: OutgoingMessage, key: str) -> tuple[Any, ...]:
         with self._guard:

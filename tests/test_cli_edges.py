@@ -546,6 +546,54 @@ def test_a_second_signal_inside_a_ledger_commit_still_commits_what_was_sent(
     assert list(statuses.values()).count("sending") <= 2 * 4
 
 
+ABORT_AS_ROWS_ARE_MARKED = """
+import os, signal, sys, threading
+from smartmail import ledger
+real, calls, noted = ledger._apply, [], sys.argv.pop(1)
+def apply(conn, batch):
+    real(conn, batch)
+    marks = [op.key for op in batch if op.sql is ledger._SENDING]
+    if marks and threading.current_thread() is threading.main_thread():
+        calls.append(len(marks))
+        if len(calls) == 4:  # Ctrl-C, then a kill, while these marks are being committed
+            with open(noted, "w") as fh:
+                fh.write("\\n".join(marks))
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_an_abort_as_rows_are_being_marked_leaves_those_rows_pending(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The signals land while the send pass commits a batch of marks: the first stops the run
+    # (those rows will never be queued for a send), the second aborts. The abort waits for
+    # that commit, so it puts the batch back to pending with the other rows marked and not
+    # attempted, instead of leaving it in doubt.
+    csv = make_csv(tmp_path / "r.csv", 40)
+    db, noted = tmp_path / "state.db", tmp_path / "marked.txt"
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_AS_ROWS_ARE_MARKED, str(noted), "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(db), "--campaign", "c", "--yes", "--progress",
+         "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
+    marked = set(noted.read_text().split())
+    assert marked
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    conn.close()
+    assert {r: statuses.get(r) for r in marked} == {r: "pending" for r in marked}
+    assert not marked & set(smtp_server.handler.by_recipient())
+
+
 @pytest.mark.slow
 def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_pending(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
