@@ -467,6 +467,35 @@ def test_a_stop_leaves_no_row_in_doubt_whose_duplicate_was_skipped_meanwhile(
     }
 
 
+def test_a_retry_of_rows_stored_with_different_columns_exports_every_failure(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    # A column was added to the list between two runs of the campaign, and a row of each run
+    # failed: the retry's rows do not all have the same columns. The failed-rows export takes
+    # them all, and the send goes on.
+    db, csv = tmp_path / "state.db", tmp_path / "r.csv"
+    smtp_server.handler.reject_rcpt = {"user1@example.org", "user4@example.org"}
+    make_csv(csv, 3)
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "c"))[0] == 1
+    lines = ["email,name,code,plan"] + [f"user{i}@example.org,User {i},C{i},gold" for i in range(6)]
+    write(csv, "\n".join(lines) + "\n")
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "c"))[0] == 1
+    assert counts(db, "c") == {"sent": 4, "failed": 2}
+    failed_csv = tmp_path / "retry-failed.csv"
+    code, out = run_cli(
+        ["retry", "c", "--state", str(db), "--yes", "--smtp-security", "none",
+         "--failed-csv", str(failed_csv)]
+    )  # fmt: skip
+    assert code == 1, out
+    assert counts(db, "c") == {"sent": 4, "failed": 2}
+    exported = failed_csv.read_text().splitlines()
+    assert exported[0] == "email,name,code,plan,error"
+    assert sorted(line.split(",")[:4] for line in exported[1:]) == [
+        ["user1@example.org", "User 1", "C00001", ""],
+        ["user4@example.org", "User 4", "C4", "gold"],
+    ]
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
