@@ -972,6 +972,10 @@ class Run:
                 # a library caller (within the commit, or after it): the rows of the batch not
                 # queued were never attempted. Recorded unsent, a mark that landed goes back
                 # to pending instead of leaving them in doubt.
+                if not isinstance(exc, Exception):
+                    # Stopping before these are recorded: no worker starts another row
+                    # meanwhile, and they are unsent rows of a stopped run (re-driven).
+                    self.stop.set()
                 budget.give(took - queued)
                 why = str(exc) if isinstance(exc, Exception) else "interrupted"
                 self._never_queued(batch[queued:], why)

@@ -234,6 +234,27 @@ def test_ctrl_c_as_the_send_pass_marks_rows_leaves_none_of_them_in_doubt(
     assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
 
 
+def test_ctrl_c_as_the_send_pass_marks_rows_puts_every_row_left_unsent_in_the_redrive_file(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    n, workers = 40, 4
+    csv = make_csv(tmp_path / "r.csv", n)
+    db, failed = tmp_path / "state.db", tmp_path / "failed.csv"
+    with pytest.raises(KeyboardInterrupt):
+        send_through(
+            InterruptedLedger(db, "c"), smtp_server, csv, template_file, workers=workers,
+            failed_csv=failed,
+        )  # fmt: skip
+    # The batch being marked when Ctrl-C came is unsent like every row after it: all of them
+    # are in the re-drive file, not only those the workers gave up.
+    conn = sqlite3.connect(db)
+    unsent = conn.execute("SELECT recipient FROM deliveries WHERE status != 'sent'")
+    pending = {r for (r,) in unsent}
+    conn.close()
+    redrive = {line.split(",")[0] for line in failed.read_text().splitlines()[1:]}
+    assert len(pending) >= workers // 2 and pending <= redrive
+
+
 def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):
