@@ -686,8 +686,12 @@ class _Signals:
         name = signal.Signals(signum).name
         if self.received:
             if self.aborting is None:  # a third signal: the abort is under way already
+                # A daemon: a non-daemon thread's start takes the lock the main thread holds
+                # as it notes the end of a thread it joined (the send workers, as the run
+                # stops), and this handler may be running inside that: it would wait for
+                # the thread to start for ever. `__exit__` joins it all the same.
                 self.aborting = threading.Thread(
-                    target=self._abort, args=(signum, name), name="smartmail-abort"
+                    target=self._abort, args=(signum, name), name="smartmail-abort", daemon=True
                 )
                 self.aborting.start()
             return

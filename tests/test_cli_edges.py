@@ -594,6 +594,44 @@ def test_an_abort_as_rows_are_being_marked_leaves_those_rows_pending(
     assert not marked & set(smtp_server.handler.by_recipient())
 
 
+ABORT_AS_A_WORKER_IS_JOINED = """
+import os, signal, sys, threading
+from smartmail import ledger
+real, calls = ledger._apply, []
+def apply(conn, batch):
+    real(conn, batch)
+    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
+        calls.append(1)
+        if len(calls) == 3:
+            # The signals land as the main thread holds the lock it holds while it notes that
+            # a thread it joined has ended (Thread._stop): as the send pass joins its workers.
+            with threading._shutdown_locks_lock:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handlers run here
+                    pass
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_signal_as_the_main_thread_joins_a_worker_still_aborts(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 40)
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_AS_A_WORKER_IS_JOINED, "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_pending(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
