@@ -452,4 +452,12 @@ def retry_rows(
 
 
 def _row_json(row: Row) -> str:
-    return json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a CSV read as UTF-7 can hold one, in a column no message
+            # uses): no UTF-8 holds it, so the store would refuse the row. Escaped instead.
+            return json.dumps(row.values, separators=(",", ":"))
+    return text

@@ -517,6 +517,32 @@ def test_a_retry_of_rows_stored_with_different_columns_exports_every_failure(
     ]
 
 
+def test_a_value_no_utf8_can_hold_in_a_column_the_template_does_not_use_is_recorded(
+    tmp_path: Path,
+):
+    # UTF-7 decodes `+2AA-` to a lone surrogate. In a column no message uses, the row is
+    # valid and is sent; the ledger keeps its values all the same (escaped), rather than
+    # failing every statement of the commit and stopping the run with nothing recorded.
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,notes\nuser0@example.org,Ann,ok\nuser1@example.org,Bob,x+2AA-\n"
+        "user2@example.org,Cy,ok\n",
+    )
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: Hi\n\n")
+    db, outbox = tmp_path / "state.db", tmp_path / "out"
+    args = ["send", str(csv), "-t", str(template), "--encoding", "utf-7", "--transport",
+            f"file://{outbox}", "--state", str(db), "--campaign", "u7", "--yes",
+            "--progress", "none"]  # fmt: skip
+    code, out = run_cli(args)
+    assert code == 0, out
+    assert len(list(outbox.iterdir())) == 3
+    assert counts(db, "u7") == {"sent": 3}
+    conn = sqlite3.connect(db)
+    stored = dict(conn.execute("SELECT row_number, row_json FROM deliveries"))
+    conn.close()
+    assert json.loads(stored[3])["notes"] == "x\ud800"
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
