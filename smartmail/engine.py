@@ -546,7 +546,11 @@ class FailedRows:
                 return
             try:
                 if self._writer is None:
-                    self._fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+                    # A value no UTF-8 holds (a lone surrogate from a UTF-7 list) is escaped,
+                    # not a crash of the worker recording a failed row.
+                    self._fh = open(  # noqa: SIM115
+                        self.path, "w", newline="", encoding="utf-8", errors="backslashreplace"
+                    )
                     self._writer = csv.DictWriter(self._fh, [*self.columns, "error"])
                     self._writer.writeheader()
                 self._writer.writerow({**outcome.row.values, "error": outcome.reason})

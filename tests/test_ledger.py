@@ -543,6 +543,28 @@ def test_a_value_no_utf8_can_hold_in_a_column_the_template_does_not_use_is_recor
     assert json.loads(stored[3])["notes"] == "x\ud800"
 
 
+def test_a_failed_row_holding_a_value_no_utf8_can_hold_is_exported(
+    smtp_server: SmtpServer, tmp_path: Path
+):
+    # The same UTF-7 value, in a row the server refuses: the row is failed, in the ledger and
+    # in the failed-rows file (the value escaped), and the other rows go on.
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,notes\nuser0@example.org,Ann,ok\nuser1@example.org,Bob,x+2AA-\n"
+        "user2@example.org,Cy,ok\n",
+    )
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: Hi\n\n")
+    smtp_server.handler.reject_rcpt = {"user1@example.org"}
+    db = tmp_path / "state.db"
+    code, out = run_cli(
+        send_args(csv, template, smtp_server, db, "--encoding", "utf-7", "--campaign", "u7")
+    )
+    assert code == 1, out
+    assert counts(db, "u7") == {"sent": 2, "failed": 1}
+    exported = (tmp_path / "failed.csv").read_text().splitlines()
+    assert exported[1].startswith("user1@example.org,Bob,x\\ud800,"), exported
+
+
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
     db = tmp_path / "state.db"
     first = Ledger(db, "weekly")
