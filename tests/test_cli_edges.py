@@ -632,6 +632,41 @@ def test_a_second_signal_as_the_main_thread_joins_a_worker_still_aborts(
     assert "SIGTERM again: aborted" in done.stderr, done.stderr
 
 
+ABORT_IN_A_SLOW_COMMIT = """
+import os, signal, sys, threading, time
+from smartmail import ledger
+real, calls = ledger._apply, []
+def apply(conn, batch):
+    real(conn, batch)
+    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
+        calls.append(1)
+        if len(calls) == 3:  # the signals land in a commit that a slow disk holds up
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(6)
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_an_abort_during_a_slow_commit_still_says_what_was_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 40)
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_IN_A_SLOW_COMMIT, "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert "could not be read in time" not in done.stderr
+    assert re.search(r"SIGTERM again: aborted. sent \d+, failed 0", done.stderr), done.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_pending(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
