@@ -1033,6 +1033,7 @@ class Run:
                 for w in workers:
                     w.result()
         finally:
+            self.metrics.count_unreached()  # the workers are done: no outcome comes later
             self.metrics.finish()
             self.progress.stop()
             if self.failed_rows is not None:

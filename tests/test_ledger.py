@@ -367,6 +367,36 @@ def test_ctrl_c_at_any_point_of_a_mark_commit_loses_no_statement_queued_by_other
         threading.excepthook = hook
 
 
+def test_a_run_stopped_by_a_ledger_failure_still_accounts_for_every_row(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import threading
+
+    from smartmail import ledger as ledger_module
+
+    real_apply, calls = ledger_module._apply, []
+
+    def apply_then_fail(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        real_apply(conn, batch)
+        if threading.current_thread() is threading.main_thread():
+            calls.append(1)
+            if len(calls) == 4:  # the disk fails as the send pass marks a batch
+                raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ledger_module, "_apply", apply_then_fail)
+    n = 60
+    csv = make_csv(tmp_path / "r.csv", n)
+    db, out = tmp_path / "state.db", tmp_path / "report.json"
+    code, text = run_cli(send_args(csv, template_file, smtp_server, db, "--report", str(out)))
+    assert code == 5, text
+    # The rows the send pass never reached are not sent, and counted so: the summary's
+    # counts add up to its rows.
+    summary = report(out)
+    counted = sum(summary[k] for k in ("sent", "failed", "skipped", "unsent", "lost_replies"))
+    assert summary["rows"] == n == counted, {k: v for k, v in summary.items() if k != "campaign"}
+    assert summary["sent"] == len(smtp_server.handler.received) < n
+
+
 def test_rows_read_into_a_batch_when_the_list_turns_out_changed_are_recorded_not_lost(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ):
