@@ -287,6 +287,12 @@ class CampaignRun:
             if self.hooks.progress is not None:
                 with contextlib.suppress(Exception):
                     self.hooks.progress.stop()
+            # Counted before the flush: every outcome counted is queued for the ledger by
+            # then, so the ledger holds at least what the counts say (sends that finish
+            # meanwhile are committed too, or left in doubt). And before the release, which
+            # waits for a commit under way (a slow disk): the counts are shown regardless.
+            if self.engine_run is not None:
+                found.append(self._summary(self.engine_run, interrupted=True))
             if self.ledger is not None:
                 # Rows marked ahead were never attempted: back to pending. Safe only once the
                 # run is stopping, when no worker starts a send any more.
@@ -294,12 +300,6 @@ class CampaignRun:
                 if release is not None and self.stop_event.is_set():
                     with contextlib.suppress(Exception):
                         release()
-            # Counted before the flush: every outcome counted is queued for the ledger by
-            # then, so the ledger holds at least what the counts say (sends that finish
-            # meanwhile are committed too, or left in doubt).
-            if self.engine_run is not None:
-                found.append(self._summary(self.engine_run, interrupted=True))
-            if self.ledger is not None:
                 with contextlib.suppress(Exception):
                     self.ledger.flush()
 

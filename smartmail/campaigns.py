@@ -128,7 +128,11 @@ class LedgerSource(RecipientSource):
         self.spec = SourceSpec(name, to_column=to_column)
         self.name = name
         self._rows = rows
-        self.columns = list(rows[0].values) if rows else [to_column]
+        # Every column any stored row has, in the order first seen: rows stored by runs of
+        # different versions of the list need not have the same ones (the failed-rows export
+        # writes each row under this header).
+        columns = dict.fromkeys(column for row in rows for column in row.values)
+        self.columns = list(columns) or [to_column]
         matches = [c for c in self.columns if c.lower() == to_column.lower()]
         self.to_column = matches[0] if matches else to_column
 

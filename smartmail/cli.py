@@ -699,42 +699,54 @@ class _Signals:
         name = signal.Signals(signum).name
         if self.received:
             if self.aborting is None:  # a third signal: the abort is under way already
+                # A daemon: a non-daemon thread's start takes the lock the main thread holds
+                # as it notes the end of a thread it joined (the send workers, as the run
+                # stops), and this handler may be running inside that: it would wait for
+                # the thread to start for ever. `__exit__` joins it all the same.
                 self.aborting = threading.Thread(
-                    target=self._abort, args=(signum, name), name="smartmail-abort"
+                    target=self._abort, args=(signum, name), name="smartmail-abort", daemon=True
                 )
                 self.aborting.start()
             return
         self.received.append(signum)
         self.runner.stop()
-        say_err(
-            lead=f"{name}: finishing the messages in flight, then stopping "
-            "(again to abort at once)",
-            style="yellow",
-        )
+        # Nothing may raise from here: it runs inside whatever the main thread was doing (a
+        # ledger commit, which would take the error for the database's), and stderr may be
+        # gone (`smartmail send ... 2>&1 | tee log`: the same Ctrl-C ends tee).
+        with contextlib.suppress(Exception):
+            say_err(
+                lead=f"{name}: finishing the messages in flight, then stopping "
+                "(again to abort at once)",
+                style="yellow",
+            )
 
     def _abort(self, signum: int, name: str) -> None:
         import signal
 
         code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
-        summary = self.runner.abort_summary()
-        campaign = self.runner.campaign or "?"
-        if summary is None:
-            counts = "the counts could not be read in time"
-        else:
-            counts = (
-                f"sent {summary.sent}, failed {summary.failed}, skipped {summary.skipped}, "
-                f"not sent {summary.rows - summary.sent - summary.failed - summary.skipped}"
+        try:
+            summary = self.runner.abort_summary()
+            campaign = self.runner.campaign or "?"
+            if summary is None:
+                counts = "the counts could not be read in time"
+            else:
+                counts = (
+                    f"sent {summary.sent}, failed {summary.failed}, skipped {summary.skipped}, "
+                    f"not sent {summary.rows - summary.sent - summary.failed - summary.skipped}"
+                )
+            say_err(
+                f"{counts}; messages in flight may have arrived and are left in doubt "
+                f"(`smartmail status {campaign}`; `smartmail retry {campaign} --in-doubt` "
+                "sends them again)",
+                lead=f"{name} again: aborted.",
+                style="bold red",
             )
-        say_err(
-            f"{counts}; messages in flight may have arrived and are left in doubt "
-            f"(`smartmail status {campaign}`; `smartmail retry {campaign} --in-doubt` sends "
-            "them again)",
-            lead=f"{name} again: aborted.",
-            style="bold red",
-        )
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(code)
+            sys.stderr.flush()
+            sys.stdout.flush()
+        finally:
+            # Whatever failed (stderr gone, as when `| tee` died of the same Ctrl-C), the
+            # abort ends the process: otherwise the run would go on as after one signal.
+            os._exit(code)
 
     def exit_code(self, code: int) -> int:
         if self.received:

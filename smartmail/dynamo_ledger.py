@@ -93,7 +93,9 @@ class DynamoLedger:
         self.clock = clock
         self.lease = table.url.lease_seconds
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._claims: dict[str, str] = {}
+        # The claims this ledger holds: the token, and the row it claimed for (a later row
+        # with the same address, skipped as a duplicate, must not take the claim away).
+        self._claims: dict[str, tuple[str, int]] = {}
         self._guard = threading.Lock()
         self._numbers = itertools.count(1)
         self._acquired = False
@@ -255,14 +257,17 @@ class DynamoLedger:
         except SmartmailError as exc:
             raise LedgerError(str(exc)) from None
         with self._guard:
-            self._claims[key] = token
+            self._claims[key] = (token, message.row.number)
 
     def record(self, outcome: Outcome) -> None:
         key = recipient_key(outcome.recipient)
         if not key:
             return
         with self._guard:
-            token = self._claims.pop(key, None)
+            claim = self._claims.get(key)
+            token = None
+            if claim is not None and claim[1] == outcome.row.number:
+                token = self._claims.pop(key)[0]
         now = self.clock()
         stamp = {":now": s(now_iso(now)), ":exp": self.table.expires(now)}
         row = {":row": n(outcome.row.number), ":json": s(_row_json(outcome.row))}
@@ -471,4 +476,12 @@ def retry_rows(
 
 
 def _row_json(row: Row) -> str:
-    return json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a CSV read as UTF-7 can hold one, in a column no message
+            # uses): no UTF-8 holds it, so the store would refuse the row. Escaped instead.
+            return json.dumps(row.values, separators=(",", ":"))
+    return text

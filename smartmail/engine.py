@@ -553,7 +553,11 @@ class FailedRows:
                 return
             try:
                 if self._writer is None:
-                    self._fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+                    # A value no UTF-8 holds (a lone surrogate from a UTF-7 list) is escaped,
+                    # not a crash of the worker recording a failed row.
+                    self._fh = open(  # noqa: SIM115
+                        self.path, "w", newline="", encoding="utf-8", errors="backslashreplace"
+                    )
                     self._writer = csv.DictWriter(self._fh, [*self.columns, "error"])
                     self._writer.writeheader()
                 self._writer.writerow({**outcome.row.values, "error": outcome.reason})
@@ -983,6 +987,10 @@ class Run:
                 # a library caller (within the commit, or after it): the rows of the batch not
                 # queued were never attempted. Recorded unsent, a mark that landed goes back
                 # to pending instead of leaving them in doubt.
+                if not isinstance(exc, Exception):
+                    # Stopping before these are recorded: no worker starts another row
+                    # meanwhile, and they are unsent rows of a stopped run (re-driven).
+                    self.stop.set()
                 budget.give(took - queued)
                 why = str(exc) if isinstance(exc, Exception) else "interrupted"
                 self._never_queued(batch[queued:], why)
@@ -1037,6 +1045,7 @@ class Run:
                 for w in workers:
                     w.result()
         finally:
+            self.metrics.count_unreached()  # the workers are done: no outcome comes later
             self.metrics.finish()
             self._display(lambda: self.progress.stop())
             if self.failed_rows is not None:

@@ -31,7 +31,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -317,8 +317,9 @@ class _Writer(threading.Thread):
                 batch.append(ops.popleft())
         return batch
 
-    def commit_now(self, extra: list[_Op]) -> None:
-        """Commit what is queued and then `extra` on the calling thread, now.
+    def commit_now(self, extra: list[_Op], then: Callable[[], None] | None = None) -> None:
+        """Commit what is queued and then `extra` on the calling thread, now; then `then()`,
+        still under the commit lock (what waits for the lock sees its effect too).
 
         For a caller that needs its statements durable before it goes on (the send pass
         marking rows): committing itself spares it a hand-off to the writer thread and back.
@@ -333,15 +334,23 @@ class _Writer(threading.Thread):
             if conn is None:
                 raise LedgerError(f"{self.path}: the ledger is closed")
             taken: list[_Op] = []
+            ops = self.ops
             try:
-                ops = self.ops
                 while ops:
-                    taken.append(ops.popleft())
+                    # Kept before it leaves the queue: a signal's exception lands as a call
+                    # returns, and one popped and not kept yet would be lost (its waiter too).
+                    taken.append(ops[0])
+                    ops.popleft()
                 batch = taken + extra
                 for start in range(0, len(batch), BATCH):
                     self._commit(conn, batch[start : start + BATCH])
+                if then is not None:
+                    then()
             except BaseException:
-                self.ops.extendleft(reversed([op for op in taken if not op.finished]))
+                back = [op for op in taken if not op.finished]
+                if back and ops and ops[0] is back[-1]:
+                    back.pop()  # kept, and still on the queue: interrupted in between
+                ops.extendleft(reversed(back))
                 raise
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
@@ -406,7 +415,9 @@ class Ledger:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        self._in_flight: set[str] = set()
+        # Marked by this run and not finished: the key and the row it was marked for. A
+        # later row with the same address (a duplicate, skipped) is not that row.
+        self._in_flight: dict[str, int] = {}
         self._marked_ahead: set[str] = set()  # marked, but sending() not called yet
         self._premarked: set[str] = set()  # the same, marked by `mark()`
         self._writer: _Writer | None = None
@@ -545,12 +556,18 @@ class Ledger:
         ]
         if not ops:
             return
-        self._writable().commit_now(ops)
+
+        def marked() -> None:
+            # Under the commit lock: an abort's `release_ahead` that came during the commit
+            # waits for it, and finds these rows to put back.
+            if all(op.error is None for op in ops):
+                with self._guard:
+                    self._premarked.update(op.key for op in ops if op.key)
+
+        self._writable().commit_now(ops, marked)
         failed = next((op.error for op in ops if op.error is not None), None)
         if failed is not None:
             raise LedgerError(f"{self.path}: could not record to the ledger ({failed})")
-        with self._guard:
-            self._premarked.update(op.key for op in ops if op.key)
 
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)
@@ -601,17 +618,25 @@ class Ledger:
 
     def release_ahead(self, reason: str = "not attempted (the run was aborted)") -> None:
         """Put rows marked ahead but never attempted back to `pending`, for an abort: only the
-        messages really in flight are then left in doubt."""
-        with self._guard:
-            keys, self._marked_ahead = self._marked_ahead | self._premarked, set()
-            self._premarked = set()
-            self._in_flight -= keys
-        for key in keys:
-            self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
+        messages really in flight are then left in doubt.
+
+        A commit of marks under way (the signal came as the send pass committed them) ends
+        first: those rows will never be sent either (the run is stopping), and are put back
+        with the others rather than left `sending` by an exit right after the commit.
+        """
+        writer = self._writer
+        with writer.commit_lock if writer is not None else contextlib.nullcontext():
+            with self._guard:
+                keys, self._marked_ahead = self._marked_ahead | self._premarked, set()
+                self._premarked = set()
+                for key in keys:
+                    self._in_flight.pop(key, None)
+            for key in keys:
+                self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
 
     def _mark(self, message: OutgoingMessage, key: str) -> tuple[Any, ...]:
         with self._guard:
-            self._in_flight.add(key)
+            self._in_flight[key] = message.row.number
         row = message.row
         return (self.campaign, key, row.number, _row_json(row), message.message_id)
 
@@ -620,10 +645,14 @@ class Ledger:
         if not key:
             return
         with self._guard:
-            mine = key in self._in_flight
-            self._in_flight.discard(key)
-            self._marked_ahead.discard(key)
-            self._premarked.discard(key)
+            # Only the outcome of the row that was marked finishes the mark: the send pass
+            # records a duplicate of an address in flight skipped, and that must not turn the
+            # marked row's own `unsent` into a no-op (left `sending`: in doubt, never tried).
+            mine = self._in_flight.get(key) == outcome.row.number
+            if mine:
+                del self._in_flight[key]
+                self._marked_ahead.discard(key)
+                self._premarked.discard(key)
         ahead: dict[str, _Op] | None = getattr(self._local, "ahead", None)
         if ahead:
             ahead.pop(key, None)  # marked ahead but ended unsent (a stop): pending again below
@@ -730,4 +759,12 @@ def _held_lock() -> threading.Lock:
 
 
 def _row_json(row: Row) -> str:
-    return json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a CSV read as UTF-7 can hold one, in a column no message
+            # uses): no UTF-8 holds it, so the store would refuse the row. Escaped instead.
+            return json.dumps(row.values, separators=(",", ":"))
+    return text

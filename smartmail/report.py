@@ -105,6 +105,14 @@ class Metrics:
         with self._lock:
             self.finished = self._clock()
 
+    def count_unreached(self) -> None:
+        """Count as not sent the rows that got no outcome: the send pass stopped on an error
+        (the ledger failed, the list changed) before it read them. The counts then add up."""
+        with self._lock:
+            missing = self.total - sum(self.counts.values())
+            if missing > 0:
+                self.counts["unsent"] += missing
+
 
 def _listed(outcome: Outcome) -> dict[str, Any]:
     return {"row": outcome.row.number, "recipient": outcome.recipient, "reason": outcome.reason}

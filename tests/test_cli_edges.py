@@ -554,6 +554,193 @@ def test_a_second_signal_inside_a_ledger_commit_still_commits_what_was_sent(
     assert list(statuses.values()).count("sending") <= 2 * 4
 
 
+ABORT_AS_ROWS_ARE_MARKED = """
+import os, signal, sys, threading
+from smartmail import ledger
+real, calls, noted = ledger._apply, [], sys.argv.pop(1)
+def apply(conn, batch):
+    real(conn, batch)
+    marks = [op.key for op in batch if op.sql is ledger._SENDING]
+    if marks and threading.current_thread() is threading.main_thread():
+        calls.append(len(marks))
+        if len(calls) == 4:  # Ctrl-C, then a kill, while these marks are being committed
+            with open(noted, "w") as fh:
+                fh.write("\\n".join(marks))
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_an_abort_as_rows_are_being_marked_leaves_those_rows_pending(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The signals land while the send pass commits a batch of marks: the first stops the run
+    # (those rows will never be queued for a send), the second aborts. The abort waits for
+    # that commit, so it puts the batch back to pending with the other rows marked and not
+    # attempted, instead of leaving it in doubt.
+    csv = make_csv(tmp_path / "r.csv", 40)
+    db, noted = tmp_path / "state.db", tmp_path / "marked.txt"
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_AS_ROWS_ARE_MARKED, str(noted), "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(db), "--campaign", "c", "--yes", "--progress",
+         "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
+    marked = set(noted.read_text().split())
+    assert marked
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    conn.close()
+    assert {r: statuses.get(r) for r in marked} == {r: "pending" for r in marked}
+    assert not marked & set(smtp_server.handler.by_recipient())
+
+
+ABORT_AS_A_WORKER_IS_JOINED = """
+import os, signal, sys, threading
+from smartmail import ledger
+real, calls = ledger._apply, []
+def apply(conn, batch):
+    real(conn, batch)
+    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
+        calls.append(1)
+        if len(calls) == 3:
+            # The signals land as the main thread holds the lock it holds while it notes that
+            # a thread it joined has ended (Thread._stop): as the send pass joins its workers.
+            with threading._shutdown_locks_lock:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handlers run here
+                    pass
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_signal_as_the_main_thread_joins_a_worker_still_aborts(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 40)
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_AS_A_WORKER_IS_JOINED, "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
+
+
+ABORT_IN_A_SLOW_COMMIT = """
+import os, signal, sys, threading, time
+from smartmail import ledger
+real, calls = ledger._apply, []
+def apply(conn, batch):
+    real(conn, batch)
+    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
+        calls.append(1)
+        if len(calls) == 3:  # the signals land in a commit that a slow disk holds up
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(6)
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_an_abort_during_a_slow_commit_still_says_what_was_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 40)
+    done = subprocess.run(
+        [sys.executable, "-c", ABORT_IN_A_SLOW_COMMIT, "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert "could not be read in time" not in done.stderr
+    assert re.search(r"SIGTERM again: aborted. sent \d+, failed 0", done.stderr), done.stderr
+
+
+CTRL_C_WITH_STDERR_GONE = """
+import os, signal, sys, threading
+from smartmail import ledger
+real, calls = ledger._apply, []
+def apply(conn, batch):
+    real(conn, batch)
+    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
+        calls.append(1)
+        if len(calls) == 3:
+            # `smartmail send ... 2>&1 | tee log` and Ctrl-C: tee dies with it, so stderr is
+            # a pipe nobody reads when the handler says it is finishing; the signal lands as
+            # the send pass commits marks.
+            r, w = os.pipe()
+            os.close(r)
+            os.dup2(w, 2)
+            os.kill(os.getpid(), signal.SIGINT)
+            if again:
+                os.kill(os.getpid(), signal.SIGTERM)
+again = sys.argv.pop(1) == "again"
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_stderr_gone_still_finishes_and_records_every_outcome(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 40)
+    db = tmp_path / "state.db"
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WITH_STDERR_GONE, "once", "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(db), "--campaign", "c", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    # The handler's message cannot be written; the run still stops as a first Ctrl-C does.
+    assert done.returncode == 130, done.stdout
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    conn.close()
+    sent = {r for r, status in statuses.items() if status == "sent"}
+    assert sent == set(smtp_server.handler.by_recipient()) and sent
+    assert "sending" not in statuses.values(), statuses
+
+
+@pytest.mark.slow
+def test_a_second_signal_with_stderr_gone_still_aborts(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    csv = make_csv(tmp_path / "r.csv", 40)
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WITH_STDERR_GONE, "again", "send", str(csv),
+         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
+         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
+         "--progress", "none"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    # The abort cannot say what was sent; it still ends the process, with SIGTERM's code,
+    # rather than dying on its own and leaving the run to finish as after one signal.
+    assert done.returncode == 143, done.stdout
+    assert "smartmail summary" not in done.stdout
+
+
 @pytest.mark.slow
 def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_pending(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path

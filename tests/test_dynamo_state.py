@@ -537,3 +537,21 @@ def test_a_large_import_keeps_the_first_reason_and_counts_right(
     assert state.suppressions.reason("u5@example.org") == "bounce"
     assert state.suppressions.reason("u299@example.org") == "bounce"
     assert len(state.suppressions) == 301
+
+
+def test_a_duplicate_skipped_while_its_address_is_claimed_leaves_the_claim_to_its_row(
+    state: DynamoState,
+) -> None:
+    # The send pass records a later row with the same address skipped (a duplicate) while a
+    # worker holds the first row's claim; the first row's own outcome still lands.
+    ledger = state.ledger("dups")
+    first, stopped = message("erin@example.org", 2), message("fay@example.org", 4)
+    for msg in (first, stopped):
+        ledger.sending(msg)
+    for again in (message("erin@example.org", 3), message("fay@example.org", 5)):
+        ledger.record(outcome(again, "skipped", reason="duplicate recipient"))
+    ledger.record(outcome(first, "failed", reason="permanent: 550 no such user"))
+    ledger.record(outcome(stopped, "unsent", reason="interrupted"))
+    [status] = state.statuses("dups")
+    # Not left `sending` (in doubt once the lease runs out): one failed, one pending.
+    assert (status.failed, status.pending, status.in_flight) == (1, 1, 0)

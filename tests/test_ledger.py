@@ -234,6 +234,27 @@ def test_ctrl_c_as_the_send_pass_marks_rows_leaves_none_of_them_in_doubt(
     assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
 
 
+def test_ctrl_c_as_the_send_pass_marks_rows_puts_every_row_left_unsent_in_the_redrive_file(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    n, workers = 40, 4
+    csv = make_csv(tmp_path / "r.csv", n)
+    db, failed = tmp_path / "state.db", tmp_path / "failed.csv"
+    with pytest.raises(KeyboardInterrupt):
+        send_through(
+            InterruptedLedger(db, "c"), smtp_server, csv, template_file, workers=workers,
+            failed_csv=failed,
+        )  # fmt: skip
+    # The batch being marked when Ctrl-C came is unsent like every row after it: all of them
+    # are in the re-drive file, not only those the workers gave up.
+    conn = sqlite3.connect(db)
+    unsent = conn.execute("SELECT recipient FROM deliveries WHERE status != 'sent'")
+    pending = {r for (r,) in unsent}
+    conn.close()
+    redrive = {line.split(",")[0] for line in failed.read_text().splitlines()[1:]}
+    assert len(pending) >= workers // 2 and pending <= redrive
+
+
 def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -268,6 +289,112 @@ def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
     assert summary.sent == n - first.get("sent", 0)
     assert counts(db, "k") == {"sent": n}
     assert set(per_recipient(smtp_server).values()) == {1} and len(per_recipient(smtp_server)) == n
+
+
+def test_ctrl_c_at_any_point_of_a_mark_commit_loses_no_statement_queued_by_others(
+    tmp_path: Path,
+):
+    import sys
+    import threading
+
+    from smartmail import ledger as ledger_module
+    from smartmail.ledger import _ENSURE, _PENDING, _SENDING, _held_lock, _Op, _Writer
+
+    # A signal's exception lands on the caller's thread after any call returns. Try each such
+    # point of `commit_now` in turn: whatever other threads queued (outcomes, and a statement
+    # someone waits for) is committed in the end, once, and its waiter released.
+    where = {
+        _Writer.commit_now.__code__,
+        _Writer._commit.__code__,
+        ledger_module._apply.__code__,
+    }
+    errors: list[BaseException | None] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    try:
+        point = 0
+        while True:
+            point += 1
+            db = tmp_path / f"{point}.db"
+            writer = _Writer(db)  # not started yet: nothing else takes from its queue
+            writer.conn = connect(db, shared=True)
+            writer.commit_now([_Op(_ENSURE, ("c",), None)])
+            others = [
+                _Op(_PENDING, ("c", f"o{i}@x.org", i, "{}", "stopped"), None, f"o{i}@x.org")
+                for i in range(3)
+            ]
+            waited = _Op(None, (), _held_lock())  # a flush: its caller blocks on `done`
+            writer.ops.extend([others[0], waited, *others[1:]])
+            marks = [
+                _Op(_SENDING, ("c", f"m{i}@x.org", 10 + i, "{}", f"<{i}@x>"), None, f"m{i}@x.org")
+                for i in range(2)
+            ]
+            returns = 0
+
+            def interrupt(frame: Any, event: str, arg: Any, at: int = point) -> None:
+                nonlocal returns
+                if event == "c_return" and frame.f_code in where:
+                    returns += 1
+                    if returns == at:
+                        raise KeyboardInterrupt
+
+            sys.setprofile(interrupt)
+            try:
+                writer.commit_now(marks)
+            except KeyboardInterrupt:
+                interrupted = True
+            else:
+                interrupted = False
+            finally:
+                sys.setprofile(None)
+            writer.conn.close()
+            writer.conn = None
+            writer.start()  # the writer thread commits whatever is left on the queue
+            writer.stop()
+            writer.join(10)
+            assert not writer.is_alive() and not errors, (point, errors)
+            assert not writer.ops and all(op.finished for op in [*others, waited]), point
+            assert waited.done is not None and waited.done.acquire(timeout=5), point
+            conn = connect(db)
+            found = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+            conn.close()
+            assert {k: v for k, v in found.items() if k.startswith("o")} == {
+                f"o{i}@x.org": "pending" for i in range(3)
+            }, point
+            if not interrupted:
+                break
+        assert point > 5  # the commit had that many points an interrupt could land at
+    finally:
+        threading.excepthook = hook
+
+
+def test_a_run_stopped_by_a_ledger_failure_still_accounts_for_every_row(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import threading
+
+    from smartmail import ledger as ledger_module
+
+    real_apply, calls = ledger_module._apply, []
+
+    def apply_then_fail(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        real_apply(conn, batch)
+        if threading.current_thread() is threading.main_thread():
+            calls.append(1)
+            if len(calls) == 4:  # the disk fails as the send pass marks a batch
+                raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ledger_module, "_apply", apply_then_fail)
+    n = 60
+    csv = make_csv(tmp_path / "r.csv", n)
+    db, out = tmp_path / "state.db", tmp_path / "report.json"
+    code, text = run_cli(send_args(csv, template_file, smtp_server, db, "--report", str(out)))
+    assert code == 5, text
+    # The rows the send pass never reached are not sent, and counted so: the summary's
+    # counts add up to its rows.
+    summary = report(out)
+    counted = sum(summary[k] for k in ("sent", "failed", "skipped", "unsent", "lost_replies"))
+    assert summary["rows"] == n == counted, {k: v for k, v in summary.items() if k != "campaign"}
+    assert summary["sent"] == len(smtp_server.handler.received) < n
 
 
 def test_rows_read_into_a_batch_when_the_list_turns_out_changed_are_recorded_not_lost(
@@ -327,6 +454,145 @@ def test_a_failed_rows_file_that_cannot_be_written_costs_no_row_and_says_so(
     assert counts(db, "f") == {"sent": n - 2, "failed": 2}
     assert summary.failed_csv is None
     assert any(str(gone) in w and "2 row(s)" in w for w in summary.warnings), summary.warnings
+
+
+class StopAtTheDuplicate(Ledger):
+    """The real ledger; Ctrl-C lands just as the send pass records a duplicate row skipped."""
+
+    stop: Any = None
+
+    def record(self, outcome: Any) -> None:
+        super().record(outcome)
+        if outcome.status == "skipped" and outcome.reason == "duplicate recipient":
+            self.stop.set()
+
+
+def test_a_stop_leaves_no_row_in_doubt_whose_duplicate_was_skipped_meanwhile(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    import threading
+
+    from smartmail.ratelimit import TokenBucket
+
+    # One worker at one message every 5 s: row 2 goes at once, row 3 waits for its slot, row
+    # 4 is marked and queued behind it; row 5, the same address again, is skipped as a
+    # duplicate while row 4 waits, and the stop comes then. Row 4 was never attempted: it goes
+    # back to pending like the rows around it, not left in doubt.
+    rows = ["y", "x", "a", "a", "b", "c"]
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,code\n" + "".join(f"{r}@example.org,{r.upper()},C{r}\n" for r in rows),
+    )
+    db = tmp_path / "state.db"
+    stop = threading.Event()
+    ledger = StopAtTheDuplicate(db, "dup")
+    ledger.stop = stop
+
+    def pause(seconds: float) -> None:  # the run's stop-aware sleep, as `CampaignRun` gives
+        stop.wait(seconds)
+
+    ledger.acquire()
+    try:
+        summary = send_campaign(
+            RecipientSource(SourceSpec(str(csv))),
+            MessageTemplate.load(template_file),
+            get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+            options=SendOptions(workers=1),
+            limiter=TokenBucket(0.2, 1, sleep=pause),
+            journal=ledger,
+            stop=stop,
+        )
+    finally:
+        ledger.close()
+    assert [r.rcpt_tos for r in smtp_server.handler.received] == [["y@example.org"]]
+    assert summary.sent == 1
+    conn = sqlite3.connect(db)
+    found = dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    conn.close()
+    assert found == {
+        "y@example.org": "sent",
+        "x@example.org": "pending",
+        "a@example.org": "pending",  # not `sending`: nobody tried to send it
+        "b@example.org": "pending",
+        "c@example.org": "pending",
+    }
+
+
+def test_a_retry_of_rows_stored_with_different_columns_exports_every_failure(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    # A column was added to the list between two runs of the campaign, and a row of each run
+    # failed: the retry's rows do not all have the same columns. The failed-rows export takes
+    # them all, and the send goes on.
+    db, csv = tmp_path / "state.db", tmp_path / "r.csv"
+    smtp_server.handler.reject_rcpt = {"user1@example.org", "user4@example.org"}
+    make_csv(csv, 3)
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "c"))[0] == 1
+    lines = ["email,name,code,plan"] + [f"user{i}@example.org,User {i},C{i},gold" for i in range(6)]
+    write(csv, "\n".join(lines) + "\n")
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "c"))[0] == 1
+    assert counts(db, "c") == {"sent": 4, "failed": 2}
+    failed_csv = tmp_path / "retry-failed.csv"
+    code, out = run_cli(
+        ["retry", "c", "--state", str(db), "--yes", "--smtp-security", "none",
+         "--failed-csv", str(failed_csv)]
+    )  # fmt: skip
+    assert code == 1, out
+    assert counts(db, "c") == {"sent": 4, "failed": 2}
+    exported = failed_csv.read_text().splitlines()
+    assert exported[0] == "email,name,code,plan,error"
+    assert sorted(line.split(",")[:4] for line in exported[1:]) == [
+        ["user1@example.org", "User 1", "C00001", ""],
+        ["user4@example.org", "User 4", "C4", "gold"],
+    ]
+
+
+def test_a_value_no_utf8_can_hold_in_a_column_the_template_does_not_use_is_recorded(
+    tmp_path: Path,
+):
+    # UTF-7 decodes `+2AA-` to a lone surrogate. In a column no message uses, the row is
+    # valid and is sent; the ledger keeps its values all the same (escaped), rather than
+    # failing every statement of the commit and stopping the run with nothing recorded.
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,notes\nuser0@example.org,Ann,ok\nuser1@example.org,Bob,x+2AA-\n"
+        "user2@example.org,Cy,ok\n",
+    )
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: Hi\n\n")
+    db, outbox = tmp_path / "state.db", tmp_path / "out"
+    args = ["send", str(csv), "-t", str(template), "--encoding", "utf-7", "--transport",
+            f"file://{outbox}", "--state", str(db), "--campaign", "u7", "--yes",
+            "--progress", "none"]  # fmt: skip
+    code, out = run_cli(args)
+    assert code == 0, out
+    assert len(list(outbox.iterdir())) == 3
+    assert counts(db, "u7") == {"sent": 3}
+    conn = sqlite3.connect(db)
+    stored = dict(conn.execute("SELECT row_number, row_json FROM deliveries"))
+    conn.close()
+    assert json.loads(stored[3])["notes"] == "x\ud800"
+
+
+def test_a_failed_row_holding_a_value_no_utf8_can_hold_is_exported(
+    smtp_server: SmtpServer, tmp_path: Path
+):
+    # The same UTF-7 value, in a row the server refuses: the row is failed, in the ledger and
+    # in the failed-rows file (the value escaped), and the other rows go on.
+    csv = write(
+        tmp_path / "r.csv",
+        "email,name,notes\nuser0@example.org,Ann,ok\nuser1@example.org,Bob,x+2AA-\n"
+        "user2@example.org,Cy,ok\n",
+    )
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: Hi\n\n")
+    smtp_server.handler.reject_rcpt = {"user1@example.org"}
+    db = tmp_path / "state.db"
+    code, out = run_cli(
+        send_args(csv, template, smtp_server, db, "--encoding", "utf-7", "--campaign", "u7")
+    )
+    assert code == 1, out
+    assert counts(db, "u7") == {"sent": 2, "failed": 1}
+    exported = (tmp_path / "failed.csv").read_text().splitlines()
+    assert exported[1].startswith("user1@example.org,Bob,x\\ud800,"), exported
 
 
 def test_a_second_lock_on_the_same_campaign_is_refused(tmp_path: Path):
