@@ -679,10 +679,12 @@ class _Signals:
     """SIGINT/SIGTERM stop taking rows and let in-flight sends finish; a second one aborts at
     once, after saying what was sent (messages still in flight stay in doubt in the ledger).
 
-    The abort runs on a thread of its own and the handler returns: a handler interrupts the
-    main thread wherever it is, perhaps inside a ledger commit that holds the lock the abort's
-    flush needs (the send pass commits its marks there). That commit then finishes, and the
-    abort commits the outcomes known so far before it ends the process.
+    A handler runs on the main thread wherever it was interrupted: inside a ledger commit
+    that holds the lock the abort's flush needs, inside `Event.set` (whose lock `stop()`
+    needs), as a thread is started or joined, with stderr gone (`| tee`, which the same
+    Ctrl-C ends). So the handler does nothing but write the signal's number to a pipe, which
+    takes no lock and cannot block, and returns; a thread of its own reads the pipe and acts:
+    stop the run, or abort it and end the process.
 
     `signal` is imported where used: its enums cost every start-up (a dry run) ~0.4 ms.
     """
@@ -691,34 +693,37 @@ class _Signals:
         self.runner = runner
         self.received: list[int] = []
         self.previous: dict[int, Any] = {}
-        self.aborting: threading.Thread | None = None
+        self._pipe: tuple[int, int] | None = None
+        self._acting: threading.Thread | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._pipe[1], bytes([signum]))
+
+    def _act(self, wake: int) -> None:
+        """Each signal in turn: the first stops the run, the second aborts it."""
         import signal
 
-        name = signal.Signals(signum).name
-        if self.received:
-            if self.aborting is None:  # a third signal: the abort is under way already
-                # A daemon: a non-daemon thread's start takes the lock the main thread holds
-                # as it notes the end of a thread it joined (the send workers, as the run
-                # stops), and this handler may be running inside that: it would wait for
-                # the thread to start for ever. `__exit__` joins it all the same.
-                self.aborting = threading.Thread(
-                    target=self._abort, args=(signum, name), name="smartmail-abort", daemon=True
-                )
-                self.aborting.start()
-            return
-        self.received.append(signum)
-        self.runner.stop()
-        # Nothing may raise from here: it runs inside whatever the main thread was doing (a
-        # ledger commit, which would take the error for the database's), and stderr may be
-        # gone (`smartmail send ... 2>&1 | tee log`: the same Ctrl-C ends tee).
-        with contextlib.suppress(Exception):
-            say_err(
-                lead=f"{name}: finishing the messages in flight, then stopping "
-                "(again to abort at once)",
-                style="yellow",
-            )
+        while True:
+            try:
+                data = os.read(wake, 16)
+            except OSError:
+                return
+            if not data:  # `__exit__` closed the pipe: the run is over
+                return
+            for signum in data:
+                name = signal.Signals(signum).name
+                if self.received:
+                    self._abort(signum, name)  # never returns
+                self.received.append(signum)
+                self.runner.stop()
+                with contextlib.suppress(Exception):  # stderr may be gone
+                    say_err(
+                        lead=f"{name}: finishing the messages in flight, then stopping "
+                        "(again to abort at once)",
+                        style="yellow",
+                    )
 
     def _abort(self, signum: int, name: str) -> None:
         import signal
@@ -759,6 +764,12 @@ class _Signals:
         import signal
 
         if threading.current_thread() is threading.main_thread() and not self.previous:
+            self._pipe = os.pipe()
+            os.set_blocking(self._pipe[1], False)  # a handler never waits: a full pipe drops
+            self._acting = threading.Thread(
+                target=self._act, args=(self._pipe[0],), name="smartmail-signals", daemon=True
+            )
+            self._acting.start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
@@ -768,10 +779,15 @@ class _Signals:
     def __exit__(self, *exc: object) -> None:
         import signal
 
-        if self.aborting is not None:
-            self.aborting.join()  # it ends the process: nothing more from this run is shown
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if self._pipe is not None and self._acting is not None:
+            # What was written before the handlers went is acted on; an abort among it ends
+            # the process here, before anything more from this run is shown.
+            os.close(self._pipe[1])
+            self._acting.join()
+            os.close(self._pipe[0])
+            self._pipe = None
 
 
 def print_summary(summary: Summary) -> None:

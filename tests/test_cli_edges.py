@@ -741,6 +741,53 @@ def test_a_second_signal_with_stderr_gone_still_aborts(
     assert "smartmail summary" not in done.stdout
 
 
+CTRL_C_INSIDE_STOP_SET = """
+import os, signal, sys, threading, time
+from smartmail import campaign, ledger
+runs, calls = [], []
+real_run = campaign.CampaignRun.run
+def run(self):
+    runs.append(self)
+    return real_run(self)
+campaign.CampaignRun.run = run
+real_apply = ledger._apply
+def apply(conn, batch):
+    real_apply(conn, batch)
+    outcomes = [op for op in batch if op.sql is ledger._SENT_MINE]
+    if outcomes and threading.current_thread() is threading.main_thread():
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while the main thread holds the stop event's lock
+            with runs[0].stop_event._cond:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+ledger._apply = apply
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_main_thread_holds_the_stop_events_lock_still_stops_the_run(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The main thread sets the run's stop event itself on an error path; a handler that set
+    # it too, inside that, would wait for a lock its own thread holds: for ever.
+    csv = make_csv(tmp_path / "r.csv", 40)
+    db = tmp_path / "state.db"
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_INSIDE_STOP_SET,
+         *send_args(csv, template_file, smtp_server.url, db, "--workers", "4", "--campaign", "c")],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "SIGINT: finishing the messages in flight" in done.stderr
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    conn.close()
+    assert statuses.get("sent") == len(smtp_server.handler.received) < 40
+    assert "sending" not in statuses  # a graceful stop leaves nothing in doubt
+
+
 @pytest.mark.slow
 def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_pending(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
