@@ -675,55 +675,91 @@ def _confirm(plan: Plan) -> bool:
         return False
 
 
-class _Signals:
-    """SIGINT/SIGTERM stop taking rows and let in-flight sends finish; a second one aborts at
-    once, after saying what was sent (messages still in flight stay in doubt in the ledger).
+class _SignalThread:
+    """SIGINT and SIGTERM handlers that only write the signal's number to a pipe; `act(signum)`
+    runs on a thread of its own, for each in turn.
 
     A handler runs on the main thread wherever it was interrupted: inside a ledger commit
-    that holds the lock the abort's flush needs, inside `Event.set` (whose lock `stop()`
-    needs), as a thread is started or joined, with stderr gone (`| tee`, which the same
-    Ctrl-C ends). So the handler does nothing but write the signal's number to a pipe, which
-    takes no lock and cannot block, and returns; a thread of its own reads the pipe and acts:
-    stop the run, or abort it and end the process.
-
+    that holds the lock an abort's flush needs, inside `Event.set` (whose lock setting a stop
+    event needs), as a thread is started or joined, with stderr gone (`| tee`, which the same
+    Ctrl-C ends). Writing to a non-blocking pipe takes no lock and cannot block.
     `signal` is imported where used: its enums cost every start-up (a dry run) ~0.4 ms.
     """
 
-    def __init__(self, runner: CampaignRun) -> None:
-        self.runner = runner
-        self.received: list[int] = []
+    def __init__(self, act: Callable[[int], None]) -> None:
+        self.act = act
         self.previous: dict[int, Any] = {}
         self._pipe: tuple[int, int] | None = None
-        self._acting: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
+
+    def install(self) -> None:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread() or self.previous:
+            return
+        self._pipe = os.pipe()
+        os.set_blocking(self._pipe[1], False)  # a handler never waits: a full pipe drops
+        self._thread = threading.Thread(
+            target=self._read, args=(self._pipe[0],), name="smartmail-signals", daemon=True
+        )
+        self._thread.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._pipe is not None:
             with contextlib.suppress(OSError):
                 os.write(self._pipe[1], bytes([signum]))
 
-    def _act(self, wake: int) -> None:
-        """Each signal in turn: the first stops the run, the second aborts it."""
-        import signal
-
+    def _read(self, wake: int) -> None:
         while True:
             try:
                 data = os.read(wake, 16)
             except OSError:
                 return
-            if not data:  # `__exit__` closed the pipe: the run is over
+            if not data:  # `close()`: the handlers are gone
                 return
             for signum in data:
-                name = signal.Signals(signum).name
-                if self.received:
-                    self._abort(signum, name)  # never returns
-                self.received.append(signum)
-                self.runner.stop()
-                with contextlib.suppress(Exception):  # stderr may be gone
-                    say_err(
-                        lead=f"{name}: finishing the messages in flight, then stopping "
-                        "(again to abort at once)",
-                        style="yellow",
-                    )
+                self.act(signum)
+
+    def close(self) -> None:
+        """Restore the handlers; what was written before is acted on before this returns."""
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+        if self._pipe is not None and self._thread is not None:
+            os.close(self._pipe[1])
+            self._thread.join()
+            os.close(self._pipe[0])
+            self._pipe = None
+
+
+class _Signals:
+    """SIGINT/SIGTERM stop taking rows and let in-flight sends finish; a second one aborts at
+    once, after saying what was sent (messages still in flight stay in doubt in the ledger).
+    Both act on a thread of their own (`_SignalThread`), never inside the handler."""
+
+    def __init__(self, runner: CampaignRun) -> None:
+        self.runner = runner
+        self.received: list[int] = []
+        self.handlers = _SignalThread(self._act)
+
+    def _act(self, signum: int) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.received:
+            self._abort(signum, name)  # never returns
+        self.received.append(signum)
+        self.runner.stop()
+        with contextlib.suppress(Exception):  # stderr may be gone
+            say_err(
+                lead=f"{name}: finishing the messages in flight, then stopping "
+                "(again to abort at once)",
+                style="yellow",
+            )
 
     def _abort(self, signum: int, name: str) -> None:
         import signal
@@ -761,33 +797,15 @@ class _Signals:
         return code
 
     def install(self) -> None:
-        import signal
-
-        if threading.current_thread() is threading.main_thread() and not self.previous:
-            self._pipe = os.pipe()
-            os.set_blocking(self._pipe[1], False)  # a handler never waits: a full pipe drops
-            self._acting = threading.Thread(
-                target=self._act, args=(self._pipe[0],), name="smartmail-signals", daemon=True
-            )
-            self._acting.start()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+        self.handlers.install()
 
     def __enter__(self) -> _Signals:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import signal
-
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        if self._pipe is not None and self._acting is not None:
-            # What was written before the handlers went is acted on; an abort among it ends
-            # the process here, before anything more from this run is shown.
-            os.close(self._pipe[1])
-            self._acting.join()
-            os.close(self._pipe[0])
-            self._pipe = None
+        # A signal written just before the end is acted on; an abort among them ends the
+        # process here, before anything more from this run is shown.
+        self.handlers.close()
 
 
 def print_summary(summary: Summary) -> None:
@@ -1531,26 +1549,23 @@ def worker_cmd(
     stop, abort = threading.Event(), threading.Event()
     received: list[int] = []
 
-    def handle(signum: int, frame: FrameType | None) -> None:
+    def act(signum: int) -> None:  # on a thread of its own, not in the handler
         received.append(signum)
         name = signal.Signals(signum).name
         if stop.is_set():
             abort.set()
-            say_err(
-                lead=f"{name} again: stopping the job in hand (the rest goes back)",
-                style="yellow",
-            )
+            line = f"{name} again: stopping the job in hand (the rest goes back)"
         else:
             stop.set()
-            say_err(
-                lead=f"{name}: finishing the job in hand, then exiting (again: stop it)",
-                style="yellow",
-            )
+            line = f"{name}: finishing the job in hand, then exiting (again: stop it)"
+        with contextlib.suppress(Exception):  # stderr may be gone
+            say_err(lead=line, style="yellow")
 
     def report(outcome: JobOutcome | None, line: str) -> None:
         say_err(line)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = _SignalThread(act)
+    handlers.install()
     try:
         summary = run_worker(
             queue_url,
@@ -1565,8 +1580,7 @@ def worker_cmd(
             on_job=report,
         )
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        handlers.close()
     say(
         f"worker: {summary.jobs} job(s) taken, {summary.done} done, {summary.left} left for "
         f"redelivery, {summary.failed_jobs} could not be run; {summary.sent} sent, "
