@@ -823,6 +823,60 @@ def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_
     assert "sending" not in statuses, statuses  # nothing was in flight: nothing in doubt
 
 
+LIBRARY_CTRL_C = """
+import os, sys
+from smartmail import CampaignConfig, RunOptions, run_campaign
+csv, template, url, db = sys.argv[1:]
+config = CampaignConfig(
+    template=template, source=csv, transport=url, smtp_security="none", workers=2,
+    campaign="lib", timeout=60,
+)
+try:
+    run_campaign(config, RunOptions(state_path=db))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    os._exit(130)  # as a script would: without waiting for the sends still in flight
+"""
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_in_a_library_caller_leaves_only_the_rows_in_flight_in_doubt(
+    slow_server: tuple[str, SlowHandler], tmp_path: Path, template_file: Path
+) -> None:
+    # Python's own Ctrl-C (no CLI handlers): the first stops the run and waits for the two
+    # sends in flight; the second cuts that wait short. The two rows marked and queued
+    # behind them were never attempted: pending, not in doubt.
+    url, handler = slow_server
+    csv = make_csv(tmp_path / "r.csv", 20)
+    db = tmp_path / "state.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIBRARY_CTRL_C, str(csv), str(template_file), url, str(db)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while handler.data_commands < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert handler.data_commands == 4, "two sent, two waiting for their reply"
+        time.sleep(0.3)  # the next two rows marked and queued behind them
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "interrupted" in out, err
+    conn = sqlite3.connect(db)
+    statuses = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
+    conn.close()
+    # Sent 2; in doubt only the 2 in flight; the rows marked behind them, and the one the
+    # first Ctrl-C caught being read, pending.
+    assert statuses == {"sent": 2, "sending": 2, "pending": 3}, (statuses, err)
+
+
 @pytest.mark.slow
 def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
