@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -506,22 +507,56 @@ def test_a_second_ctrl_c_aborts_at_once_and_says_what_was_sent(
     assert statuses.get("sent") == 2 and statuses.get("sending") == 1  # in doubt, not re-sent
 
 
-ABORT_INSIDE_A_COMMIT = """
-import os, signal, sys, threading
-from smartmail import ledger
+def in_a_commit(action: str, *, nth: int = 3, only: str = "True", setup: str = "") -> str:
+    """A `python -c` script: `smartmail` with the script's arguments, and `action` run on the
+    main thread inside the `nth` ledger commit it makes there that `only` accepts (`batch` is
+    the commit's statements), after the statements and before the COMMIT, where a signal
+    finds the send pass holding the ledger's commit lock. `setup` runs first."""
+    body = textwrap.indent(textwrap.dedent(action).strip(), " " * 12)
+    return f"""
+import os, signal, sys, threading, time
+from smartmail import campaign, ledger
+{textwrap.dedent(setup).strip()}
 real, calls = ledger._apply, []
 def apply(conn, batch):
     real(conn, batch)
-    outcomes = [op for op in batch if op.sql is ledger._SENT_MINE]
-    if outcomes and threading.current_thread() is threading.main_thread():
-        calls.append(len(outcomes))
-        if len(calls) == 3:  # Ctrl-C, then a kill, as the send pass commits marks and outcomes
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and len(calls) < {nth} and {only}:
+        calls.append(1)
+        if len(calls) == {nth}:
+{body}
 ledger._apply = apply
 from smartmail.cli import main
 main(sys.argv[1:])
 """
+
+
+def send_through(
+    script: str, server: SmtpServer, tmp_path: Path, template: Path, *before: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`smartmail send` of 40 rows with 4 workers through `script` (`in_a_commit`), which
+    takes `before` off its arguments first; the process, and the campaign's ledger."""
+    csv, db = make_csv(tmp_path / "r.csv", 40), tmp_path / "state.db"
+    args = send_args(csv, template, server.url, db, "--workers", "4", "--campaign", "c")
+    done = subprocess.run(
+        [sys.executable, "-c", script, *before, *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    return done, db
+
+
+def recipient_statuses(db: Path) -> dict[str, str]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT recipient, status FROM deliveries"))
+    finally:
+        conn.close()
+
+
+SIGINT_THEN_SIGTERM = """
+os.kill(os.getpid(), signal.SIGINT)
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+WITH_OUTCOMES = "any(op.sql is ledger._SENT_MINE for op in batch)"
 
 
 @pytest.mark.slow
@@ -530,48 +565,21 @@ def test_a_second_signal_inside_a_ledger_commit_still_commits_what_was_sent(
 ) -> None:
     # The handlers run on the main thread, which holds the ledger's commit lock there: an
     # abort that waited for it there would give up after 3 s with nothing committed.
-    csv = make_csv(tmp_path / "r.csv", 40)
-    db = tmp_path / "state.db"
-    done = subprocess.run(
-        [sys.executable, "-c", ABORT_INSIDE_A_COMMIT,
-         *send_args(csv, template_file, smtp_server.url, db, "--workers", "4", "--campaign", "c")],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+    script = in_a_commit(SIGINT_THEN_SIGTERM, only=WITH_OUTCOMES)
+    done, db = send_through(script, smtp_server, tmp_path, template_file)
     err = done.stderr
     assert done.returncode == 143, err
     assert "SIGTERM again: aborted" in err and "Traceback" not in err
     assert "could not be read in time" not in err
     found = re.search(r"sent (\d+), failed 0, skipped 0, not sent (\d+)", err)
     assert found is not None, err
-    conn = sqlite3.connect(db)
-    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
-    conn.close()
+    statuses = recipient_statuses(db)
     sent = {r for r, status in statuses.items() if status == "sent"}
     # Every outcome the abort reported is committed (and sends that finished meanwhile); at
     # most the rows in flight are in doubt.
     assert len(sent) >= int(found.group(1)) > 0
     assert sent <= set(smtp_server.handler.by_recipient())
     assert list(statuses.values()).count("sending") <= 2 * 4
-
-
-ABORT_AS_ROWS_ARE_MARKED = """
-import os, signal, sys, threading
-from smartmail import ledger
-real, calls, noted = ledger._apply, [], sys.argv.pop(1)
-def apply(conn, batch):
-    real(conn, batch)
-    marks = [op.key for op in batch if op.sql is ledger._SENDING]
-    if marks and threading.current_thread() is threading.main_thread():
-        calls.append(len(marks))
-        if len(calls) == 4:  # Ctrl-C, then a kill, while these marks are being committed
-            with open(noted, "w") as fh:
-                fh.write("\\n".join(marks))
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
-ledger._apply = apply
-from smartmail.cli import main
-main(sys.argv[1:])
-"""
 
 
 @pytest.mark.slow
@@ -582,142 +590,82 @@ def test_an_abort_as_rows_are_being_marked_leaves_those_rows_pending(
     # (those rows will never be queued for a send), the second aborts. The abort waits for
     # that commit, so it puts the batch back to pending with the other rows marked and not
     # attempted, instead of leaving it in doubt.
-    csv = make_csv(tmp_path / "r.csv", 40)
-    db, noted = tmp_path / "state.db", tmp_path / "marked.txt"
-    done = subprocess.run(
-        [sys.executable, "-c", ABORT_AS_ROWS_ARE_MARKED, str(noted), "send", str(csv),
-         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
-         "--workers", "4", "--state", str(db), "--campaign", "c", "--yes", "--progress",
-         "none"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+    noted = tmp_path / "marked.txt"
+    script = in_a_commit(
+        """
+        with open(noted, "w") as fh:
+            fh.write(" ".join(op.key for op in batch if op.sql is ledger._SENDING))
+        """
+        + SIGINT_THEN_SIGTERM,
+        nth=4,
+        only="any(op.sql is ledger._SENDING for op in batch)",
+        setup="noted = sys.argv.pop(1)",
+    )
+    done, db = send_through(script, smtp_server, tmp_path, template_file, str(noted))
     assert done.returncode == 143, done.stderr
     assert "SIGTERM again: aborted" in done.stderr, done.stderr
     marked = set(noted.read_text().split())
     assert marked
-    conn = sqlite3.connect(db)
-    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
-    conn.close()
+    statuses = recipient_statuses(db)
     assert {r: statuses.get(r) for r in marked} == {r: "pending" for r in marked}
     assert not marked & set(smtp_server.handler.by_recipient())
-
-
-ABORT_AS_A_WORKER_IS_JOINED = """
-import os, signal, sys, threading
-from smartmail import ledger
-real, calls = ledger._apply, []
-def apply(conn, batch):
-    real(conn, batch)
-    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
-        calls.append(1)
-        if len(calls) == 3:
-            # The signals land as the main thread holds the lock it holds while it notes that
-            # a thread it joined has ended (Thread._stop): as the send pass joins its workers.
-            with threading._shutdown_locks_lock:
-                os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):  # the handlers run here
-                    pass
-ledger._apply = apply
-from smartmail.cli import main
-main(sys.argv[1:])
-"""
 
 
 @pytest.mark.slow
 def test_a_second_signal_as_the_main_thread_joins_a_worker_still_aborts(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
-    csv = make_csv(tmp_path / "r.csv", 40)
-    done = subprocess.run(
-        [sys.executable, "-c", ABORT_AS_A_WORKER_IS_JOINED, "send", str(csv),
-         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
-         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
-         "--progress", "none"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=30,
-    )  # fmt: skip
-    assert done.returncode == 143, done.stderr
-    assert "SIGTERM again: aborted" in done.stderr, done.stderr
-
-
-ABORT_IN_A_SLOW_COMMIT = """
-import os, signal, sys, threading, time
-from smartmail import ledger
-real, calls = ledger._apply, []
-def apply(conn, batch):
-    real(conn, batch)
-    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
-        calls.append(1)
-        if len(calls) == 3:  # the signals land in a commit that a slow disk holds up
+    # The signals land as the main thread holds the lock it holds while it notes that a
+    # thread it joined has ended (Thread._stop): as the send pass joins its workers.
+    script = in_a_commit(
+        """
+        with threading._shutdown_locks_lock:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(6)
-ledger._apply = apply
-from smartmail.cli import main
-main(sys.argv[1:])
-"""
+            for _ in range(1000):  # the handlers run here
+                pass
+        """
+    )
+    done, _ = send_through(script, smtp_server, tmp_path, template_file)
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
 
 
 @pytest.mark.slow
 def test_an_abort_during_a_slow_commit_still_says_what_was_sent(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
-    csv = make_csv(tmp_path / "r.csv", 40)
-    done = subprocess.run(
-        [sys.executable, "-c", ABORT_IN_A_SLOW_COMMIT, "send", str(csv),
-         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
-         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
-         "--progress", "none"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+    # The signals land in a commit that a slow disk holds up.
+    script = in_a_commit(SIGINT_THEN_SIGTERM + "time.sleep(6)")
+    done, _ = send_through(script, smtp_server, tmp_path, template_file)
     assert done.returncode == 143, done.stderr
     assert "could not be read in time" not in done.stderr
     assert re.search(r"SIGTERM again: aborted. sent \d+, failed 0", done.stderr), done.stderr
 
 
-CTRL_C_WITH_STDERR_GONE = """
-import os, signal, sys, threading
-from smartmail import ledger
-real, calls = ledger._apply, []
-def apply(conn, batch):
-    real(conn, batch)
-    if threading.current_thread() is threading.main_thread() and len(calls) < 3:
-        calls.append(1)
-        if len(calls) == 3:
-            # `smartmail send ... 2>&1 | tee log` and Ctrl-C: tee dies with it, so stderr is
-            # a pipe nobody reads when the handler says it is finishing; the signal lands as
-            # the send pass commits marks.
-            r, w = os.pipe()
-            os.close(r)
-            os.dup2(w, 2)
-            os.kill(os.getpid(), signal.SIGINT)
-            if again:
-                os.kill(os.getpid(), signal.SIGTERM)
-again = sys.argv.pop(1) == "again"
-ledger._apply = apply
-from smartmail.cli import main
-main(sys.argv[1:])
-"""
+# `smartmail send ... 2>&1 | tee log` and Ctrl-C: tee dies with it, so stderr is a pipe nobody
+# reads when the handler says it is finishing; the signal lands as the send pass commits.
+CTRL_C_WITH_STDERR_GONE = in_a_commit(
+    """
+    r, w = os.pipe()
+    os.close(r)
+    os.dup2(w, 2)
+    os.kill(os.getpid(), signal.SIGINT)
+    if again:
+        os.kill(os.getpid(), signal.SIGTERM)
+    """,
+    setup='again = sys.argv.pop(1) == "again"',
+)
 
 
 @pytest.mark.slow
 def test_ctrl_c_with_stderr_gone_still_finishes_and_records_every_outcome(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
-    csv = make_csv(tmp_path / "r.csv", 40)
-    db = tmp_path / "state.db"
-    done = subprocess.run(
-        [sys.executable, "-c", CTRL_C_WITH_STDERR_GONE, "once", "send", str(csv),
-         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
-         "--workers", "4", "--state", str(db), "--campaign", "c", "--yes",
-         "--progress", "none"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+    done, db = send_through(CTRL_C_WITH_STDERR_GONE, smtp_server, tmp_path, template_file, "once")
     # The handler's message cannot be written; the run still stops as a first Ctrl-C does.
     assert done.returncode == 130, done.stdout
-    conn = sqlite3.connect(db)
-    statuses = dict(conn.execute("SELECT recipient, status FROM deliveries"))
-    conn.close()
+    statuses = recipient_statuses(db)
     sent = {r for r, status in statuses.items() if status == "sent"}
     assert sent == set(smtp_server.handler.by_recipient()) and sent
     assert "sending" not in statuses.values(), statuses
@@ -727,43 +675,11 @@ def test_ctrl_c_with_stderr_gone_still_finishes_and_records_every_outcome(
 def test_a_second_signal_with_stderr_gone_still_aborts(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
-    csv = make_csv(tmp_path / "r.csv", 40)
-    done = subprocess.run(
-        [sys.executable, "-c", CTRL_C_WITH_STDERR_GONE, "again", "send", str(csv),
-         "-t", str(template_file), "--transport", smtp_server.url, "--smtp-security", "none",
-         "--workers", "4", "--state", str(tmp_path / "state.db"), "--campaign", "c", "--yes",
-         "--progress", "none"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+    done, _ = send_through(CTRL_C_WITH_STDERR_GONE, smtp_server, tmp_path, template_file, "again")
     # The abort cannot say what was sent; it still ends the process, with SIGTERM's code,
     # rather than dying on its own and leaving the run to finish as after one signal.
     assert done.returncode == 143, done.stdout
     assert "smartmail summary" not in done.stdout
-
-
-CTRL_C_INSIDE_STOP_SET = """
-import os, signal, sys, threading, time
-from smartmail import campaign, ledger
-runs, calls = [], []
-real_run = campaign.CampaignRun.run
-def run(self):
-    runs.append(self)
-    return real_run(self)
-campaign.CampaignRun.run = run
-real_apply = ledger._apply
-def apply(conn, batch):
-    real_apply(conn, batch)
-    outcomes = [op for op in batch if op.sql is ledger._SENT_MINE]
-    if outcomes and threading.current_thread() is threading.main_thread():
-        calls.append(1)
-        if len(calls) == 3:  # Ctrl-C while the main thread holds the stop event's lock
-            with runs[0].stop_event._cond:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
-ledger._apply = apply
-from smartmail.cli import main
-main(sys.argv[1:])
-"""
 
 
 @pytest.mark.slow
@@ -772,19 +688,26 @@ def test_ctrl_c_while_the_main_thread_holds_the_stop_events_lock_still_stops_the
 ) -> None:
     # The main thread sets the run's stop event itself on an error path; a handler that set
     # it too, inside that, would wait for a lock its own thread holds: for ever.
-    csv = make_csv(tmp_path / "r.csv", 40)
-    db = tmp_path / "state.db"
-    done = subprocess.run(
-        [sys.executable, "-c", CTRL_C_INSIDE_STOP_SET,
-         *send_args(csv, template_file, smtp_server.url, db, "--workers", "4", "--campaign", "c")],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+    script = in_a_commit(
+        """
+        with runs[0].stop_event._cond:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        """,
+        only=WITH_OUTCOMES,
+        setup="""
+        runs, real_run = [], campaign.CampaignRun.run
+        def run(self):
+            runs.append(self)
+            return real_run(self)
+        campaign.CampaignRun.run = run
+        """,
+    )
+    done, db = send_through(script, smtp_server, tmp_path, template_file)
     assert done.returncode == 130, done.stderr
     assert "SIGINT: finishing the messages in flight" in done.stderr
-    conn = sqlite3.connect(db)
-    statuses = dict(conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status"))
-    conn.close()
-    assert statuses.get("sent") == len(smtp_server.handler.received) < 40
+    statuses = list(recipient_statuses(db).values())
+    assert statuses.count("sent") == len(smtp_server.handler.received) < 40
     assert "sending" not in statuses  # a graceful stop leaves nothing in doubt
 
 
