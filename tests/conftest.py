@@ -246,3 +246,17 @@ def private_state(
     # A subprocess killed by a test leaves its private copy of the list here, not in /tmp.
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
     monkeypatch.delenv("SMARTMAIL_STATE", raising=False)
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The CLI's `main` as a user runs it: its exit status (as Python gives it: None 0, a
+    message 1), stdout and stderr."""
+    from smartmail.cli import main
+
+    try:
+        main(args)
+        code: object = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code
+    out, err = capsys.readouterr()
+    return (code if isinstance(code, int) else 1), out, err

@@ -12,9 +12,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from smartmail.cli import cli, main, reference
+from smartmail.cli import cli, reference
 
-from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv, write
+from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv, run_main, write
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -39,16 +39,6 @@ def test_help_for_every_command(command: list[str]) -> None:
 def test_cli_reference_is_up_to_date() -> None:
     documented = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert documented.strip() == reference().strip(), "run `make docs` and commit docs/cli.md"
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code: object = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return (code if isinstance(code, int) else 0), out, err
 
 
 def test_dry_run_of_the_examples_previews_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

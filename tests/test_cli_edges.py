@@ -27,21 +27,11 @@ from smartmail import cli as cli_module
 from smartmail import events, state, suppression
 from smartmail.cli import main
 
-from .conftest import TEMPLATE, SmtpServer, free_port, make_csv, write
+from .conftest import TEMPLATE, SmtpServer, free_port, make_csv, run_main, write
 from .unprivileged import unprivileged
 
 HOSTILE_TITLE = "\x1b]0;pwned\x07"
 HOSTILE_CLEAR = "\x1b[2J"
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code: object = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return (code if isinstance(code, int) else 0), out, err
 
 
 def main_exit(args: list[str]) -> int:

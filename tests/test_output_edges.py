@@ -18,20 +18,8 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import Envelope, Session
 
-from smartmail.cli import main
-
-from .conftest import RecordingHandler, SmtpServer, _start, make_csv, write
+from .conftest import RecordingHandler, SmtpServer, _start, make_csv, run_main, write
 from .test_cli import installed_smartmail
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code: object = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return (code if isinstance(code, int) else 0), out, err
 
 
 def error_lines(err: str) -> list[str]:

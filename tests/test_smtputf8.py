@@ -15,19 +15,9 @@ from smartmail import CampaignConfig, RunOptions, run_campaign
 from smartmail.campaign import Hooks, Plan
 from smartmail.cli import main
 
-from .conftest import Received, SmtpServer, write
+from .conftest import Received, SmtpServer, run_main, write
 
 UTF8_LOCAL = "ännchen@example.org"
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code: object = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return (code if isinstance(code, int) else 0), out, err
 
 
 def smtp_send(

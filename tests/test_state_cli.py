@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from moto import mock_aws
 
 from smartmail import MessageTemplate, RecipientSource, SendOptions, SourceSpec, send_campaign
-from smartmail.cli import cli, main
+from smartmail.cli import cli
 from smartmail.dynamo_ledger import DynamoLedger
 from smartmail.errors import AlreadyClaimedError
 from smartmail.message import OutgoingMessage
@@ -31,7 +31,7 @@ from smartmail.state_dynamodb import DynamoState, open_state
 from smartmail.transports import TransportOptions, get_transport
 
 from .aws_helpers import REGION, StubPlan, verify_sender
-from .conftest import SmtpServer, make_csv
+from .conftest import SmtpServer, make_csv, run_main
 from .dynamo_helpers import atomic_moto, serialise_moto_item_writes
 from .test_events import Feed, bounce
 
@@ -43,16 +43,6 @@ URL = f"dynamodb://cli-state?region={REGION}"
 def ddb(aws_env: None, atomic_moto: None) -> Iterator[str]:
     with mock_aws():
         yield URL
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code: object = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return (code if isinstance(code, int) else 1), out, err
 
 
 def send_args(csv_path: Path, template: Path, transport: str, *extra: str) -> list[str]:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from smartmail.cli import main
 from smartmail.tables import Table, wrap
 from smartmail.terminal import Terminal, cell_width
 
-from .conftest import write
+from .conftest import run_main, write
 
 # Every escape sequence smartmail itself writes: SGR styles (bold, italic, colours, reset).
 OUR_STYLES = re.compile(r"\x1b\[[0-9;]*m")
@@ -32,16 +31,6 @@ class Tty(io.StringIO):
 def plain_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "COLUMNS", "TERM"):
         monkeypatch.delenv(name, raising=False)
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code: object = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return (code if isinstance(code, int) else 0), out, err
 
 
 def test_a_long_value_wraps_within_the_width_and_keeps_every_character(
