@@ -43,7 +43,14 @@ from .dynamo import (
     text,
 )
 from .errors import AlreadyClaimedError, SmartmailError
-from .ledger import CampaignRecord, LedgerError, Resend, in_doubt_reason, recipient_key
+from .ledger import (
+    CampaignRecord,
+    LedgerError,
+    Resend,
+    in_doubt_reason,
+    recipient_key,
+    row_json,
+)
 from .message import OutgoingMessage
 from .report import Outcome
 from .sources import Row
@@ -228,7 +235,7 @@ class DynamoLedger:
                 ":one": n(1),
                 ":mid": s(message.message_id or ""),
                 ":row": n(message.row.number),
-                ":json": s(_row_json(message.row)),
+                ":json": s(row_json(message.row)),
                 ":token": s(token),
                 ":lease": n(now + self.lease),
                 ":now": s(now_iso(now)),
@@ -270,7 +277,7 @@ class DynamoLedger:
                 token = self._claims.pop(key)[0]
         now = self.clock()
         stamp = {":now": s(now_iso(now)), ":exp": self.table.expires(now)}
-        row = {":row": n(outcome.row.number), ":json": s(_row_json(outcome.row))}
+        row = {":row": n(outcome.row.number), ":json": s(row_json(outcome.row))}
         dkey = delivery_key(self.campaign, key)
         common = "updated_at = :now, expires_at = :exp"
         born = "created_at = if_not_exists(created_at, :now)"
@@ -473,15 +480,3 @@ def retry_rows(
     ]
     found.sort()
     return [Row(number_, json.loads(values_)) for number_, _key, values_ in found]
-
-
-def _row_json(row: Row) -> str:
-    text = json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            # A lone surrogate (a CSV read as UTF-7 can hold one, in a column no message
-            # uses): no UTF-8 holds it, so the store would refuse the row. Escaped instead.
-            return json.dumps(row.values, separators=(",", ":"))
-    return text

@@ -638,7 +638,7 @@ class Ledger:
         with self._guard:
             self._in_flight[key] = message.row.number
         row = message.row
-        return (self.campaign, key, row.number, _row_json(row), message.message_id)
+        return (self.campaign, key, row.number, row_json(row), message.message_id)
 
     def record(self, outcome: Outcome) -> None:
         key = recipient_key(outcome.recipient)
@@ -668,7 +668,7 @@ class Ledger:
                 self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key), key=key)
                 return
         row = outcome.row
-        base = (self.campaign, key, row.number, _row_json(row))
+        base = (self.campaign, key, row.number, row_json(row))
         if status == "sent":
             self._write(_SENT, (*base, outcome.message_id), key=key)
         elif status == "failed":
@@ -758,7 +758,8 @@ def _held_lock() -> threading.Lock:
     return done
 
 
-def _row_json(row: Row) -> str:
+def row_json(row: Row) -> str:
+    """The row's values as the ledgers store them (JSON, UTF-8 where it can be)."""
     text = json.dumps(row.values, ensure_ascii=False, separators=(",", ":"))
     if not text.isascii():
         try:

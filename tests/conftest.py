@@ -260,3 +260,15 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         code = 0 if exc.code is None else exc.code
     out, err = capsys.readouterr()
     return (code if isinstance(code, int) else 1), out, err
+
+
+def smtp_send(
+    csv: Path, template: Path, server: SmtpServer, tmp_path: Path, *extra: str
+) -> list[str]:
+    """`send` arguments for a plain-SMTP test server, its state and failed rows in tmp_path."""
+    return [
+        "send", str(csv), "-t", str(template), "--transport", server.url,
+        "--smtp-security", "none", "--state", str(tmp_path / "state.db"), "--yes",
+        "--progress", "none", "--retry-wait", "0", "--failed-csv", str(tmp_path / "f.csv"),
+        *extra,
+    ]  # fmt: skip

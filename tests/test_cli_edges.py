@@ -27,7 +27,7 @@ from smartmail import cli as cli_module
 from smartmail import events, state, suppression
 from smartmail.cli import main
 
-from .conftest import TEMPLATE, SmtpServer, free_port, make_csv, run_main, write
+from .conftest import TEMPLATE, SmtpServer, free_port, make_csv, run_main, smtp_send, write
 from .unprivileged import unprivileged
 
 HOSTILE_TITLE = "\x1b]0;pwned\x07"
@@ -40,17 +40,6 @@ def main_exit(args: list[str]) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     return 0
-
-
-def smtp_send(
-    csv: Path, template: Path, server: SmtpServer, tmp_path: Path, *extra: str
-) -> list[str]:
-    return [
-        "send", str(csv), "-t", str(template), "--transport", server.url,
-        "--smtp-security", "none", "--state", str(tmp_path / "state.db"), "--yes",
-        "--progress", "none", "--retry-wait", "0", "--failed-csv", str(tmp_path / "f.csv"),
-        *extra,
-    ]  # fmt: skip
 
 
 def one_error_line(err: str) -> str:

@@ -15,20 +15,9 @@ from smartmail import CampaignConfig, RunOptions, run_campaign
 from smartmail.campaign import Hooks, Plan
 from smartmail.cli import main
 
-from .conftest import Received, SmtpServer, run_main, write
+from .conftest import Received, SmtpServer, run_main, smtp_send, write
 
 UTF8_LOCAL = "ännchen@example.org"
-
-
-def smtp_send(
-    csv: Path, template: Path, server: SmtpServer, tmp_path: Path, *extra: str
-) -> list[str]:
-    return [
-        "send", str(csv), "-t", str(template), "--transport", server.url,
-        "--smtp-security", "none", "--state", str(tmp_path / "state.db"), "--yes",
-        "--progress", "none", "--retry-wait", "0", "--failed-csv", str(tmp_path / "f.csv"),
-        *extra,
-    ]  # fmt: skip
 
 
 def header(received: Received, name: str) -> str | None:
