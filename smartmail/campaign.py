@@ -846,8 +846,10 @@ class CampaignRun:
         path = self.options.report_path
         if not path:
             return None
+        from .report import write_whole
+
         try:
-            Path(path).write_text(summary.to_json() + "\n", encoding="utf-8")
+            write_whole(path, summary.to_json() + "\n")
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             return f"--report {path}: cannot write the report ({reason})"

@@ -10,7 +10,10 @@ earlier run left them in doubt; `in_doubt_rows` lists them, for `retry --in-doub
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 import threading
 import time
 from array import array
@@ -262,3 +265,43 @@ class Summary(Record):
         if self.failed_csv:
             shown.append(("rows to re-drive", self.failed_csv))
         return shown
+
+
+def write_whole(path: str, text: str) -> None:
+    """Write `text` to `path` so that whoever reads it finds the previous file or this one,
+    never a part of either: a file that cannot be written to the end (a full disk, an abort
+    that ends the process meanwhile) leaves the previous one as it was.
+
+    Written to a new file beside it (created with the mode the umask allows, or the old
+    file's mode), then renamed over it; a symbolic link is followed, so the file it names is
+    replaced, not the link. What is not a regular file (/dev/stdout, a FIFO, a folder, where
+    the error says so) is written in place, and so is a file whose folder takes no new file.
+    Raises OSError.
+    """
+    target = os.path.realpath(path)
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    folder, name = os.path.split(target)
+    temp = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if old is not None:
+            os.chmod(temp, stat.S_IMODE(old.st_mode))
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise

@@ -116,6 +116,55 @@ def test_a_report_on_a_full_disk_after_a_clean_run_is_exit_5_and_the_outbox_stay
     assert len(list(outbox.glob("*.eml"))) == 2
 
 
+REPORT_THAT_RUNS_OUT_OF_ROOM = """
+import resource, signal, sys
+from smartmail import campaign
+real = campaign.CampaignRun._write_report
+def short_of_room(self, summary):
+    # From here on a file may not grow past 200 bytes (EFBIG, as a disk filling up).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))
+    return real(self, summary)
+campaign.CampaignRun._write_report = short_of_room
+from smartmail.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_report_that_cannot_be_written_to_the_end_leaves_the_last_one_whole(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """A cron script reads the report after each run: it must find the last run's, or this
+    one's, never the first 200 bytes of a JSON document."""
+    report = tmp_path / "report.json"
+    last = json.dumps({"campaign": "earlier", "sent": 7, "padding": "x" * 1000})
+    report.write_text(last)
+    report.chmod(0o640)
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT_THAT_RUNS_OUT_OF_ROOM, "send", str(csv_path),
+         "-t", str(template_file), "--transport", f"file://{tmp_path / 'outbox'}",
+         "--state", str(tmp_path / "s.db"), "--yes", "--progress", "none",
+         "--report", str(report)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 5, done.stderr
+    assert "cannot write the report" in done.stderr
+    assert report.read_text() == last and (report.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
+    # And written in full, it replaces the last one, keeping its mode.
+    args = ["send", str(csv_path), "-t", str(template_file), "--transport",
+            f"file://{tmp_path / 'outbox'}", "--state", str(tmp_path / "s.db"), "--yes",
+            "--progress", "none", "--report", str(report)]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "smartmail", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report.read_text())["skip_reasons"] == {"already sent": 2}
+    assert (report.stat().st_mode & 0o777) == 0o640
+
+
 @pytest.mark.skipif(not os.path.exists(FULL_DISK), reason="needs /dev/full")
 def test_a_dry_run_whose_report_cannot_be_written_is_exit_2(
     tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
