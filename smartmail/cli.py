@@ -675,6 +675,30 @@ def _confirm(plan: Plan) -> bool:
         return False
 
 
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _say_err_within(seconds: float, text: str = "", *, lead: str = "", style: str = "") -> None:
+    """`say_err` on a thread of its own, waited for at most `seconds`: from the signals'
+    thread, whose next signal (an abort) must not wait on a stderr nobody reads (`| logger`
+    stuck: a full pipe blocks a write for ever). Nothing it raises reaches the caller."""
+
+    def write() -> None:
+        with contextlib.suppress(Exception):  # stderr may be gone
+            say_err(text, lead=lead, style=style)
+            sys.stderr.flush()
+
+    thread = threading.Thread(target=write, name="smartmail-say", daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
 class _SignalThread:
     """SIGINT and SIGTERM handlers that only write the signal's number to a pipe; `act(signum)`
     runs on a thread of its own, for each in turn.
@@ -720,7 +744,18 @@ class _SignalThread:
             if not data:  # `close()`: the handlers are gone
                 return
             for signum in data:
-                self.act(signum)
+                try:
+                    self.act(signum)
+                except Exception as exc:
+                    # Ending here would leave every later signal unread: a second Ctrl-C
+                    # would do nothing. Say so, and act on the next one.
+                    _say_err_within(
+                        1.0,
+                        f"{_signal_name(signum)}: could not act on it "
+                        f"({type(exc).__name__}: {exc})",
+                        lead="warning:",
+                        style="yellow",
+                    )
 
     def close(self) -> None:
         """Restore the handlers; what was written before is acted on before this returns."""
@@ -754,12 +789,12 @@ class _Signals:
             self._abort(signum, name)  # never returns
         self.received.append(signum)
         self.runner.stop()
-        with contextlib.suppress(Exception):  # stderr may be gone
-            say_err(
-                lead=f"{name}: finishing the messages in flight, then stopping "
-                "(again to abort at once)",
-                style="yellow",
-            )
+        _say_err_within(
+            1.0,
+            lead=f"{name}: finishing the messages in flight, then stopping "
+            "(again to abort at once)",
+            style="yellow",
+        )
 
     def _abort(self, signum: int, name: str) -> None:
         import signal
@@ -775,18 +810,26 @@ class _Signals:
                     f"sent {summary.sent}, failed {summary.failed}, skipped {summary.skipped}, "
                     f"not sent {summary.rows - summary.sent - summary.failed - summary.skipped}"
                 )
-            say_err(
+            _say_err_within(
+                2.0,
                 f"{counts}; messages in flight may have arrived and are left in doubt "
                 f"(`smartmail status {campaign}`; `smartmail retry {campaign} --in-doubt` "
                 "sends them again)",
                 lead=f"{name} again: aborted.",
                 style="bold red",
             )
-            sys.stderr.flush()
-            sys.stdout.flush()
+
+            def flush() -> None:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+
+            flushing = threading.Thread(target=flush, name="smartmail-flush", daemon=True)
+            flushing.start()
+            flushing.join(1.0)  # a stdout nobody reads does not hold the abort up either
         finally:
-            # Whatever failed (stderr gone, as when `| tee` died of the same Ctrl-C), the
-            # abort ends the process: otherwise the run would go on as after one signal.
+            # Whatever failed (stderr gone, as when `| tee` died of the same Ctrl-C, or
+            # blocked), the abort ends the process: otherwise the run would go on as after
+            # one signal.
             os._exit(code)
 
     def exit_code(self, code: int) -> int:
@@ -1558,8 +1601,7 @@ def worker_cmd(
         else:
             stop.set()
             line = f"{name}: finishing the job in hand, then exiting (again: stop it)"
-        with contextlib.suppress(Exception):  # stderr may be gone
-            say_err(lead=line, style="yellow")
+        _say_err_within(1.0, lead=line, style="yellow")
 
     def report(outcome: JobOutcome | None, line: str) -> None:
         say_err(line)

@@ -661,6 +661,65 @@ def test_a_second_signal_with_stderr_gone_still_aborts(
     assert "smartmail summary" not in done.stdout
 
 
+# `smartmail send ... 2>&1 | logger` with the reader stuck: stderr is a full pipe, so a write
+# there blocks for ever. The signals' thread must not be the one that waits on it.
+SIGNALS_WITH_STDERR_BLOCKED = in_a_commit(
+    textwrap.dedent(
+        """
+    r, w = os.pipe()  # r stays open and is never read
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    os.dup2(w, 2)
+    """
+    )
+    + SIGINT_THEN_SIGTERM,
+    only=WITH_OUTCOMES,
+)
+
+
+@pytest.mark.slow
+def test_a_second_signal_with_stderr_blocked_still_aborts(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # Before: the first signal's message blocked the signals' thread for ever, so the second
+    # was never acted on, and the process hung at the end of the run joining that thread.
+    done, db = send_through(SIGNALS_WITH_STDERR_BLOCKED, smtp_server, tmp_path, template_file)
+    assert done.returncode == 143, done.stdout
+    assert "smartmail summary" not in done.stdout
+    statuses = recipient_statuses(db)
+    sent = {r for r, status in statuses.items() if status == "sent"}
+    assert sent <= set(smtp_server.handler.by_recipient())
+    assert list(statuses.values()).count("sending") <= 2 * 4
+
+
+@pytest.mark.slow
+def test_a_signal_that_cannot_be_acted_on_leaves_the_next_one_to_abort(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # Fault injection: stopping the run fails. Before, that exception ended the signals'
+    # thread, every later signal was written to a pipe nobody read, and a second Ctrl-C did
+    # nothing: the run sent all 40 rows.
+    script = in_a_commit(
+        SIGINT_THEN_SIGTERM,
+        only=WITH_OUTCOMES,
+        setup="""
+        def stop(self):
+            raise RuntimeError("injected")
+        campaign.CampaignRun.stop = stop
+        """,
+    )
+    done, _ = send_through(script, smtp_server, tmp_path, template_file)
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
+    assert "RuntimeError: injected" in done.stderr and "Traceback" not in done.stderr
+    assert len(smtp_server.handler.received) < 40
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_the_main_thread_holds_the_stop_events_lock_still_stops_the_run(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
