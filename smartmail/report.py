@@ -11,6 +11,7 @@ earlier run left them in doubt; `in_doubt_rows` lists them, for `retry --in-doub
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -273,9 +274,12 @@ def write_whole(path: str, text: str) -> None:
     that ends the process meanwhile) leaves the previous one as it was.
 
     Written to a new file beside it (created with the mode the umask allows, or the old
-    file's mode), then renamed over it; a symbolic link is followed, so the file it names is
-    replaced, not the link. What is not a regular file (/dev/stdout, a FIFO, a folder, where
-    the error says so) is written in place, and so is a file whose folder takes no new file.
+    file's mode, owner and group), then renamed over it; a symbolic link is followed, so the
+    file it names is replaced, not the link. What is not a regular file (/dev/stdout, a FIFO,
+    a folder, where the error says so) is written in place, and so is a file whose folder
+    takes no new file, one with other names (hard links, which a new file would leave behind
+    on the old report) and one whose owner or group a new file could not have (a reader who
+    may read it by them would lose it: root's cron writing a user's report, a shared group).
     Raises OSError.
     """
     target = os.path.realpath(path)
@@ -283,25 +287,47 @@ def write_whole(path: str, text: str) -> None:
         old: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
         old = None
-    if old is not None and not stat.S_ISREG(old.st_mode):
-        with open(target, "w", encoding="utf-8") as fh:
-            fh.write(text)
+    if old is not None and (not stat.S_ISREG(old.st_mode) or old.st_nlink > 1):
+        _write_in_place(target, text)
         return
     folder, name = os.path.split(target)
     temp = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError:
-        with open(target, "w", encoding="utf-8") as fh:
-            fh.write(text)
+    except OSError as exc:
+        # A folder that takes no new file, or a name too long for the new one's. Not a full
+        # disk: writing in place would then empty the last report and fail.
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENAMETOOLONG):
+            raise
+        _write_in_place(target, text)
         return
     try:
+        if old is not None:
+            new = os.fstat(fd)
+            if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+                try:
+                    os.fchown(fd, old.st_uid, old.st_gid)
+                except PermissionError:
+                    os.close(fd)
+                    fd = -1
+                    os.unlink(temp)
+                    _write_in_place(target, text)
+                    return
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fd = -1
             fh.write(text)
         if old is not None:
-            os.chmod(temp, stat.S_IMODE(old.st_mode))
+            os.chmod(temp, stat.S_IMODE(old.st_mode))  # after the chown, which clears set-id bits
         os.replace(temp, target)
     except BaseException:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def _write_in_place(target: str, text: str) -> None:
+    with open(target, "w", encoding="utf-8") as fh:
+        fh.write(text)

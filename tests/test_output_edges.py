@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import Envelope, Session
 
+from smartmail.report import write_whole
+
 from .conftest import RecordingHandler, SmtpServer, _start, make_csv, run_main, write
 from .test_cli import installed_smartmail
 
@@ -163,6 +165,72 @@ def test_a_report_that_cannot_be_written_to_the_end_leaves_the_last_one_whole(
     assert done.returncode == 0, done.stderr
     assert json.loads(report.read_text())["skip_reasons"] == {"already sent": 2}
     assert (report.stat().st_mode & 0o777) == 0o640
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_replaced_report_keeps_its_owner_and_group(tmp_path: Path) -> None:
+    """Root's cron writing the report a user's script reads (mode 600, the user's): before,
+    the new file was root's, and the user could no longer read the report."""
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    os.chown(report, 4242, 4343)
+    report.chmod(0o600)
+    write_whole(str(report), '{"sent": 1}\n')
+    found = report.stat()
+    assert (found.st_uid, found.st_gid, found.st_mode & 0o7777) == (4242, 4343, 0o600)
+    assert report.read_text() == '{"sent": 1}\n'
+
+
+def test_a_report_with_another_name_is_written_where_both_names_see_it(tmp_path: Path) -> None:
+    """A hard link (the report also linked where a reader looks): before, the new file took
+    one name and the other kept the last run's report for ever."""
+    report, other = tmp_path / "report.json", tmp_path / "for-cron.json"
+    report.write_text("{}")
+    os.link(report, other)
+    write_whole(str(report), '{"sent": 1}\n')
+    assert other.read_text() == report.read_text() == '{"sent": 1}\n'
+
+
+def test_a_report_whose_new_file_finds_the_disk_full_leaves_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: no room for the new file (ENOSPC at its creation). Before, that fell
+    back to writing in place, which emptied the last report before failing in turn."""
+    import errno
+
+    report = tmp_path / "report.json"
+    report.write_text('{"sent": 7}')
+    real_open = os.open
+
+    def full(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if flags & os.O_EXCL:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", full)
+    monkeypatch.setattr("builtins.open", _no_room_in_place(open))
+    with pytest.raises(OSError, match="No space left"):
+        write_whole(str(report), '{"sent": 1}\n')
+    monkeypatch.undo()
+    assert report.read_text() == '{"sent": 7}'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def _no_room_in_place(real: Callable[..., Any]) -> Callable[..., Any]:
+    """`open` for writing that truncates the file and then finds no room, as a full disk."""
+    import errno
+
+    def opener(file: Any, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        fh = real(file, mode, *args, **kw)
+        if "w" in mode:
+
+            def write(_text: str) -> int:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            fh.write = write
+        return fh
+
+    return opener
 
 
 @pytest.mark.skipif(not os.path.exists(FULL_DISK), reason="needs /dev/full")
