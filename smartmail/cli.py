@@ -830,6 +830,10 @@ class _Signals:
             # Whatever failed (stderr gone, as when `| tee` died of the same Ctrl-C, or
             # blocked), the abort ends the process: otherwise the run would go on as after
             # one signal.
+            report = sys.modules.get("smartmail.report")  # not imported here: never loaded
+            if report is not None:
+                with contextlib.suppress(Exception):
+                    report.remove_unfinished()  # a --report being written: the last stays
             os._exit(code)
 
     def exit_code(self, code: int) -> int:

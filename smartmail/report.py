@@ -268,6 +268,19 @@ class Summary(Record):
         return shown
 
 
+# The new files `write_whole` is writing now: an abort that ends the process meanwhile
+# (`os._exit`, no `finally` runs) removes them first (`remove_unfinished`).
+_unfinished: set[str] = set()
+
+
+def remove_unfinished() -> None:
+    """Remove the new files of reports still being written: for an abort, just before it ends
+    the process, so no partial `.NAME.*.tmp` is left beside the last report."""
+    for temp in list(_unfinished):
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
 def write_whole(path: str, text: str) -> None:
     """Write `text` to `path` so that whoever reads it finds the previous file or this one,
     never a part of either: a file that cannot be written to the end (a full disk, an abort
@@ -301,6 +314,7 @@ def write_whole(path: str, text: str) -> None:
             raise
         _write_in_place(target, text)
         return
+    _unfinished.add(temp)
     try:
         if old is not None:
             new = os.fstat(fd)
@@ -326,6 +340,8 @@ def write_whole(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+    finally:
+        _unfinished.discard(temp)
 
 
 def _write_in_place(target: str, text: str) -> None:

@@ -721,6 +721,38 @@ def test_a_signal_that_cannot_be_acted_on_leaves_the_next_one_to_abort(
 
 
 @pytest.mark.slow
+def test_an_abort_as_the_report_is_written_leaves_the_last_report_and_no_partial_file(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The signals land as the report's new file is about to be renamed over the last one.
+    # The abort ends the process there: the last report stays whole (f9d40d5), and before,
+    # the new file stayed beside it, a hidden .report.json.*.tmp left by each such abort.
+    report = tmp_path / "report.json"
+    report.write_text('{"campaign": "earlier"}')
+    script = in_a_commit(
+        "pass",
+        only="False",
+        setup="""
+        report = sys.argv.pop(1)
+        sys.argv += ["--report", report]
+        real_replace = os.replace
+        def replace(src, dst, **kw):
+            if str(dst) == report:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(20)  # the abort ends the process meanwhile
+            return real_replace(src, dst, **kw)
+        os.replace = replace
+        """,
+    )
+    done, _ = send_through(script, smtp_server, tmp_path, template_file, str(report))
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM again: aborted" in done.stderr, done.stderr
+    assert report.read_text() == '{"campaign": "earlier"}'
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".report")) == []
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_main_thread_holds_the_stop_events_lock_still_stops_the_run(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
