@@ -50,9 +50,12 @@ def check_writable(
             with open(p, "ab"):
                 pass
             return
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Through a symbolic link to a file not made yet, the file it names (as the output
+        # will be written): the link's own name exists, and O_EXCL refuses it.
+        target = os.path.realpath(p)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.close(fd)
-        os.unlink(p)
+        os.unlink(target)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{what} {p}: cannot write ({reason}); nothing was sent") from None
@@ -73,6 +76,9 @@ def check_writable_dir(directory: Path, what: str) -> None:
 
 
 def _same_file(a: Path, b: str) -> bool:
+    # By name too: a link to the ledger the run is about to create is that ledger.
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
     try:
         return os.path.samefile(a, b)
     except OSError:  # either does not exist (yet): not the same file

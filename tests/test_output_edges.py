@@ -167,6 +167,45 @@ def test_a_report_that_cannot_be_written_to_the_end_leaves_the_last_one_whole(
     assert (report.stat().st_mode & 0o777) == 0o640
 
 
+def test_a_report_through_a_link_to_a_file_not_made_yet_is_written_there(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--report latest.json`, a link to this month's file, which the first run makes: the
+    pre-flight check tried to create the link's own name and refused it ('File exists',
+    exit 2, nothing sent), though writing the report follows the link (f9d40d5)."""
+    (tmp_path / "reports").mkdir()
+    link = tmp_path / "latest.json"
+    link.symlink_to(tmp_path / "reports" / "2026-12.json")
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    code, _, err = run_main(
+        ["send", str(csv_path), "-t", str(template_file), "--transport",
+         f"file://{tmp_path / 'outbox'}", "--state", str(tmp_path / "s.db"), "--yes",
+         "--progress", "none", "--report", str(link)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert link.is_symlink() and json.loads(link.read_text())["sent"] == 2
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["2026-12.json"]
+
+
+def test_a_report_through_a_link_to_the_ledger_not_made_yet_is_refused(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The link names the state file this run is about to create: the report would replace
+    the ledger at the end, and the next run would send every row again."""
+    link = tmp_path / "report.json"
+    link.symlink_to(tmp_path / "state.db")
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    code, _, err = run_main(
+        ["send", str(csv_path), "-t", str(template_file), "--transport",
+         f"file://{tmp_path / 'outbox'}", "--state", str(tmp_path / "state.db"), "--yes",
+         "--progress", "none", "--report", str(link)],
+        capsys,
+    )  # fmt: skip
+    assert code == 2, err
+    assert "which this run reads" in err and not (tmp_path / "outbox").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
 def test_a_replaced_report_keeps_its_owner_and_group(tmp_path: Path) -> None:
     """Root's cron writing the report a user's script reads (mode 600, the user's): before,
