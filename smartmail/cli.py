@@ -761,14 +761,20 @@ class _SignalThread:
         """Restore the handlers; what was written before is acted on before this returns."""
         import signal
 
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-        if self._pipe is not None and self._thread is not None:
-            os.close(self._pipe[1])
-            self._thread.join()
-            os.close(self._pipe[0])
-            self._pipe = None
+        previous, self.previous = self.previous, {}
+        try:
+            # SIGINT last: Python's own handler raises KeyboardInterrupt at the next check,
+            # which would otherwise come out of putting SIGTERM's back and leave ours there.
+            # (`signal.signal` runs a pending handler before it replaces it: what came
+            # before is written to the pipe, which is still open.)
+            for sig in sorted(previous, key=lambda sig: sig == signal.SIGINT):
+                signal.signal(sig, previous[sig])
+        finally:
+            if self._pipe is not None and self._thread is not None:
+                os.close(self._pipe[1])
+                self._thread.join()
+                os.close(self._pipe[0])
+                self._pipe = None
 
 
 class _Signals:

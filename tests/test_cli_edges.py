@@ -753,6 +753,35 @@ def test_an_abort_as_the_report_is_written_leaves_the_last_report_and_no_partial
 
 
 @pytest.mark.slow
+def test_a_ctrl_c_as_the_handlers_are_restored_leaves_none_of_ours_installed(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # Fault injection: Ctrl-C lands just as the run's SIGINT handler is put back (Python's
+    # own, which raises KeyboardInterrupt at the next check). Before, SIGINT was put back
+    # first, the KeyboardInterrupt came out of putting SIGTERM's back, and SIGTERM was left
+    # on a handler writing to a pipe of the finished run, read by its thread: a program that
+    # calls main() (or a later run in it) had SIGTERM taken for that run's second signal.
+    script = in_a_commit(
+        "pass",
+        only="False",
+        setup="""
+        real_signal = signal.signal
+        def put(sig, handler):
+            previous = real_signal(sig, handler)
+            if sig == signal.SIGINT and handler is signal.default_int_handler:
+                os.kill(os.getpid(), signal.SIGINT)
+            return previous
+        signal.signal = put
+        import atexit
+        atexit.register(lambda: print("SIGTERM default:", signal.getsignal(15) == 0))
+        """,
+    )
+    done, _ = send_through(script, smtp_server, tmp_path, template_file)
+    assert done.returncode == 130, done.stderr
+    assert "SIGTERM default: True" in done.stdout, done.stdout
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_main_thread_holds_the_stop_events_lock_still_stops_the_run(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
