@@ -710,6 +710,11 @@ class _SignalThread:
     `signal` is imported where used: its enums cost every start-up (a dry run) ~0.4 ms.
     """
 
+    # Set by the first `install()` of a command (send and retry at their first message, a
+    # worker as it starts): a later Ctrl-C (Python's own, once they are put back) must not
+    # say that nothing was sent. Reset by `_main`.
+    began = False
+
     def __init__(self, act: Callable[[int], None]) -> None:
         self.act = act
         self.previous: dict[int, Any] = {}
@@ -721,6 +726,7 @@ class _SignalThread:
 
         if threading.current_thread() is not threading.main_thread() or self.previous:
             return
+        _SignalThread.began = True
         self._pipe = os.pipe()
         os.set_blocking(self._pipe[1], False)  # a handler never waits: a full pipe drops
         self._thread = threading.Thread(
@@ -976,6 +982,7 @@ def _main(argv: list[str] | None) -> None:
     if reconfigure is not None:
         with contextlib.suppress(ValueError, OSError):
             reconfigure(errors="backslashreplace")
+    _SignalThread.began = False
     try:
         cli.main(args=argv, prog_name="smartmail", standalone_mode=False)
     except SmartmailError as exc:
@@ -986,7 +993,10 @@ def _main(argv: list[str] | None) -> None:
         say_err(str(exc), lead="error:", style="bold red")
         raise SystemExit(exc.exit_code) from None
     except click.exceptions.Abort:
-        say_err("Aborted: nothing was sent.")
+        if _SignalThread.began:  # after the run's own handlers: sends may have been made
+            say_err("Interrupted after sending began: `smartmail status` shows what was sent.")
+        else:
+            say_err("Aborted: nothing was sent.")
         raise SystemExit(EXIT_INTERRUPTED) from None
     except click.ClickException as exc:
         exc.show()

@@ -782,6 +782,34 @@ def test_a_ctrl_c_as_the_handlers_are_restored_leaves_none_of_ours_installed(
 
 
 @pytest.mark.slow
+def test_a_ctrl_c_after_the_run_ended_does_not_say_nothing_was_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The run's handlers are gone once it has ended; a Ctrl-C as the summary is printed is
+    # Python's KeyboardInterrupt (click's Abort). Before, that said "Aborted: nothing was
+    # sent." after all 40 messages were.
+    script = in_a_commit(
+        "pass",
+        only="False",
+        setup="""
+        from smartmail import cli
+        real_print = cli.print_summary
+        def print_summary(summary):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # Python's handler raises here
+                pass
+            real_print(summary)
+        cli.print_summary = print_summary
+        """,
+    )
+    done, db = send_through(script, smtp_server, tmp_path, template_file)
+    assert done.returncode == 130, done.stderr
+    assert list(recipient_statuses(db).values()) == ["sent"] * 40
+    assert "nothing was sent" not in done.stderr, done.stderr
+    assert "Interrupted after sending began: `smartmail status`" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_the_main_thread_holds_the_stop_events_lock_still_stops_the_run(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
