@@ -330,6 +330,10 @@ def write_whole(path: str, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fd = -1
             fh.write(text)
+            fh.flush()
+            # On disk before the rename: after a power loss the name then holds this report
+            # or the last one, never an empty file (ext4, XFS and others may reorder them).
+            os.fsync(fh.fileno())
         if old is not None:
             os.chmod(temp, stat.S_IMODE(old.st_mode))  # after the chown, which clears set-id bits
         os.replace(temp, target)
