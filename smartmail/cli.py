@@ -642,22 +642,20 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
         raise SystemExit(result.exit_code)
     print_summary(result.summary)
     _ledger_notes(result.summary)
-    if result.error is not None:
-        what = (
-            "nothing was sent"
-            if result.nothing_sent
-            else "the run stopped after sending began (the summary above says what was sent; "
-            "`smartmail status` shows the campaign)"
-        )
-        say_err(f"{result.error}; {what}", lead="error:", style="bold red")
-    if result.report_error is not None:
-        recorded = (
-            "nothing was sent"
-            if result.nothing_sent
-            else "the run itself is recorded (the summary above; the ledger and failed rows "
-            "as usual)"
-        )
-        say_err(f"{result.report_error}; {recorded}", lead="error:", style="bold red")
+    for problem, after_sending in (
+        (
+            result.error,
+            "the run stopped after sending began (the summary above says what was sent; "
+            "`smartmail status` shows the campaign)",
+        ),
+        (
+            result.report_error,
+            "the run itself is recorded (the summary above; the ledger and failed rows as usual)",
+        ),
+    ):
+        if problem is not None:
+            what = "nothing was sent" if result.nothing_sent else after_sending
+            say_err(f"{problem}; {what}", lead="error:", style="bold red")
     raise SystemExit(signals.exit_code(result.exit_code))
 
 
