@@ -43,6 +43,7 @@ from benchmarks.bench_smtp import SinkProcess, compile_smartmail, write_campaign
 from smartmail import MessageTemplate, RecipientSource, SourceSpec, build
 
 BARE = Path(__file__).resolve().with_name("bare_smtp.py")
+IDEAL = Path(__file__).resolve().with_name("ideal_smtp.py")
 TIMEOUT = 600.0
 
 
@@ -105,7 +106,13 @@ class Series:
 
 
 def measure(
-    sink: SinkProcess, folder: Path, n: int, workers: int, rounds: int, other: str | None = None
+    sink: SinkProcess,
+    folder: Path,
+    n: int,
+    workers: int,
+    rounds: int,
+    other: str | None = None,
+    ceiling: bool = False,
 ) -> dict[str, Any]:
     sub = folder / str(n)
     sub.mkdir()
@@ -117,6 +124,9 @@ def measure(
     series = {"bare": Series(), "ledger": Series(), "no-state": Series()}
     if other:
         series["other"] = Series()
+    if ceiling:
+        series["ideal"] = Series()
+        series["ideal+ledger"] = Series()
     for round_no in range(1, rounds + 1):
         for name, series_of in series.items():
             before = sink.count()
@@ -124,6 +134,14 @@ def measure(
             if name == "bare":
                 cmd = [sys.executable, str(BARE), str(sink.port), str(message), str(n)]
                 seconds, cpu, rss = timed([*cmd, str(workers)])
+            elif name.startswith("ideal"):
+                cmd = [
+                    sys.executable, str(IDEAL), str(sink.port), str(csv_path), str(template),
+                    str(template.with_suffix(".html")), str(message), str(workers),
+                ]  # fmt: skip
+                if name == "ideal+ledger":
+                    cmd += ["--ledger", str(sub / f"ideal-{round_no}.db")]
+                seconds, cpu, rss = timed(cmd)
             else:
                 cmd = send_command(csv_path, template, sink.port, workers, report)
                 env = {k: v for k, v in os.environ.items() if not k.startswith("SMARTMAIL_")}
@@ -143,7 +161,7 @@ def measure(
                 raise RuntimeError(f"{name}: the sink received {got} of {n} messages")
             series_of.add(n, seconds, cpu, rss)
             print(
-                f"  {n} rows round {round_no} {name:<8} {seconds:6.2f} s {n / seconds:7.0f} msg/s"
+                f"  {n} rows round {round_no} {name:<12} {seconds:6.2f} s {n / seconds:7.0f} msg/s"
                 f"  CPU {series_of.cpu_ms[-1]:.3f} ms/msg",
                 flush=True,
             )
@@ -173,6 +191,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also run (ledger on) the smartmail package found in DIR (e.g. an older checkout): "
         "a before/after comparison in the same rounds",
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run benchmarks/ideal_smtp.py without and with its durable marks: the least "
+        "a sender that renders every row first (and marks it before sending) can cost",
+    )
     args = parser.parse_args(argv)
     compile_smartmail()
     if args.other:  # the same footing: bytecode written for the other tree too
@@ -184,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="smartmail-bench-") as tmp:
             for n in sizes:
                 results["sizes"].append(
-                    measure(sink, Path(tmp), n, args.workers, args.rounds, args.other)
+                    measure(sink, Path(tmp), n, args.workers, args.rounds, args.other, args.ceiling)
                 )
     finally:
         sink.stop()
@@ -196,12 +220,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             s = size[name]
             print(
-                f"  {name:<9} {s['rate']:7.0f} msg/s  {s['rate'] / bare:6.1%}  "
+                f"  {name:<12} {s['rate']:7.0f} msg/s  {s['rate'] / bare:6.1%}  "
                 f"CPU {s['cpu_ms']:.3f} ms/msg  peak RSS {s['peak_rss_mb']:.0f} MB"
                 + (
                     f"  (send pass {s['send_pass_rate']:.0f} msg/s; start-up, pre-flight and "
                     f"exit {s['outside_send_pass_s']:.2f} s)"
-                    if name != "bare"
+                    if name != "bare" and not name.startswith("ideal")
                     else ""
                 )
             )

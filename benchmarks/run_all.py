@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--json PATH]
 
 Runs, in this order (about 8 minutes on 2 cores; --quick: smaller sizes, about 3):
-bench_cli (smtp://, whole `smartmail send` process, ledger on, 3,000 and 20,000 rows),
+bench_cli (smtp://, whole `smartmail send` process, ledger on, 3,000 and 20,000 rows, with the
+ceiling of benchmarks/ideal_smtp.py beside it),
 bench_ses_api (ses:// against the fast local endpoint), bench_workers (1, 2 and 4
 `smartmail worker` processes on one queue and one dynamodb:// state, 1,500 rows, against the
 local SES + SQS + DynamoDB stand-in), bench_rate (adaptive rate against throttling SMTP and
@@ -79,6 +80,18 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 None,
             )
         )
+        if "ideal+ledger" in size:
+            s = size["ideal+ledger"]
+            rows.append(
+                (
+                    f"  ceiling: ideal_smtp.py --ledger, {n:,} rows, msg/s",
+                    f"{s['rate']:,.0f}",
+                    f"bare smtplib {bare:,.0f}",
+                    f"{s['ratio']:.2f}",
+                    "(context)",
+                    None,
+                )
+            )
     ses = results["ses"]
     rows.append(
         (
@@ -240,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     print("== smtp:// whole process, ledger on (bench_cli)", flush=True)
     sizes = "1000,3000" if q else "3000,20000"
-    results["cli"] = bench_cli.main(["--messages", sizes, "--rounds", "1" if q else "3"])
+    results["cli"] = bench_cli.main(
+        ["--messages", sizes, "--rounds", "1" if q else "3", "--ceiling"]
+    )
     print("== ses:// whole process (bench_ses_api)", flush=True)
     results["ses"] = bench_ses_api.main(
         ["--messages", "1000" if q else "3000", "--rounds", "1" if q else "3"]

@@ -7,11 +7,15 @@ what they measure is real: every message reached the SMTP sink, every row was dr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import shutil
+import sqlite3
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,12 +68,37 @@ def test_bench_ses_runs(
 
 @pytest.mark.slow
 def test_bench_cli_counts_every_message_at_the_sink() -> None:
-    result = bench_cli.main(["--messages", "150", "--workers", "2", "--rounds", "1"])
+    result = bench_cli.main(["--messages", "150", "--workers", "2", "--rounds", "1", "--ceiling"])
     (size,) = result["sizes"]
-    for name in ("bare", "ledger", "no-state"):
+    for name in ("bare", "ledger", "no-state", "ideal", "ideal+ledger"):
         assert size[name]["rate"] > 0 and size[name]["cpu_ms"] > 0
     for name in ("ledger", "no-state"):  # start-up, pre-flight, exit: part of the whole run
         assert 0 < size[name]["outside_send_pass_s"] < 150 / size[name]["rate"]
+
+
+def test_the_ideal_sender_marks_every_row_before_sending_it_and_records_it_sent(
+    tmp_path: Path,
+) -> None:
+    """The ceiling of target 1 is only a ceiling if it does the work it claims: every row sent
+    once (counted at the sink) and recorded `sent` in its own durable ledger."""
+    csv_path, template = bench_smtp.write_campaign(tmp_path, 60)
+    message = tmp_path / "message.eml"
+    message.write_bytes(b"Subject: hello\r\n\r\nhello\r\n")
+    db = tmp_path / "ideal.db"
+    sink = bench_smtp.SinkProcess()
+    cmd = [
+        sys.executable, str(bench_cli.IDEAL), str(sink.port), str(csv_path), str(template),
+        str(template.with_suffix(".html")), str(message), "3", "--ledger", str(db),
+    ]  # fmt: skip
+    try:
+        before = sink.count()
+        subprocess.run(cmd, check=True, timeout=60)
+        assert sink.count() - before == 60
+    finally:
+        sink.stop()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT status, count(DISTINCT recipient) FROM d GROUP BY 1").fetchall()
+    assert rows == [("sent", 60)]
 
 
 @pytest.mark.slow
