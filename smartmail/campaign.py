@@ -178,21 +178,24 @@ class CampaignResult(Described):
 
     @property
     def exit_code(self) -> int:
-        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it).
+        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it,
+        unless this is 5).
 
         A problem after the send pass began is 5, unless not one message was attempted: then
         it is 2, which always means that nothing was sent. A report that could not be
-        written turns what would have been 0 or 1 into 5 (2 when nothing was sent): whoever
-        reads it must not take its absence, or an old one, for this run's; a stop or an
-        interruption keeps its own code (the next run is needed either way)."""
+        written turns what would have been 0, 1 or 130 (interrupted) into 5 (2 when nothing
+        was sent): whoever reads it must not take its absence, or an old one, for this run's,
+        and "interrupted, re-run" would hide that. A stop keeps its own code (4)."""
         if self.error is not None:
             return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
         if self.summary.stopped:
             return EXIT_STOPPED
+        if self.report_error is not None and not self.nothing_sent:
+            return EXIT_INCOMPLETE
         if self.summary.interrupted:
             return EXIT_INTERRUPTED
         if self.report_error is not None:
-            return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
+            return EXIT_USAGE
         if self.summary.failed or self.summary.lost_replies:
             return EXIT_SOME_FAILED
         return EXIT_OK

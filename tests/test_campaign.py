@@ -295,6 +295,26 @@ def test_a_problem_in_the_send_pass_is_exit_5_unless_not_one_message_was_attempt
     assert result("skipped", "unsent").exit_code == 2 and result("unsent").nothing_sent
 
 
+def test_a_report_not_written_after_an_interruption_is_exit_5_once_something_was_sent() -> None:
+    from smartmail.campaign import CampaignResult
+    from smartmail.ratelimit import Unlimited
+    from smartmail.report import Metrics, Outcome, Summary
+    from smartmail.sources import Row
+
+    def result(*statuses: str) -> CampaignResult:
+        metrics = Metrics(len(statuses))
+        for n, status in enumerate(statuses):
+            metrics.record(Outcome(Row(n + 2, {}), f"u{n}@x.org", status))  # type: ignore[arg-type]
+        summary = Summary.build(
+            metrics, Unlimited().stats(), campaign="c", transport="t", source="s", interrupted=True
+        )
+        return CampaignResult(summary=summary, report_error="--report r.json: cannot write")
+
+    # "Interrupted, re-run" would hide that the report a script reads next is not this run's.
+    assert result("sent", "unsent").exit_code == 5
+    assert result("unsent").exit_code == 130  # nothing sent: the interruption says it all
+
+
 def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(
     tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:

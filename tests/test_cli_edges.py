@@ -873,6 +873,63 @@ def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_
     assert "sending" not in statuses, statuses  # nothing was in flight: nothing in doubt
 
 
+# Ctrl-C, and in the same commit the disk fails as the send pass marks rows: the ledger could
+# not record after sending began (the 5th batch of marks comes after at least two rows ended).
+CTRL_C_AND_THE_LEDGER_FAILS = in_a_commit(
+    """
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):  # the handler runs here
+        pass
+    import sqlite3
+    raise sqlite3.OperationalError("disk I/O error")
+    """,
+    nth=5,
+    setup='sys.argv += ["--report", sys.argv.pop(1)]',
+)
+
+# Ctrl-C as the send pass commits; then the report cannot be written at the end.
+CTRL_C_AND_NO_ROOM_FOR_THE_REPORT = in_a_commit(
+    "os.kill(os.getpid(), signal.SIGINT)",
+    only=WITH_OUTCOMES,
+    setup="""
+    import errno
+    report = sys.argv.pop(1)
+    sys.argv += ["--report", report]
+    real_replace = os.replace
+    def replace(src, dst, **kw):
+        if str(dst) == report:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, **kw)
+    os.replace = replace
+    """,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "what"),
+    [
+        (CTRL_C_AND_THE_LEDGER_FAILS, "could not record"),
+        (CTRL_C_AND_NO_ROOM_FOR_THE_REPORT, "cannot write the report"),
+    ],
+    ids=["ledger", "report"],
+)
+def test_a_ledger_or_report_failure_after_ctrl_c_is_exit_5_not_130(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, script: str, what: str
+) -> None:
+    # A cron wrapper that sees 130 takes it for "interrupted: re-run"; it must learn that
+    # the ledger or the report failed too. The output still says the run was interrupted.
+    report = tmp_path / "report.json"
+    done, _ = send_through(script, smtp_server, tmp_path, template_file, str(report))
+    assert done.returncode == 5, done.stderr
+    assert "SIGINT: finishing the messages in flight" in done.stderr, done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and what in error[0], done.stderr
+    assert error[0].endswith("; the run was also interrupted (SIGINT)"), error[0]
+    assert "Traceback" not in done.stderr
+    assert 0 < len(smtp_server.handler.received) < 40
+
+
 LIBRARY_CTRL_C = """
 import os, sys
 from smartmail import CampaignConfig, RunOptions, run_campaign
