@@ -723,9 +723,13 @@ class _SignalThread:
         self._thread: threading.Thread | None = None
 
     def install(self) -> None:
+        """Take over SIGINT and SIGTERM, except one whose handler was installed from C (an
+        embedding host's: `getsignal` gives None). Python cannot put such a handler back, so
+        taking it over would leave the host with ours, or the default, for good; the host's
+        handler then decides what that signal does to the run."""
         import signal
 
-        if threading.current_thread() is not threading.main_thread() or self.previous:
+        if threading.current_thread() is not threading.main_thread() or self._pipe is not None:
             return
         _SignalThread.began = True
         self._pipe = os.pipe()
@@ -735,7 +739,8 @@ class _SignalThread:
         )
         self._thread.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not None:
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._pipe is not None:

@@ -930,6 +930,45 @@ def test_a_ledger_or_report_failure_after_ctrl_c_is_exit_5_not_130(
     assert 0 < len(smtp_server.handler.received) < 40
 
 
+def test_a_signal_handler_installed_from_c_is_left_to_the_embedding_host(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A host that embeds Python set SIGTERM's handler in C: Python shows it as None and
+    # cannot put it back. Before, restoring it raised TypeError out of main() after the run,
+    # and SIGINT (put back last) stayed on the run's finished handler: Ctrl-C did nothing.
+    real_signal, real_getsignal = signal.signal, signal.getsignal
+    before = {sig: real_getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    from_c = {signal.SIGTERM}
+
+    def put(sig: int, handler: Any) -> Any:
+        previous = real_signal(sig, handler)
+        if sig in from_c:
+            from_c.discard(sig)  # Python's now: the host's is gone
+            return None
+        return previous
+
+    def get(sig: int) -> Any:
+        return None if sig in from_c else real_getsignal(sig)
+
+    monkeypatch.setattr(signal, "signal", put)
+    monkeypatch.setattr(signal, "getsignal", get)
+    csv = make_csv(tmp_path / "r.csv", 3)
+    try:
+        code, _, err = run_main(smtp_send(csv, template_file, smtp_server, tmp_path), capsys)
+        after = {sig: real_getsignal(sig) for sig in before}
+    finally:
+        for sig, handler in before.items():
+            real_signal(sig, handler)
+    assert code == 0, err
+    assert len(smtp_server.handler.received) == 3
+    assert from_c == {signal.SIGTERM}, "the host's SIGTERM handler was replaced"
+    assert after == before
+
+
 LIBRARY_CTRL_C = """
 import os, sys
 from smartmail import CampaignConfig, RunOptions, run_campaign
