@@ -535,16 +535,19 @@ class CampaignRun:
             except Exception as exc:
                 error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
-            if self.stop_event.is_set() and self.ledger is not None:
-                # Stopping (a second KeyboardInterrupt from Python may have cut the wait for
-                # the workers short): rows marked and not yet taken by a worker were never
-                # attempted, so they go back to pending rather than being left in doubt.
-                release = getattr(self.ledger, "release_ahead", None)
-                if release is not None:
-                    with contextlib.suppress(Exception):
-                        release()
-            # Also on KeyboardInterrupt: every outcome known so far is committed.
-            closed = self._close_ledger()
+            try:
+                if self.stop_event.is_set() and self.ledger is not None:
+                    # Stopping (a second KeyboardInterrupt from Python may have cut the wait
+                    # for the workers short): rows marked and not yet taken by a worker were
+                    # never attempted, so they go back to pending rather than in doubt.
+                    release = getattr(self.ledger, "release_ahead", None)
+                    if release is not None:
+                        with contextlib.suppress(Exception):
+                            release()
+            finally:
+                # Also on KeyboardInterrupt, and on another one in the release: every outcome
+                # known so far is committed, and the campaign unlocked.
+                closed = self._close_ledger()
         error = error or closed
         if summary is None or error is not None:
             summary = self._summary(run, error=error)

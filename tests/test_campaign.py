@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from moto import mock_aws
@@ -191,6 +192,43 @@ def test_a_locked_campaign_raises_before_anything_is_sent(
     finally:
         holder.close()
     assert not smtp_server.handler.received
+
+
+def test_another_ctrl_c_as_rows_go_back_to_pending_still_closes_the_ledger(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library caller's Ctrl-C stops the send pass (as it marks its third batch); another
+    # lands as the rows marked ahead go back to pending. Before, that skipped closing the
+    # ledger: the campaign stayed locked by this process and outcomes queued were not
+    # committed, so the sent rows could end in doubt.
+    real_mark, real_release, marks = Ledger.mark, Ledger.release_ahead, []
+
+    def mark(self: Ledger, messages: Any) -> None:
+        real_mark(self, messages)
+        marks.append(1)
+        if len(marks) == 3:
+            raise KeyboardInterrupt
+
+    def release_ahead(self: Ledger, *args: Any) -> None:
+        real_release(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "mark", mark)
+    monkeypatch.setattr(Ledger, "release_ahead", release_ahead)
+    n, db = 20, tmp_path / "state.db"
+    csv = make_csv(tmp_path / "r.csv", n)
+    config = smtp_config(smtp_server, csv, template_file, workers=4, campaign="ctrl-c")
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(config, RunOptions(state_path=str(db)))
+    first = deliveries(db, "ctrl-c")
+    got = len(smtp_server.handler.received)
+    assert first.get("sent") == got < n and "sending" not in first, first
+    # Not locked by the run that was interrupted: the next run sends the rest, nobody twice.
+    monkeypatch.setattr(Ledger, "release_ahead", real_release)
+    monkeypatch.setattr(Ledger, "mark", real_mark)
+    again = run_campaign(config, RunOptions(state_path=str(db)))
+    assert again.summary.sent == n - got and deliveries(db, "ctrl-c") == {"sent": n}
+    assert len(smtp_server.handler.received) == n
 
 
 def test_every_row_skipped_is_an_error_with_the_counts(
