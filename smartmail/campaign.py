@@ -178,21 +178,24 @@ class CampaignResult(Described):
 
     @property
     def exit_code(self) -> int:
-        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it).
+        """The documented exit code (the CLI uses 130/143 instead when a signal stopped it,
+        unless this is 5).
 
         A problem after the send pass began is 5, unless not one message was attempted: then
         it is 2, which always means that nothing was sent. A report that could not be
-        written turns what would have been 0 or 1 into 5 (2 when nothing was sent): whoever
-        reads it must not take its absence, or an old one, for this run's; a stop or an
-        interruption keeps its own code (the next run is needed either way)."""
+        written turns what would have been 0, 1 or 130 (interrupted) into 5 (2 when nothing
+        was sent): whoever reads it must not take its absence, or an old one, for this run's,
+        and "interrupted, re-run" would hide that. A stop keeps its own code (4)."""
         if self.error is not None:
             return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
         if self.summary.stopped:
             return EXIT_STOPPED
+        if self.report_error is not None and not self.nothing_sent:
+            return EXIT_INCOMPLETE
         if self.summary.interrupted:
             return EXIT_INTERRUPTED
         if self.report_error is not None:
-            return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
+            return EXIT_USAGE
         if self.summary.failed or self.summary.lost_replies:
             return EXIT_SOME_FAILED
         return EXIT_OK
@@ -532,16 +535,19 @@ class CampaignRun:
             except Exception as exc:
                 error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
-            if self.stop_event.is_set() and self.ledger is not None:
-                # Stopping (a second KeyboardInterrupt from Python may have cut the wait for
-                # the workers short): rows marked and not yet taken by a worker were never
-                # attempted, so they go back to pending rather than being left in doubt.
-                release = getattr(self.ledger, "release_ahead", None)
-                if release is not None:
-                    with contextlib.suppress(Exception):
-                        release()
-            # Also on KeyboardInterrupt: every outcome known so far is committed.
-            closed = self._close_ledger()
+            try:
+                if self.stop_event.is_set() and self.ledger is not None:
+                    # Stopping (a second KeyboardInterrupt from Python may have cut the wait
+                    # for the workers short): rows marked and not yet taken by a worker were
+                    # never attempted, so they go back to pending rather than in doubt.
+                    release = getattr(self.ledger, "release_ahead", None)
+                    if release is not None:
+                        with contextlib.suppress(Exception):
+                            release()
+            finally:
+                # Also on KeyboardInterrupt, and on another one in the release: every outcome
+                # known so far is committed, and the campaign unlocked.
+                closed = self._close_ledger()
         error = error or closed
         if summary is None or error is not None:
             summary = self._summary(run, error=error)

@@ -7,8 +7,9 @@ Exit codes (the README's table): 0 all sent, 1 some rows failed, 2 nothing was s
 error, pre-flight problem, unwritable output, every row skipped, confirmation declined),
 3 campaign locked by another run, 4 run stopped by the provider (quota, paused account),
 5 stopped by an internal or state problem after sending began (or its --report could not be
-written at the end), 130 interrupted (SIGINT), 143 terminated (SIGTERM). A reader of stdout or
-stderr that goes away (`| head -1`) changes none of them (`_quiet_when_unread`).
+written at the end), 130 interrupted (SIGINT), 143 terminated (SIGTERM); 5 wins over 130/143
+(`_Signals.exit_code`). A reader of stdout or stderr that goes away (`| head -1`) changes none
+of them (`_quiet_when_unread`).
 
 Start-up time matters (`smartmail --help` from cron and shells): module-level imports are
 Click and light modules only; boto3, tenacity, Jinja2 and the engine are imported inside the
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from . import __version__, logs
-from .campaign import CampaignRun, Hooks, Plan, Secrets
+from .campaign import EXIT_INCOMPLETE, CampaignRun, Hooks, Plan, Secrets
 from .config import (
     ON_DUPLICATE,
     ON_INVALID,
@@ -655,6 +656,8 @@ def _run(config: CampaignConfig, options: RunOptions, kw: dict[str, Any]) -> Non
     ):
         if problem is not None:
             what = "nothing was sent" if result.nothing_sent else after_sending
+            if signals.received:  # the exit code may be 5 rather than 130/143: say both
+                what += f"; the run was also interrupted ({_signal_name(signals.received[0])})"
             say_err(f"{problem}; {what}", lead="error:", style="bold red")
     raise SystemExit(signals.exit_code(result.exit_code))
 
@@ -720,9 +723,13 @@ class _SignalThread:
         self._thread: threading.Thread | None = None
 
     def install(self) -> None:
+        """Take over SIGINT and SIGTERM, except one whose handler was installed from C (an
+        embedding host's: `getsignal` gives None). Python cannot put such a handler back, so
+        taking it over would leave the host with ours, or the default, for good; the host's
+        handler then decides what that signal does to the run."""
         import signal
 
-        if threading.current_thread() is not threading.main_thread() or self.previous:
+        if threading.current_thread() is not threading.main_thread() or self._pipe is not None:
             return
         _SignalThread.began = True
         self._pipe = os.pipe()
@@ -732,7 +739,8 @@ class _SignalThread:
         )
         self._thread.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not None:
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._pipe is not None:
@@ -847,7 +855,9 @@ class _Signals:
             os._exit(code)
 
     def exit_code(self, code: int) -> int:
-        if self.received:
+        """130/143 after a signal, except over 5: a cron wrapper must learn that the ledger
+        could not record or the report was not written, which "interrupted, re-run" hides."""
+        if self.received and code != EXIT_INCOMPLETE:
             import signal
 
             return EXIT_TERMINATED if self.received[0] == signal.SIGTERM else EXIT_INTERRUPTED

@@ -523,12 +523,40 @@ class _Budget:
 
 
 class _Job:
-    """A message on the workers' queue (None there means: stop)."""
+    """A message on the workers' queue (None there means: stop). `taken`: a worker has it."""
 
-    __slots__ = ("message",)
+    __slots__ = ("message", "taken")
 
     def __init__(self, message: OutgoingMessage) -> None:
         self.message = message
+        self.taken = False
+
+
+def _job_queue(maxsize: int) -> queue.Queue[_Job | None]:
+    """The workers' queue, which marks each job `taken` as a worker takes it, under the
+    queue's lock: a library caller's Ctrl-C can land in `put()` before or after the job is
+    on the queue, and only this tells the send pass which rows no worker has (`_withdraw`)."""
+    import queue
+
+    class Jobs(queue.Queue[_Job | None]):
+        def _get(self) -> _Job | None:
+            job: _Job | None = self.queue.popleft()
+            if job is not None:
+                job.taken = True
+            return job
+
+    return Jobs(maxsize)
+
+
+def _withdraw(jobs: queue.Queue[_Job | None], batch: list[_Job]) -> list[_Job]:
+    """The jobs of `batch` no worker has taken, taken off the queue if they are on it: the
+    send pass accounts for those rows, the workers for the others, so each is counted once."""
+    with jobs.mutex:
+        left = [job for job in batch if not job.taken]
+        for job in left:
+            with contextlib.suppress(ValueError):  # never put: the interrupt came before
+                jobs.queue.remove(job)
+    return left
 
 
 class FailedRows:
@@ -959,7 +987,8 @@ class Run:
         messages = self._messages()
         while True:
             batch: list[OutgoingMessage] = []
-            took = queued = 0  # budget taken for the batch; its rows on the workers' queue
+            todo: list[_Job] = []  # the batch's jobs, once they are being put on the queue
+            took = 0  # budget taken for the batch
             try:
                 for message in messages:
                     batch.append(message)
@@ -976,24 +1005,26 @@ class Run:
                 except Exception as exc:
                     self._stop_run(f"could not record in the ledger: {exc}")
                     raise
-                for message in batch:
-                    jobs.put(_Job(message))
-                    queued += 1
+                todo = [_Job(message) for message in batch]
+                for job in todo:
+                    jobs.put(job)
             except _Interrupted:
                 budget.give(took)
                 self._never_queued(batch, self.stop_reason or "interrupted")
             except BaseException as exc:
                 # The snapshot changed, the ledger failed, every worker stopped, or Ctrl-C in
-                # a library caller (within the commit, or after it): the rows of the batch not
-                # queued were never attempted. Recorded unsent, a mark that landed goes back
-                # to pending instead of leaving them in doubt.
+                # a library caller (within the commit, or after it, as early as within a
+                # `put`): the rows of the batch no worker took were never attempted.
+                # Recorded unsent, a mark that landed goes back to pending instead of leaving
+                # them in doubt.
                 if not isinstance(exc, Exception):
                     # Stopping before these are recorded: no worker starts another row
                     # meanwhile, and they are unsent rows of a stopped run (re-driven).
                     self.stop.set()
-                budget.give(took - queued)
+                left = _withdraw(jobs, todo)
+                budget.give(took - (len(todo) - len(left)))
                 why = str(exc) if isinstance(exc, Exception) else "interrupted"
-                self._never_queued(batch[queued:], why)
+                self._never_queued([job.message for job in left] if todo else batch, why)
                 raise
 
     def _never_queued(self, batch: list[OutgoingMessage], reason: str) -> None:
@@ -1009,7 +1040,7 @@ class Run:
         opts = self.options
         mark: Callable[[list[OutgoingMessage]], None] | None = getattr(self.journal, "mark", None)
         # Batched marks bound the rows queued by the budget; otherwise the queue's size does.
-        jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=0 if mark else opts.workers * 4)
+        jobs = _job_queue(0 if mark else opts.workers * 4)
         self._budget = _Budget(2 * opts.workers) if mark is not None else None
         title = f"sending via {self.transport.url}"
         self._display(lambda: self.progress.start(self.metrics, title))

@@ -121,7 +121,8 @@ class TokenBucket:
             self._window_count = max(1, limit - 1, min(limit, math.ceil(need)))
 
     def acquire(self) -> float:
-        """Block until a send may go; return how long this call waited."""
+        """Block until a send may go; return the wait reserved for this call (`sleep` may end
+        it early: the run's stop event), which `waited` counts only as far as it lasted."""
         with self._lock:
             now = self._clock()
             if self.rate < self.target:
@@ -137,9 +138,11 @@ class TokenBucket:
                 self._tat = max(tat, slot) + self._interval
             self._remember(slot, now)
             wait = slot - now
-            self.waited += wait
         if wait > 0:
             self._sleep(wait)
+            waited = min(wait, max(0.0, self._clock() - now))
+            with self._lock:
+                self.waited += waited
         return wait
 
     def _remember(self, slot: float, now: float) -> None:

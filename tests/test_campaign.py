@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from moto import mock_aws
@@ -193,6 +194,43 @@ def test_a_locked_campaign_raises_before_anything_is_sent(
     assert not smtp_server.handler.received
 
 
+def test_another_ctrl_c_as_rows_go_back_to_pending_still_closes_the_ledger(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library caller's Ctrl-C stops the send pass (as it marks its third batch); another
+    # lands as the rows marked ahead go back to pending. Before, that skipped closing the
+    # ledger: the campaign stayed locked by this process and outcomes queued were not
+    # committed, so the sent rows could end in doubt.
+    real_mark, real_release, marks = Ledger.mark, Ledger.release_ahead, []
+
+    def mark(self: Ledger, messages: Any) -> None:
+        real_mark(self, messages)
+        marks.append(1)
+        if len(marks) == 3:
+            raise KeyboardInterrupt
+
+    def release_ahead(self: Ledger, *args: Any) -> None:
+        real_release(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "mark", mark)
+    monkeypatch.setattr(Ledger, "release_ahead", release_ahead)
+    n, db = 20, tmp_path / "state.db"
+    csv = make_csv(tmp_path / "r.csv", n)
+    config = smtp_config(smtp_server, csv, template_file, workers=4, campaign="ctrl-c")
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(config, RunOptions(state_path=str(db)))
+    first = deliveries(db, "ctrl-c")
+    got = len(smtp_server.handler.received)
+    assert first.get("sent") == got < n and "sending" not in first, first
+    # Not locked by the run that was interrupted: the next run sends the rest, nobody twice.
+    monkeypatch.setattr(Ledger, "release_ahead", real_release)
+    monkeypatch.setattr(Ledger, "mark", real_mark)
+    again = run_campaign(config, RunOptions(state_path=str(db)))
+    assert again.summary.sent == n - got and deliveries(db, "ctrl-c") == {"sent": n}
+    assert len(smtp_server.handler.received) == n
+
+
 def test_every_row_skipped_is_an_error_with_the_counts(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
@@ -293,6 +331,26 @@ def test_a_problem_in_the_send_pass_is_exit_5_unless_not_one_message_was_attempt
     assert result("sent", "unsent").exit_code == 5
     assert result("failed", "unsent").exit_code == 5  # attempted: it may have reached the server
     assert result("skipped", "unsent").exit_code == 2 and result("unsent").nothing_sent
+
+
+def test_a_report_not_written_after_an_interruption_is_exit_5_once_something_was_sent() -> None:
+    from smartmail.campaign import CampaignResult
+    from smartmail.ratelimit import Unlimited
+    from smartmail.report import Metrics, Outcome, Summary
+    from smartmail.sources import Row
+
+    def result(*statuses: str) -> CampaignResult:
+        metrics = Metrics(len(statuses))
+        for n, status in enumerate(statuses):
+            metrics.record(Outcome(Row(n + 2, {}), f"u{n}@x.org", status))  # type: ignore[arg-type]
+        summary = Summary.build(
+            metrics, Unlimited().stats(), campaign="c", transport="t", source="s", interrupted=True
+        )
+        return CampaignResult(summary=summary, report_error="--report r.json: cannot write")
+
+    # "Interrupted, re-run" would hide that the report a script reads next is not this run's.
+    assert result("sent", "unsent").exit_code == 5
+    assert result("unsent").exit_code == 130  # nothing sent: the interruption says it all
 
 
 def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(

@@ -873,6 +873,102 @@ def test_ctrl_c_wakes_rows_waiting_for_their_rate_slot_and_an_abort_leaves_them_
     assert "sending" not in statuses, statuses  # nothing was in flight: nothing in doubt
 
 
+# Ctrl-C, and in the same commit the disk fails as the send pass marks rows: the ledger could
+# not record after sending began (the 5th batch of marks comes after at least two rows ended).
+CTRL_C_AND_THE_LEDGER_FAILS = in_a_commit(
+    """
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):  # the handler runs here
+        pass
+    import sqlite3
+    raise sqlite3.OperationalError("disk I/O error")
+    """,
+    nth=5,
+    setup='sys.argv += ["--report", sys.argv.pop(1)]',
+)
+
+# Ctrl-C as the send pass commits; then the report cannot be written at the end.
+CTRL_C_AND_NO_ROOM_FOR_THE_REPORT = in_a_commit(
+    "os.kill(os.getpid(), signal.SIGINT)",
+    only=WITH_OUTCOMES,
+    setup="""
+    import errno
+    report = sys.argv.pop(1)
+    sys.argv += ["--report", report]
+    real_replace = os.replace
+    def replace(src, dst, **kw):
+        if str(dst) == report:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, **kw)
+    os.replace = replace
+    """,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "what"),
+    [
+        (CTRL_C_AND_THE_LEDGER_FAILS, "could not record"),
+        (CTRL_C_AND_NO_ROOM_FOR_THE_REPORT, "cannot write the report"),
+    ],
+    ids=["ledger", "report"],
+)
+def test_a_ledger_or_report_failure_after_ctrl_c_is_exit_5_not_130(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, script: str, what: str
+) -> None:
+    # A cron wrapper that sees 130 takes it for "interrupted: re-run"; it must learn that
+    # the ledger or the report failed too. The output still says the run was interrupted.
+    report = tmp_path / "report.json"
+    done, _ = send_through(script, smtp_server, tmp_path, template_file, str(report))
+    assert done.returncode == 5, done.stderr
+    assert "SIGINT: finishing the messages in flight" in done.stderr, done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and what in error[0], done.stderr
+    assert error[0].endswith("; the run was also interrupted (SIGINT)"), error[0]
+    assert "Traceback" not in done.stderr
+    assert 0 < len(smtp_server.handler.received) < 40
+
+
+def test_a_signal_handler_installed_from_c_is_left_to_the_embedding_host(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A host that embeds Python set SIGTERM's handler in C: Python shows it as None and
+    # cannot put it back. Before, restoring it raised TypeError out of main() after the run,
+    # and SIGINT (put back last) stayed on the run's finished handler: Ctrl-C did nothing.
+    real_signal, real_getsignal = signal.signal, signal.getsignal
+    before = {sig: real_getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    from_c = {signal.SIGTERM}
+
+    def put(sig: int, handler: Any) -> Any:
+        previous = real_signal(sig, handler)
+        if sig in from_c:
+            from_c.discard(sig)  # Python's now: the host's is gone
+            return None
+        return previous
+
+    def get(sig: int) -> Any:
+        return None if sig in from_c else real_getsignal(sig)
+
+    monkeypatch.setattr(signal, "signal", put)
+    monkeypatch.setattr(signal, "getsignal", get)
+    csv = make_csv(tmp_path / "r.csv", 3)
+    try:
+        code, _, err = run_main(smtp_send(csv, template_file, smtp_server, tmp_path), capsys)
+        after = {sig: real_getsignal(sig) for sig in before}
+    finally:
+        for sig, handler in before.items():
+            real_signal(sig, handler)
+    assert code == 0, err
+    assert len(smtp_server.handler.received) == 3
+    assert from_c == {signal.SIGTERM}, "the host's SIGTERM handler was replaced"
+    assert after == before
+
+
 LIBRARY_CTRL_C = """
 import os, sys
 from smartmail import CampaignConfig, RunOptions, run_campaign

@@ -255,6 +255,77 @@ def test_ctrl_c_as_the_send_pass_marks_rows_puts_every_row_left_unsent_in_the_re
     assert len(pending) >= workers // 2 and pending <= redrive
 
 
+class Shown:
+    """A library caller's progress display: it keeps the counts it is given to show."""
+
+    metrics: Any = None
+
+    def start(self, metrics: Any, title: str) -> None:
+        self.metrics = metrics
+
+    def stop(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_ctrl_c_as_a_row_is_put_on_the_workers_queue_counts_it_once(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+):
+    import queue
+    import threading
+
+    from smartmail.engine import _Job
+
+    # Ctrl-C lands on the caller's thread as the send pass puts its 7th row on the workers'
+    # queue: after the row is on it (in the wake-up of a worker), or before.
+    real_put, puts = queue.Queue.put, []
+
+    def put(self: Any, item: Any, *args: Any, **kwargs: Any) -> None:
+        mine = isinstance(item, _Job) and threading.current_thread() is threading.main_thread()
+        if mine:
+            puts.append(1)
+        if mine and len(puts) == 7 and where == "before":
+            raise KeyboardInterrupt
+        real_put(self, item, *args, **kwargs)
+        if mine and len(puts) == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(queue.Queue, "put", put)
+    n = 20
+    csv = make_csv(tmp_path / "r.csv", n)
+    db, failed, shown = tmp_path / "state.db", tmp_path / "failed.csv", Shown()
+    ledger = Ledger(db, "q")
+    ledger.acquire()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            send_campaign(
+                RecipientSource(SourceSpec(str(csv))),
+                MessageTemplate.load(template_file),
+                get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+                options=SendOptions(workers=4, failed_csv=failed),
+                journal=ledger,
+                progress=shown,
+            )
+    finally:
+        ledger.close()
+    # The re-drive file lists each row the send pass reached and did not send once, and no
+    # row the server got (re-driving it would send that one twice); so does the ledger.
+    got = set(smtp_server.handler.by_recipient())
+    counted = shown.metrics.snapshot()
+    assert counted["sent"] == len(got) < n and counted["done"] == n, counted
+    redrive = [line.split(",")[0] for line in failed.read_text().splitlines()[1:]]
+    assert redrive and len(redrive) == len(set(redrive)), redrive
+    assert not set(redrive) & got
+    recorded = statuses(db)
+    assert {r for r, status in recorded.items() if status == "sent"} == got
+    assert {r for r, status in recorded.items() if status == "pending"} == set(redrive)
+    assert set(recorded.values()) == {"sent", "pending"}
+
+
 def test_ctrl_c_inside_a_mark_commit_loses_no_outcome_and_breaks_no_ledger(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):

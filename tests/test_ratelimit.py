@@ -109,6 +109,22 @@ def test_fifteen_hundred_sends_at_rate_100_burst_5_are_within_one_percent() -> N
     assert abs((1500 - 5) / (clock.now - start) / 100 - 1) <= 0.01
 
 
+def test_a_wait_the_runs_stop_cuts_short_counts_only_the_time_waited() -> None:
+    clock = FakeClock()
+    stop = threading.Event()
+
+    def pause(seconds: float) -> None:  # the run's stop event, set 0.25 s into a wait
+        clock.sleep(min(seconds, 0.25) if stop.is_set() else seconds)
+
+    bucket = TokenBucket(1, 1, clock=clock, sleep=pause)
+    assert bucket.acquire() == 0
+    first = bucket.acquire()  # waited in full
+    stop.set()
+    second = bucket.acquire()  # the slot stays reserved (the return says so); 0.25 s waited
+    assert first >= 1.0 and second >= 1.0
+    assert bucket.stats().waited_seconds == pytest.approx(first + 0.25)
+
+
 def test_shared_by_threads_hands_out_distinct_slots() -> None:
     waits: list[float] = []
     lock = threading.Lock()
