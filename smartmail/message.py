@@ -184,9 +184,17 @@ def _unique() -> str:
 
 
 def _text_part(text: str, subtype: str) -> str:
-    """A text part: 7bit when it can be, else quoted-printable UTF-8."""
+    """A text part: 7bit when it can be, else quoted-printable UTF-8.
+
+    7bit is ASCII in lines of at most 998 octets with no NUL (RFC 2045 2.7): a NUL from a
+    CSV value sent raw is refused by some servers and cuts the text short in some readers;
+    quoted-printable writes it as =00."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n")):
+    if (
+        text.isascii()
+        and "\x00" not in text
+        and all(len(line) <= _MAX_LINE for line in text.split("\n"))
+    ):
         return (
             f'Content-Type: text/{subtype}; charset="us-ascii"{CRLF}'
             f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)

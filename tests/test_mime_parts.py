@@ -1,0 +1,67 @@
+"""Bodies and attachments as a recipient's mail program reads them.
+
+Every message is first checked on its raw bytes (CRLF only, no line over 998 octets, no NUL:
+RFC 5322 2.1.1 and RFC 2045 2.7, which Python's parser does not enforce), then parsed with
+`policy.default` with no defect allowed, and what it decodes to is compared with what the
+operator meant: the body text, the attachment's text in its own characters, the file name.
+"""
+
+from __future__ import annotations
+
+import email
+from email import policy
+from email.message import EmailMessage
+
+import pytest
+
+from smartmail import MessageTemplate, Row, build
+
+
+def on_the_wire(data: bytes) -> EmailMessage:
+    """The message as a strict reader sees it; the raw-byte rules first."""
+    assert b"\x00" not in data, "a NUL on the wire (RFC 5322 2.1.1, RFC 2045 2.7)"
+    for line in data.split(b"\r\n"):
+        assert len(line) <= 998, f"line of {len(line)} octets"
+        assert b"\r" not in line and b"\n" not in line, f"bare CR or LF in {line[:60]!r}"
+    msg = email.message_from_bytes(data, policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    for part in msg.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
+    return msg
+
+
+def built(template: MessageTemplate, **values: str) -> EmailMessage:
+    values.setdefault("email", "ann@example.org")
+    return on_the_wire(build(template.render(Row(2, values), "email")).data)
+
+
+def text_of(part: EmailMessage) -> str:
+    content = part.get_content()
+    assert isinstance(content, str)
+    return content.replace("\r\n", "\n")
+
+
+# --- body text -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("html", [False, True])
+def test_a_nul_in_a_body_value_is_encoded_never_sent_raw(html: bool) -> None:
+    # 7bit text may not hold a NUL (RFC 2045 2.7): servers refuse or cut such a message.
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\ncode {{ v }}\n",
+        html="<p>code {{ v }}</p>\n" if html else None,
+    )
+    msg = built(t, v="a\x00b")
+    plain = msg.get_body(("plain",))
+    assert plain is not None and text_of(plain) == "code a\x00b\n"
+    if html:
+        part = msg.get_body(("html",))
+        assert part is not None and text_of(part) == "<p>code a\x00b</p>\n"
+
+
+def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
+    t = MessageTemplate("From: a@acme.example\nSubject: s\n\n{{ url }}\n.\n")
+    url = "https://acme.example/?t=" + "x" * 3000
+    msg = built(t, url=url)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    assert text_of(msg) == f"{url}\n.\n"
