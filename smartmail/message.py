@@ -246,7 +246,12 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
     ctype, encoding = mimetypes.guess_type(filename)
     if ctype is None or encoding is not None:
         ctype = "application/octet-stream"
-    payload = base64.encodebytes(_read_regular(path)).decode("ascii").replace("\n", CRLF)
+    data = _read_regular(path)
+    if ctype.startswith("text/"):
+        charset = _text_charset(data)
+        if charset is not None:
+            ctype += f'; charset="{charset}"'
+    payload = base64.encodebytes(data).decode("ascii").replace("\n", CRLF)
     if filename.isascii() and '"' not in filename:
         disposition = f'attachment; filename="{filename}"'
         type_param = f'; name="{filename}"'
@@ -258,6 +263,23 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
         f"Content-Transfer-Encoding: base64{CRLF}"
         f"Content-Disposition: {disposition}{CRLF}{CRLF}{payload}"
     )
+
+
+def _text_charset(data: bytes) -> str | None:
+    """The charset of a text attachment, when its bytes tell: a text/* part without one is
+    read as US-ASCII (RFC 2046 4.1.2), so a UTF-8 file would show as "GrÃ¼ÃŸe". None for
+    bytes in some other charset, which cannot be known (a reader then guesses)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"  # a byte order mark says so
+    if b"\x00" in data:
+        return None
+    if data.isascii():
+        return "us-ascii"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "utf-8"
 
 
 def _read_regular(path: str) -> bytes:

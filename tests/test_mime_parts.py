@@ -11,6 +11,7 @@ from __future__ import annotations
 import email
 from email import policy
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,45 @@ def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
     msg = built(t, url=url)
     assert msg["Content-Transfer-Encoding"] == "quoted-printable"
     assert text_of(msg) == f"{url}\n.\n"
+
+
+# --- attachments ---------------------------------------------------------------------------
+
+
+def with_attachment(folder: Path, name: str, content: bytes) -> EmailMessage:
+    (folder / name).write_bytes(content)
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\nAttachment: {{ f }}\n\nsee attached\n",
+        base_dir=folder,
+    )
+    msg = built(t, f=name)
+    (attachment,) = list(msg.iter_attachments())
+    assert isinstance(attachment, EmailMessage)
+    return attachment
+
+
+@pytest.mark.parametrize(
+    ("content", "charset"),
+    [
+        ("Grüße aus Zürich, Zoë\n".encode(), "utf-8"),
+        ("\ufeffName;Stadt\nZoë;Zürich\n".encode(), "utf-8"),  # as Excel saves "CSV UTF-8"
+        ("Grüße\n".encode("utf-16"), "utf-16"),
+        (b"plain ASCII\n", "us-ascii"),
+    ],
+)
+def test_a_text_attachment_reads_in_the_characters_it_was_written_in(
+    tmp_path: Path, content: bytes, charset: str
+) -> None:
+    # Without a charset a reader takes text/* as US-ASCII (RFC 2046 4.1.2): "GrÃ¼ÃŸe".
+    attachment = with_attachment(tmp_path, "notes.txt", content)
+    assert attachment.get_content_type() == "text/plain"
+    assert attachment.get_content_charset("us-ascii") == charset
+    assert attachment.get_content() == content.decode(charset)
+    assert attachment.get_payload(decode=True) == content  # the file itself, byte for byte
+
+
+def test_a_text_attachment_in_an_unknown_charset_claims_none(tmp_path: Path) -> None:
+    content = "Grüße\n".encode("latin-1")  # not UTF-8: which 8-bit charset cannot be known
+    attachment = with_attachment(tmp_path, "notes.txt", content)
+    assert attachment.get_param("charset") is None
+    assert attachment.get_payload(decode=True) == content
