@@ -244,7 +244,9 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
 
     filename = os.path.basename(path)
     ctype, encoding = mimetypes.guess_type(filename)
-    if ctype is None or encoding is not None:
+    if ctype is None or encoding is not None or ctype.startswith(("message/", "multipart/")):
+        # message/* and multipart/* may not be base64 (RFC 2046 5.2.1, 5.1): a reader parses
+        # the base64 text as the attached message's headers. As a file, it arrives intact.
         ctype = "application/octet-stream"
     data = _read_regular(path)
     if ctype.startswith("text/"):

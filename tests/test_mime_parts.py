@@ -108,3 +108,37 @@ def test_a_text_attachment_in_an_unknown_charset_claims_none(tmp_path: Path) -> 
     attachment = with_attachment(tmp_path, "notes.txt", content)
     assert attachment.get_param("charset") is None
     assert attachment.get_payload(decode=True) == content
+
+
+@pytest.mark.parametrize("name", ["forwarded.eml", "page.mht"])
+def test_a_message_file_attachment_arrives_as_the_same_bytes(tmp_path: Path, name: str) -> None:
+    # message/rfc822 may not be base64 (RFC 2046 5.2.1): readers parse the base64 text as
+    # the message's headers and show an empty or broken attachment.
+    content = b"From: x@example.org\r\nSubject: fwd\r\n\r\nhello \xc3\xa9\r\n"
+    attachment = with_attachment(tmp_path, name, content)
+    assert attachment.get_filename() == name
+    assert attachment.get_payload(decode=True) == content
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "résumé Zoë.pdf",
+        "price list.pdf",
+        'the "final" one.pdf',
+        "tab\there.pdf",
+        "it's 100%.pdf",
+        "%41%42.pdf",
+        "日本語" * 20 + ".pdf",
+    ],
+)
+def test_an_attachment_is_named_as_its_file(tmp_path: Path, name: str) -> None:
+    attachment = with_attachment(tmp_path, name, b"%PDF-1.4\n")
+    assert attachment.get_filename() == name
+    assert attachment.get_payload(decode=True) == b"%PDF-1.4\n"
+
+
+def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
+    attachment = with_attachment(tmp_path, "empty.bin", b"")
+    assert attachment.get_filename() == "empty.bin"
+    assert attachment.get_payload(decode=True) == b""
