@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import itertools
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .templates import RenderedMessage
 
 CRLF = "\r\n"
 _MAX_LINE = 998
+_REWRITTEN = re.compile(r'["\\]|=\?')  # what a reader would not show as is in "file name"
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -254,7 +256,10 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
         if charset is not None:
             ctype += f'; charset="{charset}"'
     payload = base64.encodebytes(data).decode("ascii").replace("\n", CRLF)
-    if filename.isascii() and '"' not in filename:
+    # A quoted-string only for a name that reads back as it is: a backslash there escapes
+    # the next character (RFC 5322 3.2.4), and readers decode what looks like an encoded-word
+    # (RFC 2047) in a quoted file name. Any other name goes as RFC 2231 `filename*=`.
+    if filename.isascii() and filename.isprintable() and not _REWRITTEN.search(filename):
         disposition = f'attachment; filename="{filename}"'
         type_param = f'; name="{filename}"'
     else:

@@ -126,9 +126,11 @@ def test_a_message_file_attachment_arrives_as_the_same_bytes(tmp_path: Path, nam
         "résumé Zoë.pdf",
         "price list.pdf",
         'the "final" one.pdf',
+        "back\\slash.pdf",
         "tab\there.pdf",
         "it's 100%.pdf",
         "%41%42.pdf",
+        "=?utf-8?q?x?=.pdf",
         "日本語" * 20 + ".pdf",
     ],
 )
