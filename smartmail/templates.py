@@ -53,8 +53,22 @@ OWNED_HEADERS = (
     "date",
     "message-id",
 )
-# RFC 5322 3.6: at most one of each.
-SINGLE_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc", "subject")
+# At most one of each: RFC 5322 3.6, and the one-click unsubscribe pair (RFC 8058), which the
+# template and --unsubscribe-url could otherwise both give: a provider then honours one, or
+# neither, and may show no unsubscribe button.
+SINGLE_HEADERS = (
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "in-reply-to",
+    "references",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
 _SEP = "\x00"
 # Part of the code cache's key: change it when `_env` or `MessageTemplate._compile` change
 # what compiling a template gives (Jinja's and Python's versions are in the key already).
@@ -349,9 +363,10 @@ class MessageTemplate:
                     f"remove {h}: from the template",
                 )
             if lower in SINGLE_HEADERS and names.count(lower) > 1:
-                raise TemplateError(
-                    self.name, f"{h}: appears more than once", "give it once, with a list"
-                )
+                hint = "give it once, with a list"
+                if lower.startswith("list-unsubscribe"):
+                    hint = "give it in the template or with --unsubscribe-url/-mailto, not both"
+                raise TemplateError(self.name, f"{h}: appears more than once", hint)
         if "from" not in names:
             raise TemplateError(self.name, "no From: header in the header block")
         if "subject" not in names:

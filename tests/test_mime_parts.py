@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from smartmail import MessageTemplate, Row, build
+from smartmail.errors import TemplateError
 
 
 def on_the_wire(data: bytes) -> EmailMessage:
@@ -144,3 +145,20 @@ def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
     attachment = with_attachment(tmp_path, "empty.bin", b"")
     assert attachment.get_filename() == "empty.bin"
     assert attachment.get_payload(decode=True) == b""
+
+
+# --- headers the template and the options both give -----------------------------------------
+
+
+def test_list_unsubscribe_from_the_template_and_an_option_is_refused_not_sent_twice() -> None:
+    # Two List-Unsubscribe fields: which one a mailbox provider honours (or whether it shows
+    # its unsubscribe button at all) is anyone's guess.
+    extra = [
+        ("List-Unsubscribe", "<https://acme.example/u/{{ email }}>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    ]
+    with pytest.raises(TemplateError, match="List-Unsubscribe: appears more than once"):
+        MessageTemplate(
+            "From: a@acme.example\nSubject: s\nList-Unsubscribe: <mailto:u@acme.example>\n\nb\n",
+            extra_headers=extra,
+        )
