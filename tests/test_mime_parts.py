@@ -14,9 +14,13 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from moto import mock_aws
 
 from smartmail import MessageTemplate, Row, build
 from smartmail.errors import TemplateError
+
+from .aws_helpers import ses_backend, verify_sender
+from .conftest import SmtpServer, run_main, smtp_send, write
 
 
 def on_the_wire(data: bytes) -> EmailMessage:
@@ -162,3 +166,57 @@ def test_list_unsubscribe_from_the_template_and_an_option_is_refused_not_sent_tw
             "From: a@acme.example\nSubject: s\nList-Unsubscribe: <mailto:u@acme.example>\n\nb\n",
             extra_headers=extra,
         )
+
+
+# --- end to end: the same rows to a real SMTP server and to SES -----------------------------
+
+
+def campaign(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "Grüße.txt").write_bytes("Grüße aus Zürich\n".encode())
+    (tmp_path / "fwd.eml").write_bytes(b"From: x@example.org\r\nSubject: fwd\r\n\r\nhi\r\n")
+    template = write(
+        tmp_path / "t.txt",
+        "From: Acme <news@acme.example>\nSubject: Hi {{ name }}\n"
+        "Attachment: Grüße.txt; fwd.eml\n\nHello {{ name }}\n.\nCode: {{ code }}\n",
+    )
+    csv = write(tmp_path / "r.csv", "email,name,code\nann@example.org,Zoë,a\x00b\n")
+    return csv, template
+
+
+def check_received(data: bytes) -> None:
+    msg = on_the_wire(data)
+    body = msg.get_body(("plain",))
+    assert body is not None and text_of(body) == "Hello Zoë\n.\nCode: a\x00b\n"
+    text, message = list(msg.iter_attachments())
+    assert isinstance(text, EmailMessage) and isinstance(message, EmailMessage)
+    assert text.get_filename() == "Grüße.txt"
+    assert text.get_content() == "Grüße aus Zürich\n"
+    assert message.get_filename() == "fwd.eml"
+    assert message.get_payload(decode=True) == b"From: x@example.org\r\nSubject: fwd\r\n\r\nhi\r\n"
+
+
+def test_a_server_without_smtputf8_receives_the_message_as_meant(
+    ascii_smtp_server: SmtpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv, template = campaign(tmp_path)
+    code, _, err = run_main(smtp_send(csv, template, ascii_smtp_server, tmp_path), capsys)
+    assert code == 0, err
+    [got] = ascii_smtp_server.handler.received
+    assert got.data.isascii() and "BODY=8BITMIME" not in got.mail_options
+    check_received(got.data)
+
+
+@mock_aws
+@pytest.mark.usefixtures("aws_env")
+def test_ses_receives_the_same_message_as_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    verify_sender()
+    csv, template = campaign(tmp_path)
+    args = ["send", str(csv), "-t", str(template), "--transport", "ses://us-east-1"]
+    args += ["--state", str(tmp_path / "s.db"), "--yes", "--progress", "none"]
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    [sent] = ses_backend().sent_messages
+    raw = sent.raw_data
+    check_received(raw.encode("utf-8") if isinstance(raw, str) else raw)
