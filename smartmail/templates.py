@@ -88,6 +88,12 @@ _FAST_MAILBOX = re.compile(
     r"|[ \t]*\x0e([^\x0e\x0f]*)\x0f[ \t]*\Z"
 )
 
+# A charset named in an HTML <meta> (`<meta charset=...>` or the http-equiv form). The HTML
+# part is sent in UTF-8 (ASCII when it is all ASCII), from a file read as UTF-8, so any other
+# name there is wrong, and a reader that follows the document's own declaration (or a browser
+# the recipient saves it to) would show "ZoÃ«".
+_META_CHARSET = re.compile(r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9._:-]+)""", re.I)
+
 Renderer = Callable[[Mapping[str, Any]], str]
 HeaderValue = str | tuple[Mailbox, ...]
 
@@ -280,7 +286,9 @@ class MessageTemplate:
         self.name = name
         self.base_dir = base_dir or Path.cwd()
         self.attachments_dir = Path(attachments_dir or self.base_dir).resolve()
-        self.source_text = text + (html or "")
+        self.source_text = text + (html or "")  # the campaign's identity: as the operator wrote it
+        if html is not None:
+            html = _utf8_meta(html)
         raw_headers, body = parse_header_block(text, name)
         raw_headers += extra_headers or []
         self._check_header_names(raw_headers)
@@ -681,6 +689,15 @@ def _attachment_parts(value: str) -> list[str | None]:
         else:
             parts.append(None)
     return parts
+
+
+def _utf8_meta(html: str) -> str:
+    """The HTML template with every <meta> charset declaration saying utf-8."""
+    if "charset" not in html.lower():
+        return html
+    return _META_CHARSET.sub(
+        lambda m: m[0] if m[2].lower() in ("utf-8", "utf8") else f"{m[1]}utf-8", html
+    )
 
 
 def _strip_marks(value: str) -> str:

@@ -9,6 +9,7 @@ operator meant: the body text, the attachment's text in its own characters, the 
 from __future__ import annotations
 
 import email
+import re
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -71,6 +72,34 @@ def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
     msg = built(t, url=url)
     assert msg["Content-Transfer-Encoding"] == "quoted-printable"
     assert text_of(msg) == f"{url}\n.\n"
+
+
+_META = re.compile(rb"""<meta\b[^>]*?\bcharset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.I)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta charset="iso-8859-1">',
+        "<META CHARSET=windows-1252>",
+        '<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1" />',
+    ],
+)
+def test_an_html_part_declares_in_its_meta_the_charset_it_is_sent_in(meta: str) -> None:
+    # The part is UTF-8; a reader (or a browser the recipient saves it to) that follows the
+    # document's own <meta> would otherwise show "ZoÃ«".
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\nHi {{ name }}\n",
+        html=f"<html><head>{meta}</head><body>Hi {{{{ name }}}} \u2013 caf\u00e9</body></html>\n",
+    )
+    part = built(t, name="Zoë").get_body(("html",))
+    assert part is not None
+    raw = part.get_payload(decode=True)
+    assert isinstance(raw, bytes)
+    declared = _META.findall(raw)
+    assert len(declared) == 1
+    assert raw.decode(declared[0].decode()) == raw.decode(part.get_content_charset())
+    assert "Hi Zoë \u2013 café" in raw.decode(declared[0].decode())
 
 
 # --- attachments ---------------------------------------------------------------------------
