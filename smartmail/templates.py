@@ -598,6 +598,8 @@ class MessageTemplate:
                 )
             if not envelope:
                 raise InvalidRowError(where, "the message has no recipient")
+            if len(envelope) > 1:
+                envelope = _distinct(envelope)
             if headers.needs_utf8(sender, envelope, result):
                 head = headers.encode(result, utf8=True)
         except headers.HeaderError as exc:
@@ -698,6 +700,20 @@ def _utf8_meta(html: str) -> str:
     return _META_CHARSET.sub(
         lambda m: m[0] if m[2].lower() in ("utf-8", "utf8") else f"{m[1]}utf-8", html
     )
+
+
+def _distinct(envelope: list[str]) -> list[str]:
+    """Each address once, the first spelling kept, compared as the ledger keys them: one in
+    To and again in Cc or Bcc would be two RCPT TOs, which a server may deliver as two
+    copies (SES bills both)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for address in envelope:
+        key = addresses.normalise(address)
+        if key not in seen:
+            seen.add(key)
+            out.append(address)
+    return out
 
 
 def _strip_marks(value: str) -> str:
