@@ -264,7 +264,11 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
         type_param = f'; name="{filename}"'
     else:
         disposition = f"attachment; filename*=utf-8''{quote(filename)}"
-        type_param = ""
+        # Outlook over IMAP or POP reads no RFC 2231 and shows "ATT00001.bin": it takes
+        # Content-Type's name, in RFC 2047 words, as Gmail and Thunderbird write it too.
+        # Not standard, but harmless: readers of RFC 2231 take the filename* (RFC 2183).
+        words = f"{CRLF} ".join(headers.encoded_text(filename))
+        type_param = f';{CRLF} name="{words}"'
     return (
         f"Content-Type: {ctype}{type_param}{CRLF}"
         f"Content-Transfer-Encoding: base64{CRLF}"

@@ -22,6 +22,7 @@ from smartmail.errors import TemplateError
 
 from .aws_helpers import ses_backend, verify_sender
 from .conftest import SmtpServer, run_main, smtp_send, write
+from .header_oracle import decode_words
 
 
 def on_the_wire(data: bytes) -> EmailMessage:
@@ -172,6 +173,22 @@ def test_an_attachment_is_named_as_its_file(tmp_path: Path, name: str) -> None:
     attachment = with_attachment(tmp_path, name, b"%PDF-1.4\n")
     assert attachment.get_filename() == name
     assert attachment.get_payload(decode=True) == b"%PDF-1.4\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["résumé Zoë.pdf", "日本語" * 20 + ".pdf", "back\\slash.pdf", "=?utf-8?q?x?=.pdf"]
+)
+def test_a_name_outside_a_plain_quoted_string_is_in_content_type_too(
+    tmp_path: Path, name: str
+) -> None:
+    # Outlook over IMAP/POP reads no RFC 2231 filename*: it takes Content-Type's name, in
+    # RFC 2047 words as Gmail and Thunderbird write it, and else shows "ATT00001.bin".
+    attachment = with_attachment(tmp_path, name, b"%PDF-1.4\n")
+    assert attachment.get_filename() == name  # Content-Disposition first (RFC 2183)
+    [raw] = [str(v) for k, v in attachment.raw_items() if k.lower() == "content-type"]
+    quoted = re.search(r';\s*name="([^"]*)"', re.sub(r"\r?\n", "", raw))  # unfolded
+    assert quoted is not None, raw
+    assert decode_words(quoted[1]) == name
 
 
 def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
