@@ -31,6 +31,7 @@ from .templates import RenderedMessage
 
 CRLF = "\r\n"
 _MAX_LINE = 998
+_FROM_LINE = re.compile(r"^From ", re.M)  # what an mbox mailbox escapes as ">From "
 _REWRITTEN = re.compile(r'["\\]|=\?')  # what a reader would not show as is in "file name"
 
 
@@ -190,11 +191,14 @@ def _text_part(text: str, subtype: str) -> str:
 
     7bit is ASCII in lines of at most 998 octets with no NUL (RFC 2045 2.7): a NUL from a
     CSV value sent raw is refused by some servers and cuts the text short in some readers;
-    quoted-printable writes it as =00."""
+    quoted-printable writes it as =00. Nor may a line start with "From ": a mailbox stored
+    as mbox turns it into ">From ", which the recipient then reads; quoted-printable writes
+    "=46rom "."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if (
         text.isascii()
         and "\x00" not in text
+        and not (text.startswith("From ") or "\nFrom " in text)
         and all(len(line) <= _MAX_LINE for line in text.split("\n"))
     ):
         return (
@@ -202,6 +206,8 @@ def _text_part(text: str, subtype: str) -> str:
             f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)
         )
     qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
+    if "From " in qp:
+        qp = _FROM_LINE.sub("=46rom ", qp)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + qp.replace("\n", CRLF)

@@ -67,6 +67,26 @@ def test_a_nul_in_a_body_value_is_encoded_never_sent_raw(html: bool) -> None:
         assert part is not None and text_of(part) == "<p>code a\x00b</p>\n"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "From now on, prices fall.\n",
+        "Hi {{ v }},\nFrom 1 May: new prices\n",
+        "Hallo Zoë,\nFrom 1 May\n",
+        "é" + "a" * 69 + "From here the line goes on\n",  # "From" after a soft line break
+    ],
+)
+def test_a_body_line_starting_with_from_survives_an_mbox_delivery(body: str) -> None:
+    # A mailbox stored as mbox (and many MDAs writing one) turns a line "From ..." into
+    # ">From ...", which the recipient then reads; "=46rom" decodes to the same text and
+    # is no such line.
+    t = MessageTemplate(f"From: a@acme.example\nSubject: s\n\n{body}")
+    out = build(t.render(Row(2, {"email": "ann@example.org", "v": "Ann"}), "email")).data
+    raw_body = out.partition(b"\r\n\r\n")[2]
+    assert not any(line.startswith(b"From ") for line in raw_body.split(b"\r\n"))
+    assert text_of(on_the_wire(out)) == body.replace("{{ v }}", "Ann")
+
+
 def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
     t = MessageTemplate("From: a@acme.example\nSubject: s\n\n{{ url }}\n.\n")
     url = "https://acme.example/?t=" + "x" * 3000
