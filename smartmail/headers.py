@@ -99,8 +99,7 @@ def unstructured(name: str, value: str, utf8: bool) -> str:
     the raw message. In a field shown as text (a Subject, an Organization, an `X-` field),
     text that merely looks like an encoded-word (`=?...?=`) is encoded too, so a reader shows
     it as typed instead of decoding it; so is, in a Subject or Comments, a word too long for a
-    line. Any other field's ASCII value is written as it is, or not
-    at all.
+    line. Any other field's ASCII value is written as it is, or not at all.
     """
     text = name.lower() in TEXT_FIELDS
     if (value.isascii() or utf8) and not ("=?" in value and _shown_as_text(name)):

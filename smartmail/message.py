@@ -31,8 +31,9 @@ from .templates import RenderedMessage
 
 CRLF = "\r\n"
 _MAX_LINE = 998
-_FROM_LINE = re.compile(r"^From ", re.M)  # what an mbox mailbox escapes as ">From "
-_REWRITTEN = re.compile(r'["\\]|=\?')  # what a reader would not show as is in "file name"
+# Patterns compiled on first use (re caches them): most runs need neither.
+_FROM_LINE = r"(?m)^From "  # what an mbox mailbox escapes as ">From "
+_REWRITTEN = r'["\\]|=\?'  # what a reader would not show as it is in filename="..."
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -207,7 +208,7 @@ def _text_part(text: str, subtype: str) -> str:
         )
     qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
     if "From " in qp:
-        qp = _FROM_LINE.sub("=46rom ", qp)
+        qp = re.sub(_FROM_LINE, "=46rom ", qp)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + qp.replace("\n", CRLF)
@@ -265,7 +266,7 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
     # A quoted-string only for a name that reads back as it is: a backslash there escapes
     # the next character (RFC 5322 3.2.4), and readers decode what looks like an encoded-word
     # (RFC 2047) in a quoted file name. Any other name goes as RFC 2231 `filename*=`.
-    if filename.isascii() and filename.isprintable() and not _REWRITTEN.search(filename):
+    if filename.isascii() and filename.isprintable() and not re.search(_REWRITTEN, filename):
         disposition = f'attachment; filename="{filename}"'
         type_param = f'; name="{filename}"'
     else:

@@ -92,7 +92,8 @@ _FAST_MAILBOX = re.compile(
 # part is sent in UTF-8 (ASCII when it is all ASCII), from a file read as UTF-8, so any other
 # name there is wrong, and a reader that follows the document's own declaration (or a browser
 # the recipient saves it to) would show "ZoÃ«".
-_META_CHARSET = re.compile(r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9._:-]+)""", re.I)
+# Compiled on first use (re caches it), as few templates have one.
+_META_CHARSET = r"""(?i)(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9._:-]+)"""
 
 Renderer = Callable[[Mapping[str, Any]], str]
 HeaderValue = str | tuple[Mailbox, ...]
@@ -697,8 +698,10 @@ def _utf8_meta(html: str) -> str:
     """The HTML template with every <meta> charset declaration saying utf-8."""
     if "charset" not in html.lower():
         return html
-    return _META_CHARSET.sub(
-        lambda m: m[0] if m[2].lower() in ("utf-8", "utf8") else f"{m[1]}utf-8", html
+    return re.sub(
+        _META_CHARSET,
+        lambda m: m[0] if m[2].lower() in ("utf-8", "utf8") else f"{m[1]}utf-8",
+        html,
     )
 
 
