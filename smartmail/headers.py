@@ -25,15 +25,19 @@ FOLD_AT = 78  # the SHOULD of the same section: kept wherever a fold is possible
 MAX_WORD = 75  # RFC 2047 2: an encoded-word, "=?utf-8?q?...?=" included
 
 # Unstructured text fields: a long ASCII word there may be written as encoded-words to fold
-# it. Other fields are structured (a URL, a message id) and must stay as they are. In these
-# and in `X-` fields (which readers may show), text that looks like an encoded-word is
-# encoded, so it reads as typed instead of being decoded into other text.
+# it. Other fields are structured (a URL, a message id) and must stay as they are. In these,
+# in the others readers show as text (SHOWN_FIELDS) and in `X-` fields (which readers may
+# show), text that looks like an encoded-word is encoded, so it reads as typed instead of
+# being decoded into other text.
 TEXT_FIELDS = frozenset({"subject", "comments"})
+# Other fields readers show decoded as text: Organization (Thunderbird), Keywords, and
+# Thread-Topic (Outlook).
+SHOWN_FIELDS = TEXT_FIELDS | {"organization", "keywords", "thread-topic"}
 
 
 def _shown_as_text(name: str) -> bool:
     lower = name.lower()
-    return lower in TEXT_FIELDS or lower.startswith("x-")
+    return lower in SHOWN_FIELDS or lower.startswith("x-")
 
 
 _Q_PREFIX = "=?utf-8?q?"
@@ -92,10 +96,10 @@ def unstructured(name: str, value: str, utf8: bool) -> str:
     """`Name: value`, folded at spaces; non-ASCII words (unless `utf8`) as encoded-words.
 
     Only the words that need it are encoded, so `Hello Zoë, your order` stays readable in
-    the raw message. In a Subject or Comments, text that merely looks like an encoded-word
-    (`=?...?=`) is encoded too, so a reader shows it as typed instead of decoding it; so is
-    a word too long for a line. Any other field's ASCII value is written as it is, or not
-    at all.
+    the raw message. In a field shown as text (a Subject, an Organization, an `X-` field),
+    text that merely looks like an encoded-word (`=?...?=`) is encoded too, so a reader shows
+    it as typed instead of decoding it; so is, in a Subject or Comments, a word too long for a
+    line. Any other field's ASCII value is written as it is, or not at all.
     """
     text = name.lower() in TEXT_FIELDS
     if (value.isascii() or utf8) and not ("=?" in value and _shown_as_text(name)):
@@ -267,6 +271,11 @@ def encoded_words(text: str, first: int) -> list[str]:
     if len(encoded) <= (len(raw) + 2) // 3 * 4:
         return _q_words(encoded, first)
     return _b_words(text, first // 4 * 3)
+
+
+def encoded_text(text: str) -> list[str]:
+    """`text` as encoded-words of at most 75 characters each (see `encoded_words`)."""
+    return encoded_words(text, _TEXT)
 
 
 def _q_words(encoded: str, first: int) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import itertools
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from .templates import RenderedMessage
 
 CRLF = "\r\n"
 _MAX_LINE = 998
+# Patterns compiled on first use (re caches them): most runs need neither.
+_FROM_LINE = r"(?m)^From "  # what an mbox mailbox escapes as ">From "
+_REWRITTEN = r'["\\]|=\?'  # what a reader would not show as it is in filename="..."
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -184,14 +188,27 @@ def _unique() -> str:
 
 
 def _text_part(text: str, subtype: str) -> str:
-    """A text part: 7bit when it can be, else quoted-printable UTF-8."""
+    """A text part: 7bit when it can be, else quoted-printable UTF-8.
+
+    7bit is ASCII in lines of at most 998 octets with no NUL (RFC 2045 2.7): a NUL from a
+    CSV value sent raw is refused by some servers and cuts the text short in some readers;
+    quoted-printable writes it as =00. Nor may a line start with "From ": a mailbox stored
+    as mbox turns it into ">From ", which the recipient then reads; quoted-printable writes
+    "=46rom "."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n")):
+    if (
+        text.isascii()
+        and "\x00" not in text
+        and not (text.startswith("From ") or "\nFrom " in text)
+        and all(len(line) <= _MAX_LINE for line in text.split("\n"))
+    ):
         return (
             f'Content-Type: text/{subtype}; charset="us-ascii"{CRLF}'
             f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)
         )
     qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
+    if "From " in qp:
+        qp = re.sub(_FROM_LINE, "=46rom ", qp)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + qp.replace("\n", CRLF)
@@ -236,20 +253,51 @@ def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
 
     filename = os.path.basename(path)
     ctype, encoding = mimetypes.guess_type(filename)
-    if ctype is None or encoding is not None:
+    if ctype is None or encoding is not None or ctype.startswith(("message/", "multipart/")):
+        # message/* and multipart/* may not be base64 (RFC 2046 5.2.1, 5.1): a reader parses
+        # the base64 text as the attached message's headers. As a file, it arrives intact.
         ctype = "application/octet-stream"
-    payload = base64.encodebytes(_read_regular(path)).decode("ascii").replace("\n", CRLF)
-    if filename.isascii() and '"' not in filename:
+    data = _read_regular(path)
+    if ctype.startswith("text/"):
+        charset = _text_charset(data)
+        if charset is not None:
+            ctype += f'; charset="{charset}"'
+    payload = base64.encodebytes(data).decode("ascii").replace("\n", CRLF)
+    # A quoted-string only for a name that reads back as it is: a backslash there escapes
+    # the next character (RFC 5322 3.2.4), and readers decode what looks like an encoded-word
+    # (RFC 2047) in a quoted file name. Any other name goes as RFC 2231 `filename*=`.
+    if filename.isascii() and filename.isprintable() and not re.search(_REWRITTEN, filename):
         disposition = f'attachment; filename="{filename}"'
         type_param = f'; name="{filename}"'
     else:
         disposition = f"attachment; filename*=utf-8''{quote(filename)}"
-        type_param = ""
+        # Outlook over IMAP or POP reads no RFC 2231 and shows "ATT00001.bin": it takes
+        # Content-Type's name, in RFC 2047 words, as Gmail and Thunderbird write it too.
+        # Not standard, but harmless: readers of RFC 2231 take the filename* (RFC 2183).
+        words = f"{CRLF} ".join(headers.encoded_text(filename))
+        type_param = f';{CRLF} name="{words}"'
     return (
         f"Content-Type: {ctype}{type_param}{CRLF}"
         f"Content-Transfer-Encoding: base64{CRLF}"
         f"Content-Disposition: {disposition}{CRLF}{CRLF}{payload}"
     )
+
+
+def _text_charset(data: bytes) -> str | None:
+    """The charset of a text attachment, when its bytes tell: a text/* part without one is
+    read as US-ASCII (RFC 2046 4.1.2), so a UTF-8 file would show as "GrÃ¼ÃŸe". None for
+    bytes in some other charset, which cannot be known (a reader then guesses)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"  # a byte order mark says so
+    if b"\x00" in data:
+        return None
+    if data.isascii():
+        return "us-ascii"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "utf-8"
 
 
 def _read_regular(path: str) -> bytes:

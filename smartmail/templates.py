@@ -53,8 +53,22 @@ OWNED_HEADERS = (
     "date",
     "message-id",
 )
-# RFC 5322 3.6: at most one of each.
-SINGLE_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc", "subject")
+# At most one of each: RFC 5322 3.6, and the one-click unsubscribe pair (RFC 8058), which the
+# template and --unsubscribe-url could otherwise both give: a provider then honours one, or
+# neither, and may show no unsubscribe button.
+SINGLE_HEADERS = (
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "in-reply-to",
+    "references",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
 _SEP = "\x00"
 # Part of the code cache's key: change it when `_env` or `MessageTemplate._compile` change
 # what compiling a template gives (Jinja's and Python's versions are in the key already).
@@ -73,6 +87,13 @@ _FAST_MAILBOX = re.compile(
     r"[ \t]*(?:\x0e([^\x0e\x0f]*)\x0f)?[ \t]*<\x0e([^\x0e\x0f]*)\x0f>[ \t]*\Z"
     r"|[ \t]*\x0e([^\x0e\x0f]*)\x0f[ \t]*\Z"
 )
+
+# A charset named in an HTML <meta> (`<meta charset=...>` or the http-equiv form). The HTML
+# part is sent in UTF-8 (ASCII when it is all ASCII), from a file read as UTF-8, so any other
+# name there is wrong, and a reader that follows the document's own declaration (or a browser
+# the recipient saves it to) would show "ZoÃ«".
+# Compiled on first use (re caches it), as few templates have one.
+_META_CHARSET = r"""(?i)(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9._:-]+)"""
 
 Renderer = Callable[[Mapping[str, Any]], str]
 HeaderValue = str | tuple[Mailbox, ...]
@@ -266,7 +287,9 @@ class MessageTemplate:
         self.name = name
         self.base_dir = base_dir or Path.cwd()
         self.attachments_dir = Path(attachments_dir or self.base_dir).resolve()
-        self.source_text = text + (html or "")
+        self.source_text = text + (html or "")  # the campaign's identity: as the operator wrote it
+        if html is not None:
+            html = _utf8_meta(html)
         raw_headers, body = parse_header_block(text, name)
         raw_headers += extra_headers or []
         self._check_header_names(raw_headers)
@@ -349,9 +372,10 @@ class MessageTemplate:
                     f"remove {h}: from the template",
                 )
             if lower in SINGLE_HEADERS and names.count(lower) > 1:
-                raise TemplateError(
-                    self.name, f"{h}: appears more than once", "give it once, with a list"
-                )
+                hint = "give it once, with a list"
+                if lower.startswith("list-unsubscribe"):
+                    hint = "give it in the template or with --unsubscribe-url/-mailto, not both"
+                raise TemplateError(self.name, f"{h}: appears more than once", hint)
         if "from" not in names:
             raise TemplateError(self.name, "no From: header in the header block")
         if "subject" not in names:
@@ -575,6 +599,8 @@ class MessageTemplate:
                 )
             if not envelope:
                 raise InvalidRowError(where, "the message has no recipient")
+            if len(envelope) > 1:
+                envelope = _distinct(envelope)
             if headers.needs_utf8(sender, envelope, result):
                 head = headers.encode(result, utf8=True)
         except headers.HeaderError as exc:
@@ -666,6 +692,31 @@ def _attachment_parts(value: str) -> list[str | None]:
         else:
             parts.append(None)
     return parts
+
+
+def _utf8_meta(html: str) -> str:
+    """The HTML template with every <meta> charset declaration saying utf-8."""
+    if "charset" not in html.lower():
+        return html
+    return re.sub(
+        _META_CHARSET,
+        lambda m: m[0] if m[2].lower() in ("utf-8", "utf8") else f"{m[1]}utf-8",
+        html,
+    )
+
+
+def _distinct(envelope: list[str]) -> list[str]:
+    """Each address once, the first spelling kept, compared as the ledger keys them: one in
+    To and again in Cc or Bcc would be two RCPT TOs, which a server may deliver as two
+    copies (SES bills both)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for address in envelope:
+        key = addresses.normalise(address)
+        if key not in seen:
+            seen.add(key)
+            out.append(address)
+    return out
 
 
 def _strip_marks(value: str) -> str:

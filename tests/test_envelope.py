@@ -76,3 +76,34 @@ def test_refused_bcc_is_sent_without_and_reported(smtp_server: SmtpServer, tmp_p
         for r in summary.sent_without
     )  # fmt: skip
     assert any("3 message(s) went without some Cc/Bcc" in w for w in summary.warnings)
+
+
+def test_an_address_in_to_and_again_in_cc_or_bcc_is_one_rcpt_and_gets_one_copy(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    # The same mailbox twice in one envelope is two RCPT TOs: servers that do not merge them
+    # (case differs, or no duplicate filter) deliver a copy for each, and SES bills each.
+    template = write(
+        tmp_path / "t.txt",
+        "From: news@acme.example\nTo: {{ email }}\nCc: {{ manager }}\nBcc: {{ email }}, "
+        "audit@example.net\nSubject: Hi\n\nHi\n",
+    )
+    csv = write(
+        tmp_path / "r.csv",
+        "email,manager\nann@example.org,ANN@Example.ORG\nbob@example.org,ann@example.org\n",
+    )
+    summary = send_campaign(
+        RecipientSource(SourceSpec(str(csv))),
+        MessageTemplate.load(template),
+        get_transport(smtp_server.url, TransportOptions(smtp_security="none")),
+        options=SendOptions(workers=1),
+        retry=NO_WAIT,
+    )
+    assert summary.sent == 2
+    envelopes = sorted(got.rcpt_tos for got in smtp_server.handler.received)
+    assert envelopes == [
+        ["ann@example.org", "audit@example.net"],
+        ["bob@example.org", "ann@example.org", "audit@example.net"],
+    ]
+    # Ann gets her own message once and Bob's once (as his manager): two, not four.
+    assert len(smtp_server.handler.by_recipient()["ann@example.org"]) == 2

@@ -391,10 +391,13 @@ def test_the_templates_own_quotes_comments_and_commas_are_still_syntax() -> None
     assert msg["From"].addresses[0].display_name == "Acme Billing"
 
 
-@pytest.mark.parametrize("header", ["Subject", "X-Note"])
+@pytest.mark.parametrize(
+    "header", ["Subject", "X-Note", "Comments", "Organization", "Keywords", "Thread-Topic"]
+)
 def test_encoded_word_lookalikes_from_csv_read_back_as_typed(tmp_path: Path, header: str) -> None:
     # A value shaped like an RFC 2047 encoded-word would be shown decoded by mail readers
     # ("=?utf-8?b?...?=" -> any text the sender chose): it is encoded, so it reads as typed.
+    # Organization, Keywords and Outlook's Thread-Topic are shown as text too.
     fixed = "" if header == "Subject" else "Subject: Hi\n"
     write(tmp_path / "m.txt", f"From: a@acme.example\n{fixed}{header}: {{{{ v }}}}\n\nb\n")
     template = MessageTemplate.load(tmp_path / "m.txt")

@@ -1,0 +1,288 @@
+"""Bodies and attachments as a recipient's mail program reads them.
+
+Every message is first checked on its raw bytes (CRLF only, no line over 998 octets, no NUL:
+RFC 5322 2.1.1 and RFC 2045 2.7, which Python's parser does not enforce), then parsed with
+`policy.default` with no defect allowed, and what it decodes to is compared with what the
+operator meant: the body text, the attachment's text in its own characters, the file name.
+"""
+
+from __future__ import annotations
+
+import email
+import re
+from email import policy
+from email.message import EmailMessage, MIMEPart
+from pathlib import Path
+
+import pytest
+from moto import mock_aws
+
+from smartmail import MessageTemplate, Row, build
+from smartmail.errors import TemplateError
+
+from .aws_helpers import ses_backend, verify_sender
+from .conftest import SmtpServer, run_main, smtp_send, write
+from .header_oracle import decode_words
+
+
+def on_the_wire(data: bytes) -> EmailMessage:
+    """The message as a strict reader sees it; the raw-byte rules first."""
+    assert b"\x00" not in data, "a NUL on the wire (RFC 5322 2.1.1, RFC 2045 2.7)"
+    for line in data.split(b"\r\n"):
+        assert len(line) <= 998, f"line of {len(line)} octets"
+        assert b"\r" not in line and b"\n" not in line, f"bare CR or LF in {line[:60]!r}"
+    msg = email.message_from_bytes(data, policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    for part in msg.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
+    return msg
+
+
+def built(template: MessageTemplate, **values: str) -> EmailMessage:
+    values.setdefault("email", "ann@example.org")
+    return on_the_wire(build(template.render(Row(2, values), "email")).data)
+
+
+def text_of(part: MIMEPart) -> str:
+    content = part.get_content()
+    assert isinstance(content, str)
+    return content.replace("\r\n", "\n")
+
+
+# --- body text -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("html", [False, True])
+def test_a_nul_in_a_body_value_is_encoded_never_sent_raw(html: bool) -> None:
+    # 7bit text may not hold a NUL (RFC 2045 2.7): servers refuse or cut such a message.
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\ncode {{ v }}\n",
+        html="<p>code {{ v }}</p>\n" if html else None,
+    )
+    msg = built(t, v="a\x00b")
+    plain = msg.get_body(("plain",))
+    assert plain is not None and text_of(plain) == "code a\x00b\n"
+    if html:
+        part = msg.get_body(("html",))
+        assert part is not None and text_of(part) == "<p>code a\x00b</p>\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "From now on, prices fall.\n",
+        "Hi {{ v }},\nFrom 1 May: new prices\n",
+        "Hallo Zoë,\nFrom 1 May\n",
+        "é" + "a" * 69 + "From here the line goes on\n",  # "From" after a soft line break
+    ],
+)
+def test_a_body_line_starting_with_from_survives_an_mbox_delivery(body: str) -> None:
+    # A mailbox stored as mbox (and many MDAs writing one) turns a line "From ..." into
+    # ">From ...", which the recipient then reads; "=46rom" decodes to the same text and
+    # is no such line.
+    t = MessageTemplate(f"From: a@acme.example\nSubject: s\n\n{body}")
+    out = build(t.render(Row(2, {"email": "ann@example.org", "v": "Ann"}), "email")).data
+    raw_body = out.partition(b"\r\n\r\n")[2]
+    assert not any(line.startswith(b"From ") for line in raw_body.split(b"\r\n"))
+    assert text_of(on_the_wire(out)) == body.replace("{{ v }}", "Ann")
+
+
+def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
+    t = MessageTemplate("From: a@acme.example\nSubject: s\n\n{{ url }}\n.\n")
+    url = "https://acme.example/?t=" + "x" * 3000
+    msg = built(t, url=url)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    assert text_of(msg) == f"{url}\n.\n"
+
+
+_META = re.compile(rb"""<meta\b[^>]*?\bcharset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.I)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta charset="iso-8859-1">',
+        "<META CHARSET=windows-1252>",
+        '<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1" />',
+    ],
+)
+def test_an_html_part_declares_in_its_meta_the_charset_it_is_sent_in(meta: str) -> None:
+    # The part is UTF-8; a reader (or a browser the recipient saves it to) that follows the
+    # document's own <meta> would otherwise show "ZoÃ«".
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\nHi {{ name }}\n",
+        html=f"<html><head>{meta}</head><body>Hi {{{{ name }}}} \u2013 caf\u00e9</body></html>\n",
+    )
+    part = built(t, name="Zoë").get_body(("html",))
+    assert part is not None
+    raw = part.get_payload(decode=True)
+    assert isinstance(raw, bytes)
+    declared = _META.findall(raw)
+    assert len(declared) == 1
+    assert raw.decode(declared[0].decode()) == raw.decode(part.get_content_charset("us-ascii"))
+    assert "Hi Zoë \u2013 café" in raw.decode(declared[0].decode())
+
+
+# --- attachments ---------------------------------------------------------------------------
+
+
+def with_attachment(folder: Path, name: str, content: bytes) -> EmailMessage:
+    (folder / name).write_bytes(content)
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\nAttachment: {{ f }}\n\nsee attached\n",
+        base_dir=folder,
+    )
+    msg = built(t, f=name)
+    (attachment,) = list(msg.iter_attachments())
+    assert isinstance(attachment, EmailMessage)
+    return attachment
+
+
+@pytest.mark.parametrize(
+    ("content", "charset"),
+    [
+        ("Grüße aus Zürich, Zoë\n".encode(), "utf-8"),
+        ("\ufeffName;Stadt\nZoë;Zürich\n".encode(), "utf-8"),  # as Excel saves "CSV UTF-8"
+        ("Grüße\n".encode("utf-16"), "utf-16"),
+        (b"plain ASCII\n", "us-ascii"),
+    ],
+)
+def test_a_text_attachment_reads_in_the_characters_it_was_written_in(
+    tmp_path: Path, content: bytes, charset: str
+) -> None:
+    # Without a charset a reader takes text/* as US-ASCII (RFC 2046 4.1.2): "GrÃ¼ÃŸe".
+    attachment = with_attachment(tmp_path, "notes.txt", content)
+    assert attachment.get_content_type() == "text/plain"
+    assert attachment.get_content_charset("us-ascii") == charset
+    assert attachment.get_content() == content.decode(charset)
+    assert attachment.get_payload(decode=True) == content  # the file itself, byte for byte
+
+
+def test_a_text_attachment_in_an_unknown_charset_claims_none(tmp_path: Path) -> None:
+    content = "Grüße\n".encode("latin-1")  # not UTF-8: which 8-bit charset cannot be known
+    attachment = with_attachment(tmp_path, "notes.txt", content)
+    assert attachment.get_param("charset") is None
+    assert attachment.get_payload(decode=True) == content
+
+
+@pytest.mark.parametrize("name", ["forwarded.eml", "page.mht"])
+def test_a_message_file_attachment_arrives_as_the_same_bytes(tmp_path: Path, name: str) -> None:
+    # message/rfc822 may not be base64 (RFC 2046 5.2.1): readers parse the base64 text as
+    # the message's headers and show an empty or broken attachment.
+    content = b"From: x@example.org\r\nSubject: fwd\r\n\r\nhello \xc3\xa9\r\n"
+    attachment = with_attachment(tmp_path, name, content)
+    assert attachment.get_filename() == name
+    assert attachment.get_payload(decode=True) == content
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "résumé Zoë.pdf",
+        "price list.pdf",
+        'the "final" one.pdf',
+        "back\\slash.pdf",
+        "tab\there.pdf",
+        "it's 100%.pdf",
+        "%41%42.pdf",
+        "=?utf-8?q?x?=.pdf",
+        "日本語" * 20 + ".pdf",
+    ],
+)
+def test_an_attachment_is_named_as_its_file(tmp_path: Path, name: str) -> None:
+    attachment = with_attachment(tmp_path, name, b"%PDF-1.4\n")
+    assert attachment.get_filename() == name
+    assert attachment.get_payload(decode=True) == b"%PDF-1.4\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["résumé Zoë.pdf", "日本語" * 20 + ".pdf", "back\\slash.pdf", "=?utf-8?q?x?=.pdf"]
+)
+def test_a_name_outside_a_plain_quoted_string_is_in_content_type_too(
+    tmp_path: Path, name: str
+) -> None:
+    # Outlook over IMAP/POP reads no RFC 2231 filename*: it takes Content-Type's name, in
+    # RFC 2047 words as Gmail and Thunderbird write it, and else shows "ATT00001.bin".
+    attachment = with_attachment(tmp_path, name, b"%PDF-1.4\n")
+    assert attachment.get_filename() == name  # Content-Disposition first (RFC 2183)
+    [raw] = [str(v) for k, v in attachment.raw_items() if k.lower() == "content-type"]
+    quoted = re.search(r';\s*name="([^"]*)"', re.sub(r"\r?\n", "", raw))  # unfolded
+    assert quoted is not None, raw
+    assert decode_words(quoted[1]) == name
+
+
+def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
+    attachment = with_attachment(tmp_path, "empty.bin", b"")
+    assert attachment.get_filename() == "empty.bin"
+    assert attachment.get_payload(decode=True) == b""
+
+
+# --- headers the template and the options both give -----------------------------------------
+
+
+def test_list_unsubscribe_from_the_template_and_an_option_is_refused_not_sent_twice() -> None:
+    # Two List-Unsubscribe fields: which one a mailbox provider honours (or whether it shows
+    # its unsubscribe button at all) is anyone's guess.
+    extra = [
+        ("List-Unsubscribe", "<https://acme.example/u/{{ email }}>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    ]
+    with pytest.raises(TemplateError, match="List-Unsubscribe: appears more than once"):
+        MessageTemplate(
+            "From: a@acme.example\nSubject: s\nList-Unsubscribe: <mailto:u@acme.example>\n\nb\n",
+            extra_headers=extra,
+        )
+
+
+# --- end to end: the same rows to a real SMTP server and to SES -----------------------------
+
+
+def campaign(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "Grüße.txt").write_bytes("Grüße aus Zürich\n".encode())
+    (tmp_path / "fwd.eml").write_bytes(b"From: x@example.org\r\nSubject: fwd\r\n\r\nhi\r\n")
+    template = write(
+        tmp_path / "t.txt",
+        "From: Acme <news@acme.example>\nSubject: Hi {{ name }}\n"
+        "Attachment: Grüße.txt; fwd.eml\n\nHello {{ name }}\n.\nCode: {{ code }}\n",
+    )
+    csv = write(tmp_path / "r.csv", "email,name,code\nann@example.org,Zoë,a\x00b\n")
+    return csv, template
+
+
+def check_received(data: bytes) -> None:
+    msg = on_the_wire(data)
+    body = msg.get_body(("plain",))
+    assert body is not None and text_of(body) == "Hello Zoë\n.\nCode: a\x00b\n"
+    text, message = list(msg.iter_attachments())
+    assert isinstance(text, EmailMessage) and isinstance(message, EmailMessage)
+    assert text.get_filename() == "Grüße.txt"
+    assert text.get_content() == "Grüße aus Zürich\n"
+    assert message.get_filename() == "fwd.eml"
+    assert message.get_payload(decode=True) == b"From: x@example.org\r\nSubject: fwd\r\n\r\nhi\r\n"
+
+
+def test_a_server_without_smtputf8_receives_the_message_as_meant(
+    ascii_smtp_server: SmtpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv, template = campaign(tmp_path)
+    code, _, err = run_main(smtp_send(csv, template, ascii_smtp_server, tmp_path), capsys)
+    assert code == 0, err
+    [got] = ascii_smtp_server.handler.received
+    assert got.data.isascii() and "BODY=8BITMIME" not in got.mail_options
+    check_received(got.data)
+
+
+@mock_aws
+@pytest.mark.usefixtures("aws_env")
+def test_ses_receives_the_same_message_as_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    verify_sender()
+    csv, template = campaign(tmp_path)
+    args = ["send", str(csv), "-t", str(template), "--transport", "ses://us-east-1"]
+    args += ["--state", str(tmp_path / "s.db"), "--yes", "--progress", "none"]
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    [sent] = ses_backend().sent_messages
+    raw = sent.raw_data
+    check_received(raw.encode("utf-8") if isinstance(raw, str) else raw)
