@@ -843,7 +843,10 @@ def test_three_worker_processes_share_one_queue_and_send_every_row_once(
     [status] = state.statuses("big")
     assert (status.sent, status.addresses, status.in_doubt, status.pending) == (rows, rows, 0, 0)
     taken = sum(int(out.split("worker: ")[1].split(" job")[0]) for out, _ in outputs)
-    assert taken == 16  # 12 jobs and the 4 copies, each taken once
+    # 12 jobs and the 4 copies, each taken at least once. Once more is SQS's right: a
+    # heartbeat a loaded machine delays past the 2 s visibility hands a job to another
+    # worker, which finds its rows sent (each row once, above) and deletes it.
+    assert taken >= 16
 
 
 @pytest.mark.slow
