@@ -1,0 +1,90 @@
+"""Adversarial checks of the scale-out path (DynamoDB ledger, SQS jobs, Lambda handlers),
+each written to fail on the code before its fix. moto in-process; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from smartmail import aws_lambda
+from smartmail.events import consume, handle_sqs_records
+from smartmail.state_dynamodb import DynamoState
+
+from .aws_helpers import REGION
+from .dynamo_helpers import atomic_moto
+from .test_aws_lambda import sqs_event_from_queue
+from .test_events import bounce
+
+__all__ = ["atomic_moto"]
+URL = f"dynamodb://review-state?region={REGION}"
+
+
+@pytest.fixture
+def state(
+    aws_env: None, atomic_moto: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DynamoState]:
+    monkeypatch.setenv("SMARTMAIL_STATE", URL)
+    aws_lambda._STATES.clear()
+    with mock_aws():
+        yield aws_lambda.state_from_env()
+    aws_lambda._STATES.clear()
+
+
+# --- SES feedback: a hostile body must not take its batch down with it --------------------------
+
+# Valid JSON that Python's decoder cannot read: it raises RecursionError, not ValueError.
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+def test_a_deeply_nested_body_is_one_malformed_record_not_a_failed_batch(
+    state: DynamoState,
+) -> None:
+    """One record nobody can parse must fail alone: before, RecursionError escaped
+    `handle_sqs_records`, the handler raised, and every record of the SQS batch came back
+    (and after maxReceiveCount went to the dead-letter queue with it, their bounces unapplied)."""
+    event = sqs_event_from_queue(
+        [json.dumps(bounce("m-1", ["gone@example.org"])), NESTED, json.dumps({"Message": NESTED})]
+    )
+    bad = sorted(r["messageId"] for r in event["Records"] if r["body"].count("[") > 1000)
+    result = aws_lambda.feedback_handler(event, None)
+    assert sorted(f["itemIdentifier"] for f in result["batchItemFailures"]) == bad
+    assert state.suppressions.reason("gone@example.org") == "bounce"
+
+
+def test_smartmail_events_reports_a_deeply_nested_message_and_goes_on(state: DynamoState) -> None:
+    sqs = boto3.client("sqs", region_name=REGION)
+    url = sqs.create_queue(QueueName="raw-feedback")["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody=NESTED)
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(bounce("m-2", ["b@example.org"])))
+    summary = consume(url, state.feedback, wait_seconds=0)
+    assert len(summary.malformed) == 1 and summary.deleted == 1
+    assert state.suppressions.reason("b@example.org") == "bounce"
+
+
+def test_an_unexpected_error_applying_one_record_fails_that_record_only(
+    state: DynamoState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or an unforeseen botocore error while applying one notification is that
+    record's failure (it stays on the queue); the rest of the batch is applied."""
+    store = state.feedback
+    real = store.suppress
+
+    def flaky(address: str, reason: str, detail: str) -> bool:
+        if address == "bad@example.org":
+            raise KeyError("surprise")
+        return real(address, reason, detail)
+
+    monkeypatch.setattr(store, "suppress", flaky)
+    records = [
+        {"messageId": "1", "body": json.dumps(bounce("m-3", ["bad@example.org"]))},
+        {"messageId": "2", "body": json.dumps(bounce("m-4", ["good@example.org"]))},
+    ]
+    results = handle_sqs_records(records, store)
+    assert [r.ok for r in results] == [False, True]
+    assert "KeyError" in results[0].error
+    assert state.suppressions.reason("good@example.org") == "bounce"
