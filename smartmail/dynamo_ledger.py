@@ -260,7 +260,12 @@ class DynamoLedger:
             if code_of(exc) != "ConditionalCheckFailedException":
                 raise
             old: Item = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
-            raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+            if not old:
+                old = self._read(key)
+            if text(old, "claim") != token:
+                raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+            # Our own claim: botocore retried a write whose first try was applied and whose
+            # answer was lost. The token is unique to this attempt, so the row is ours.
         except SmartmailError as exc:
             raise LedgerError(str(exc)) from None
         with self._guard:
@@ -342,6 +347,16 @@ class DynamoLedger:
         self._update(dkey, update, values, condition=condition)
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _read(self, key: str) -> Item:
+        """The delivery as it is now (strongly consistent); {} when there is none."""
+        try:
+            found = self.table.call(
+                "get_item", Key=delivery_key(self.campaign, key), ConsistentRead=True
+            ).get("Item")
+        except SmartmailError as exc:
+            raise LedgerError(str(exc)) from None
+        return dict(found or {})
 
     def _expired(self, delivery: Item) -> bool:
         return number(delivery, "lease_until") < self.clock()

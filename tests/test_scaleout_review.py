@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -13,6 +14,9 @@ from moto import mock_aws
 
 from smartmail import aws_lambda
 from smartmail.events import consume, handle_sqs_records
+from smartmail.message import OutgoingMessage
+from smartmail.report import Outcome
+from smartmail.sources import Row
 from smartmail.state_dynamodb import DynamoState
 
 from .aws_helpers import REGION
@@ -33,6 +37,20 @@ def state(
     with mock_aws():
         yield aws_lambda.state_from_env()
     aws_lambda._STATES.clear()
+
+
+def message(address: str, number: int = 2) -> OutgoingMessage:
+    row = Row(number, {"email": address})
+    return OutgoingMessage("n@acme.example", [address], b"x", f"<{number}@a>", address, row)
+
+
+def delivery(state: DynamoState, campaign: str, address: str) -> dict[str, Any]:
+    item = state.table.call(
+        "get_item",
+        Key={"pk": {"S": f"D#{campaign}"}, "sk": {"S": address}},
+        ConsistentRead=True,
+    ).get("Item", {})
+    return {k: next(iter(v.values())) for k, v in item.items()}
 
 
 # --- SES feedback: a hostile body must not take its batch down with it --------------------------
@@ -88,3 +106,41 @@ def test_an_unexpected_error_applying_one_record_fails_that_record_only(
     assert [r.ok for r in results] == [False, True]
     assert "KeyError" in results[0].error
     assert state.suppressions.reason("good@example.org") == "bounce"
+
+
+# --- the claim: a write DynamoDB applied whose answer was lost ----------------------------------
+
+
+def test_a_claim_applied_but_answered_late_is_still_this_workers_claim(
+    state: DynamoState,
+) -> None:
+    """botocore retries a write whose answer was lost (a reset, a timeout). When the first
+    try was applied, the retry's condition fails against our own claim: before, that was
+    `ClaimLost` ("already being sent"), the row was skipped unsent, and it stayed `sending`
+    under our token until its lease ran out, then reported in doubt though never sent."""
+    ledger = state.ledger("c")
+    ledger.acquire()
+    armed = {"claim": True}
+
+    def lose_the_first_answer(**kw: Any) -> int | None:
+        body = kw.get("request_dict", {}).get("body", b"")
+        if armed["claim"] and b"ConditionExpression" in body and b":sending" in body:
+            armed["claim"] = False
+            return 0  # retry at once, as after a lost answer
+        return None
+
+    state.table.client.meta.events.register_first(
+        "needs-retry.dynamodb.UpdateItem", lose_the_first_answer
+    )
+    msg = message("ana@example.org")
+    ledger.sending(msg)  # must not raise ClaimLost: the claim is ours
+    assert not armed["claim"]
+    ledger.record(Outcome(row=msg.row, recipient=msg.recipient, status="sent", message_id="p-1"))
+    assert delivery(state, "c", "ana@example.org")["st"] == "sent"
+
+
+def test_a_claim_another_worker_holds_is_still_lost(state: DynamoState) -> None:
+    first, second = state.ledger("c"), state.ledger("c")
+    first.sending(message("ana@example.org"))
+    with pytest.raises(Exception, match="already being sent"):
+        second.sending(message("ana@example.org"))
