@@ -212,6 +212,32 @@ class DynamoLedger:
             return f"suppressed: {text(suppressed, 'reason')}"
         return None
 
+    def suppressed(self, addresses: Sequence[str]) -> dict[str, str]:
+        """Which of a message's other envelope addresses (Cc, Bcc, a second To) are
+        suppressed: {address as given: reason}, as the SQLite ledger answers. Only the
+        suppression list applies to them, never the campaign's deliveries (a Cc may rightly
+        be copied on many rows' messages)."""
+        wanted: dict[str, list[str]] = {}
+        for address in addresses:
+            addr = recipient_key(address)
+            if addr:  # DynamoDB refuses an empty key
+                wanted.setdefault(addr, []).append(address)
+        found: dict[str, str] = {}
+        keys = list(wanted)
+        try:
+            self.table.ensure()
+            for start in range(0, len(keys), 2 * _ROWS_PER_READ):
+                chunk = keys[start : start + 2 * _ROWS_PER_READ]
+                items = self.table.get_many([suppression_key(k) for k in chunk])
+                for addr in chunk:
+                    item = items.get(("S#" + addr, "S"))
+                    if item is not None:
+                        for given in wanted[addr]:
+                            found[given] = text(item, "reason")
+        except SmartmailError as exc:
+            raise LedgerError(f"cannot read the suppression list: {exc}") from None
+        return found
+
     def sending(self, message: OutgoingMessage) -> None:
         """Claim the delivery before the first attempt, or raise `ClaimLost` (do not send)."""
         if not self._acquired:

@@ -6,25 +6,47 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from moto import mock_aws
 
-from smartmail import aws_lambda
+from smartmail import (
+    MessageTemplate,
+    RecipientSource,
+    SendOptions,
+    SourceSpec,
+    aws_lambda,
+    preflight,
+    send_campaign,
+)
 from smartmail.events import consume, handle_sqs_records
 from smartmail.message import OutgoingMessage
 from smartmail.report import Outcome
 from smartmail.sources import Row
-from smartmail.state_dynamodb import DynamoState
+from smartmail.state_dynamodb import DynamoState, open_state
+from smartmail.workqueue import enqueue_campaign
 
-from .aws_helpers import REGION
+from .aws_helpers import REGION, ses_backend
+from .conftest import SmtpServer, write
 from .dynamo_helpers import atomic_moto
 from .test_aws_lambda import sqs_event_from_queue
 from .test_events import bounce
+from .test_preflight_edges import COPIED, copied_campaign
+from .test_preflight_edges import transport as smtp_transport
+from .test_workqueue import URL as WQ_URL
+from .test_workqueue import (
+    LambdaContext,
+    aws,
+    config,
+    make_queue,
+    receive_all,
+    sqs_event,
+)
 
-__all__ = ["atomic_moto"]
+__all__ = ["atomic_moto", "aws"]
 URL = f"dynamodb://review-state?region={REGION}"
 
 
@@ -144,3 +166,57 @@ def test_a_claim_another_worker_holds_is_still_lost(state: DynamoState) -> None:
     first.sending(message("ana@example.org"))
     with pytest.raises(Exception, match="already being sent"):
         second.sending(message("ana@example.org"))
+
+
+# --- suppressed Cc/Bcc addresses on the DynamoDB ledger ------------------------------------------
+
+
+def test_suppressed_copies_are_left_out_with_the_dynamodb_ledger_too(
+    state: DynamoState, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """The SQLite ledger leaves a suppressed Cc/Bcc out of the message (README); the
+    DynamoDB ledger had no `suppressed()`, so workers, Lambda senders and `send --state
+    dynamodb://` mailed addresses that had bounced or complained."""
+    csv_path, template_path, _db = copied_campaign(tmp_path)
+    for address, reason in (
+        ("Gone@ACME.example", "bounce"),
+        ("archive@acme.example", "manual"),
+        ("dora@example.org", "complaint"),
+    ):
+        state.suppressions.add(address, reason)
+    template = MessageTemplate.load(template_path)
+    ledger = state.ledger("report")
+    ledger.acquire()
+    with RecipientSource(SourceSpec(str(csv_path))).snapshot() as snap:
+        checked = preflight(snap, template, SendOptions(), journal=ledger, keep_rendered=1)
+        summary = send_campaign(
+            snap, template, smtp_transport(smtp_server), journal=ledger, checked=checked
+        )
+    assert checked.suppressed_copies == 4
+    assert (summary.sent, summary.skipped) == (3, 1)
+    by = {r.rcpt_tos[0]: r for r in smtp_server.handler.received}
+    assert sorted(by) == ["ann@example.org", "bob@example.org", "carl@example.org"]
+    for received in by.values():
+        assert "archive@acme.example" not in received.rcpt_tos
+        assert "Bcc" not in received.message
+    assert sorted(by["bob@example.org"].rcpt_tos) == ["bob@example.org", "john@acme.example"]
+
+
+def test_a_lambda_sender_leaves_a_suppressed_cc_out(aws: None, tmp_path: Path) -> None:
+    """The same through the queue: enqueue, then the sender function; the Cc that
+    complained after the campaign was queued never receives a copy."""
+    url = make_queue()
+    csv_path = write(
+        tmp_path / "r.csv",
+        "email,manager\nann@example.org,boss@acme.example\nbob@example.org,gone@acme.example\n",
+    )
+    write(tmp_path / "msg.txt", COPIED)
+    state = open_state(WQ_URL)
+    enqueue_campaign(config(tmp_path, csv_path, campaign="cc"), url, state)
+    state.suppressions.add("GONE@acme.example", "complaint")
+    event = sqs_event(receive_all(url), url)
+    assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
+    sent = {m.destinations[0]: set(m.destinations) for m in ses_backend().sent_messages}
+    assert set(sent) == {"ann@example.org", "bob@example.org"}
+    assert "gone@acme.example" not in sent["bob@example.org"]
+    assert "boss@acme.example" in sent["ann@example.org"]
