@@ -22,6 +22,7 @@ from smartmail import (
     preflight,
     send_campaign,
 )
+from smartmail.errors import ConfigError
 from smartmail.events import consume, handle_sqs_records
 from smartmail.message import OutgoingMessage
 from smartmail.report import Outcome
@@ -30,7 +31,7 @@ from smartmail.state_dynamodb import DynamoState, open_state
 from smartmail.workqueue import enqueue_campaign
 
 from .aws_helpers import REGION, ses_backend
-from .conftest import SmtpServer, write
+from .conftest import TEMPLATE, SmtpServer, write
 from .dynamo_helpers import atomic_moto
 from .test_aws_lambda import sqs_event_from_queue
 from .test_events import bounce
@@ -44,6 +45,7 @@ from .test_workqueue import (
     make_queue,
     receive_all,
     sqs_event,
+    upload_event,
 )
 
 __all__ = ["atomic_moto", "aws"]
@@ -220,3 +222,28 @@ def test_a_lambda_sender_leaves_a_suppressed_cc_out(aws: None, tmp_path: Path) -
     assert set(sent) == {"ann@example.org", "bob@example.org"}
     assert "gone@acme.example" not in sent["bob@example.org"]
     assert "boss@acme.example" in sent["ann@example.org"]
+
+
+# --- uploads: the deployment's configuration set carries the feedback -----------------------
+
+
+@pytest.mark.parametrize("chosen", [None, "", "another-set"])
+def test_an_upload_cannot_send_outside_the_stacks_configuration_set(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chosen: str | None
+) -> None:
+    """Bounces and complaints reach the feedback function only through the stack's
+    configuration set (its event destination). An upload that set `configuration_set` to
+    null or "" had its campaign sent without one: the sender role allows that, and no
+    bounce or complaint of that campaign was ever suppressed."""
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", make_queue())
+    monkeypatch.setenv("SMARTMAIL_CONFIGURATION_SET", "smartmail")
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    body = json.dumps({"template": "msg.txt", "configuration_set": chosen}).encode()
+    s3.put_object(Bucket="uploads", Key="incoming/x/campaign.json", Body=body)
+    s3.put_object(Bucket="uploads", Key="incoming/x/msg.txt", Body=TEMPLATE.encode())
+    s3.put_object(
+        Bucket="uploads", Key="incoming/x/list.csv", Body=b"email,name,code\na@example.org,A,1\n"
+    )
+    with pytest.raises(ConfigError, match="configuration_set is set by the deployment"):
+        aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
