@@ -247,3 +247,32 @@ def test_an_upload_cannot_send_outside_the_stacks_configuration_set(
     )
     with pytest.raises(ConfigError, match="configuration_set is set by the deployment"):
         aws_lambda.upload_handler(upload_event("uploads", "incoming/x/list.csv"))
+
+
+# --- IAMpolicy.json: the feedback queue ---------------------------------------------------------
+
+
+def test_the_policy_grants_on_the_feedback_queue_only_what_smartmail_events_calls(
+    state: DynamoState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`smartmail events` receives and deletes, nothing else; the policy also allowed it to
+    change visibility and read attributes of that queue."""
+    from smartmail import aws
+
+    from .aws_recorder import OperationRecorder
+    from .iam import action_for, as_list, load_policy, statements
+
+    local = OperationRecorder()
+    monkeypatch.setattr(aws, "CLIENT_HOOKS", [*aws.CLIENT_HOOKS, local.watch])
+    sqs = boto3.client("sqs", region_name=REGION)
+    url = sqs.create_queue(QueueName="ses-feedback")["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(bounce("m-7", ["x@example.org"])))
+    sqs.send_message(QueueUrl=url, MessageBody="{not json")
+    consume(url, state.feedback, wait_seconds=0, visibility_timeout=30)
+    made = {action_for(*call) for call in local.calls if call[0] == "sqs"}
+    [granted] = [
+        set(as_list(st["Action"]))
+        for st in statements(load_policy())
+        if st["Sid"] == "ConsumeSesEventsFromTheQueue"
+    ]
+    assert granted == made == {"sqs:ReceiveMessage", "sqs:DeleteMessage"}
