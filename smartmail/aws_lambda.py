@@ -191,6 +191,9 @@ def worker_from_env() -> Worker:
             rate=rate_from_env(),
             expected_workers=expected_workers_from_env(),
             secrets=secrets,
+            # Without a configuration set SES publishes no bounce or complaint: a campaign
+            # enqueued without one is sent through the stack's.
+            configuration_set=os.environ.get("SMARTMAIL_CONFIGURATION_SET"),
         )
     return found
 

@@ -476,9 +476,13 @@ class Worker:
         s3: Any = None,
         workdir: str | Path | None = None,
         abort: threading.Event | None = None,
+        configuration_set: str | None = None,
     ) -> None:
         self.state = require_dynamodb(state)
         self.rate = rate
+        # The SES configuration set for campaigns that name none (the Lambda sender: the
+        # stack's, whose event destination carries bounces and complaints to be suppressed).
+        self.configuration_set = configuration_set or None
         self.expected_workers = expected_workers
         self.secrets = secrets or Secrets()
         self._s3 = s3
@@ -562,6 +566,7 @@ class Worker:
             on_duplicate="once",
             rate=self.rate if self.rate is not None else config.rate,
             expected_workers=self.expected_workers or config.expected_workers,
+            configuration_set=config.configuration_set or self.configuration_set,
         )
         self._configs[cache_key] = (time.monotonic(), config)
         return config

@@ -276,3 +276,36 @@ def test_the_policy_grants_on_the_feedback_queue_only_what_smartmail_events_call
         if st["Sid"] == "ConsumeSesEventsFromTheQueue"
     ]
     assert granted == made == {"sqs:ReceiveMessage", "sqs:DeleteMessage"}
+
+
+# --- the Lambda sender: feedback flows only through the stack's configuration set ----------------
+
+
+def test_a_campaign_enqueued_without_a_configuration_set_is_sent_through_the_stacks(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`smartmail enqueue` without --configuration-set, sent by the stack's sender
+    function: SES publishes bounces and complaints only for messages sent through a
+    configuration set with an event destination, so without the stack's set no bounce of
+    that campaign ever reached the feedback function, and none was suppressed."""
+    from smartmail import aws as smartmail_aws
+
+    sets: list[str | None] = []
+
+    def watch(client: Any) -> None:
+        def note(params: dict[str, Any], **_: Any) -> None:
+            sets.append(params.get("ConfigurationSetName"))
+
+        client.meta.events.register("provide-client-params.sesv2.SendEmail", note)
+
+    monkeypatch.setattr(smartmail_aws, "CLIENT_HOOKS", [*smartmail_aws.CLIENT_HOOKS, watch])
+    monkeypatch.setenv("SMARTMAIL_CONFIGURATION_SET", "smartmail")
+    boto3.client("sesv2", region_name=REGION).create_configuration_set(
+        ConfigurationSetName="smartmail"
+    )
+    url = make_queue()
+    csv_path = write(tmp_path / "r.csv", "email,name,code\na@example.org,A,1\n")
+    enqueue_campaign(config(tmp_path, csv_path, campaign="cli"), url, open_state(WQ_URL))
+    event = sqs_event(receive_all(url), url)
+    assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
+    assert sets == ["smartmail"]
