@@ -266,6 +266,7 @@ class CampaignRun:
         self.engine_run: Run | None = None
         self.campaign: str | None = config.campaign
         self._snapshots: list[RecipientSource] = []
+        self._scratch: list[str] = []
 
     # --- control from outside ------------------------------------------------------------------
 
@@ -326,6 +327,12 @@ class CampaignRun:
                 with contextlib.suppress(Exception):
                     snap.close()
             self._snapshots.clear()
+            if self._scratch:
+                import shutil
+
+                for folder in self._scratch:
+                    shutil.rmtree(folder, ignore_errors=True)
+                self._scratch.clear()
 
     def _run(self) -> CampaignResult:
         from . import campaigns
@@ -334,6 +341,8 @@ class CampaignRun:
         config, opts = self.config, self.options
         config.check()
         send_options = self._send_options()
+        if opts.resend:
+            config = self._queued_template()
         with readable(config.template):
             template = self._template()
         record = None
@@ -609,6 +618,24 @@ class CampaignRun:
             config.html_template or str(Path(config.template).with_suffix(".html")),
             str(self.options.state_path or default_state_path()),
         ]
+
+    def _queued_template(self) -> CampaignConfig:
+        """A retry of a queued campaign whose template is not where `enqueue` read it (the
+        upload function's temporary folder, another machine): the template bundle the
+        workers send from, unpacked into a private folder removed when the run ends."""
+        if Path(self.config.template).is_file():
+            return self.config
+        import tempfile
+
+        from .workqueue import stored_template
+
+        settings = self._stored_record().settings
+        folder = tempfile.mkdtemp(prefix="smartmail-retry-")
+        self._scratch.append(folder)
+        found = stored_template(self.config, settings, Path(folder), self.hooks.s3_client)
+        if found is not None:
+            self.config = found
+        return self.config
 
     def _stored_record(self) -> CampaignRecord:
         if not self.config.campaign:

@@ -219,7 +219,7 @@ def enqueue_campaign(
         settings = dataclasses.replace(
             config.resolved(), campaign=campaign, to_column=snap.to_column
         ).to_dict()
-        settings["queue_template"] = {"sha256": ref.sha256}
+        settings["queue_template"] = ref.to_dict()
         if ref.s3 is None:
             settings["queue_template"]["inline"] = bundle.data
         where = config.source or snap.name
@@ -572,22 +572,51 @@ class Worker:
         return config
 
     def _bundle(self, job: Job, stored: dict[str, Any]) -> Bundle:
-        ref = job.template
-        if ref.s3:
-            parts = urlsplit(ref.s3)
-            client = self._s3 or aws.client("s3")
-            try:
-                got = client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
-                text = got["Body"].read().decode("utf-8")
-            except (ClientError, BotoCoreError) as exc:
-                raise ConfigError(f"{ref.s3}: cannot read the template bundle ({exc})") from None
-            return Bundle.from_text(text, ref.sha256)
-        if stored.get("sha256") != ref.sha256 or "inline" not in stored:
-            raise JobError(
-                f"campaign {job.campaign}: the template was changed after this job was queued "
-                "(give enqueue --template-bucket to keep every version)"
-            )
-        return Bundle.from_text(Bundle(stored["inline"]).text, ref.sha256)
+        return load_bundle(job.campaign, job.template, stored, self._s3)
+
+
+def load_bundle(campaign: str, ref: TemplateRef, stored: dict[str, Any], s3: Any = None) -> Bundle:
+    """The template bundle `ref` names: from S3, or inline in the campaign's record
+    (`stored`, its `queue_template`), checked against its hash."""
+    if ref.s3:
+        parts = urlsplit(ref.s3)
+        client = s3 or aws.client("s3")
+        try:
+            got = client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+            text = got["Body"].read().decode("utf-8")
+        except (ClientError, BotoCoreError) as exc:
+            raise ConfigError(f"{ref.s3}: cannot read the template bundle ({exc})") from None
+        return Bundle.from_text(text, ref.sha256)
+    if stored.get("sha256") != ref.sha256 or "inline" not in stored:
+        raise JobError(
+            f"campaign {campaign}: the template was changed after this job was queued "
+            "(give enqueue --template-bucket to keep every version)"
+        )
+    return Bundle.from_text(Bundle(stored["inline"]).text, ref.sha256)
+
+
+def stored_template(
+    config: CampaignConfig, settings: dict[str, Any], folder: Path, s3: Any = None
+) -> CampaignConfig | None:
+    """For `retry` of a queued campaign whose template file is not where `enqueue` read it
+    (the upload function's temporary folder, another machine): `config` with its template,
+    HTML part and attachments unpacked under `folder` from the bundle the workers send
+    from. None when the campaign was not queued, or its record does not say where the
+    bundle is (queued by an older smartmail, in S3)."""
+    stored = settings.get("queue_template")
+    if not isinstance(stored, dict) or not stored.get("sha256"):
+        return None
+    if "inline" not in stored and not stored.get("s3"):
+        return None
+    ref = TemplateRef(str(stored["sha256"]), stored.get("s3") or None)
+    bundle = load_bundle(config.campaign or "", ref, stored, s3)
+    paths = bundle.unpack(folder)
+    return dataclasses.replace(
+        config,
+        template=str(paths["template"]),
+        html_template=paths["html_template"],
+        attachments_dir=paths["attachments_dir"],
+    )
 
 
 @dataclass

@@ -309,3 +309,46 @@ def test_a_campaign_enqueued_without_a_configuration_set_is_sent_through_the_sta
     event = sqs_event(receive_all(url), url)
     assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
     assert sets == ["smartmail"]
+
+
+# --- a failed row of an uploaded campaign can be re-driven ---------------------------------------
+
+
+def test_smartmail_retry_re_sends_a_failed_row_of_an_uploaded_campaign(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload function stored the template path it had downloaded to, a temporary
+    folder gone when it returned; `smartmail retry CAMPAIGN` then could not read the
+    template, so a failed row of an uploaded campaign could not be re-driven. The template
+    bundle the workers send from is in S3 (or the record): retry now uses it."""
+    url = make_queue()
+    monkeypatch.setenv("SMARTMAIL_QUEUE_URL", url)
+    monkeypatch.setenv("SMARTMAIL_UPLOAD_BUCKET", "uploads")
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="uploads")
+    settings = {"template": "msg.txt", "campaign": "up", "rate": 1000, "retry_wait": 0}
+    s3.put_object(Bucket="uploads", Key="incoming/up/msg.txt", Body=TEMPLATE.encode())
+    s3.put_object(Bucket="uploads", Key="incoming/up/campaign.json", Body=json.dumps(settings))
+    listed = write(
+        tmp_path / "r.csv", "email,name,code\nann@example.org,Ann,1\nbo@example.org,Bo,2\n"
+    )
+    s3.put_object(Bucket="uploads", Key="incoming/up/list.csv", Body=listed.read_bytes())
+    aws_lambda.upload_handler(upload_event("uploads", "incoming/up/list.csv"))
+    state = aws_lambda.state_from_env()
+    # A worker claims bo's row and SES refuses it for good: `failed`, the job done.
+    row = Row(3, {"email": "bo@example.org", "name": "Bo", "code": "2"})
+    ledger = state.ledger("up")
+    ledger.sending(OutgoingMessage("n@acme.example", [], b"x", "<1@a>", "bo@example.org", row))
+    ledger.record(Outcome(row=row, recipient="bo@example.org", status="failed", reason="refused"))
+
+    from smartmail.campaign import load_config, run_campaign
+    from smartmail.config import RunOptions
+
+    result = run_campaign(
+        load_config(WQ_URL, "up"),
+        RunOptions(resend="failed", state_path=WQ_URL, failed_csv=str(tmp_path / "f.csv")),
+    )
+    assert (result.summary.sent, result.summary.failed, result.error) == (1, 0, None)
+    [sent] = ses_backend().sent_messages
+    assert sent.destinations[0] == "bo@example.org"
+    assert "Hi Bo, your code is 2." in sent.raw_data
