@@ -808,9 +808,18 @@ class CampaignRun:
             # The account's rate is shared: each of the expected workers takes its share.
             account = transport.default_rate()
             rate = account / self.config.expected_workers if account else None
-        if not rate:
-            return Unlimited(sleep=self._pause)
-        return TokenBucket(rate, self.config.burst, sleep=self._pause)
+        limiter: Any = (
+            TokenBucket(rate, self.config.burst, sleep=self._pause)
+            if rate
+            else Unlimited(sleep=self._pause)
+        )
+        keep_claim = getattr(self.ledger, "keep_claim", None)
+        if keep_claim is not None:
+            # A shared ledger's claims carry a lease: a long wait for a slot renews it.
+            from .dynamo_ledger import ClaimKeepingLimiter
+
+            limiter = ClaimKeepingLimiter(limiter, keep_claim)
+        return limiter
 
     def _record(
         self, source: RecipientSource, template: MessageTemplate, transport: Transport

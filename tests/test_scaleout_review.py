@@ -352,3 +352,75 @@ def test_smartmail_retry_re_sends_a_failed_row_of_an_uploaded_campaign(
     [sent] = ses_backend().sent_messages
     assert sent.destinations[0] == "bo@example.org"
     assert "Hi Bo, your code is 2." in sent.raw_data
+
+
+# --- a claim whose lease ran out while its worker waited for a rate slot -------------------------
+
+
+@pytest.mark.parametrize("taken_over", [True, False])
+def test_a_worker_whose_lease_ran_out_while_it_waited_for_its_slot_does_not_send(
+    state: DynamoState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_over: bool
+) -> None:
+    """A worker claims a row, then waits for its rate slot (up to workers / rate seconds,
+    longer after throttling), then sends. When the lease ran out during that wait, the row
+    showed as in doubt and `retry --in-doubt` could take it over and send it; the first
+    worker then sent it too. Now a worker that waited long renews its claim before it
+    sends, and finding it taken, skips the row (or, not taken, sends it under the renewed
+    lease)."""
+    from smartmail import ratelimit
+    from smartmail.campaign import run_campaign
+    from smartmail.config import CampaignConfig, RunOptions
+    from smartmail.dynamo_ledger import DynamoLedger
+
+    now = [1_000_000.0]
+
+    def clock() -> float:
+        return now[0]
+
+    monkeypatch.setattr(
+        DynamoState,
+        "ledger",
+        lambda self, campaign, *, resend=None: DynamoLedger(
+            self.table, campaign, resend=resend, clock=clock
+        ),
+    )
+    row = Row(2, {"email": "ana@example.org", "name": "Ana", "code": "1"})
+    taken: list[str] = []
+
+    class SlowBucket(ratelimit.TokenBucket):
+        def acquire(self) -> float:
+            if not taken:
+                now[0] += 3600  # the wait outlasts the lease (60 s here)
+                taken.append("waited")
+                if not taken_over:
+                    return 0.0
+                other = DynamoLedger(state.table, "lease", resend="in-doubt", clock=clock)
+                other.sending(message("ana@example.org"))
+                other.record(
+                    Outcome(row=row, recipient="ana@example.org", status="sent", message_id="x")
+                )
+                taken.append("by retry --in-doubt")
+            return 0.0
+
+    monkeypatch.setattr(ratelimit, "TokenBucket", SlowBucket)
+    csv_path = write(tmp_path / "r.csv", "email,name,code\nana@example.org,Ana,1\n")
+    write(tmp_path / "msg.txt", TEMPLATE)
+    outbox = tmp_path / "outbox"
+    config = CampaignConfig(
+        template=str(tmp_path / "msg.txt"),
+        source=str(csv_path),
+        transport=f"file://{outbox}",
+        campaign="lease",
+        rate=1,
+        workers=1,
+        retry_wait=0,
+    )
+    url = f"dynamodb://review-state?region={REGION}&lease=60"
+    result = run_campaign(config, RunOptions(state_path=url, failed_csv=str(tmp_path / "f.csv")))
+    assert taken
+    if not taken_over:
+        assert (result.summary.sent, result.summary.skipped) == (1, 0)
+        assert delivery(state, "lease", "ana@example.org")["st"] == "sent"
+        return
+    assert (sorted(outbox.iterdir()) if outbox.exists() else []) == []
+    assert (result.summary.sent, result.summary.skipped) == (0, 1)
