@@ -454,6 +454,22 @@ class _JobRun(CampaignRun):
             kept = self._transports[key] = _KeptTransport(super()._transport())
         return cast("Transport", kept)
 
+    def _plan(self, checked: Any, send_options: SendOptions, transport: Transport) -> Any:
+        """The pipeline's plan, but a job the 24-hour quota would refuse is planned again on
+        a fresh reading: the kept transport read the quota once, maybe hours ago, and a
+        stale "used up" must not refuse every job this worker takes from then on. Only a
+        refusal costs a second GetSendQuota (SES allows about one a second)."""
+        from .quota import QuotaError, QuotaExhaustedError
+
+        try:
+            return super()._plan(checked, send_options, transport)
+        except (QuotaError, QuotaExhaustedError):
+            forget = getattr(transport, "forget_quota", None)
+            if forget is None:
+                raise
+            forget()
+            return super()._plan(checked, send_options, transport)
+
     def _open_ledger(self, send_options: SendOptions) -> Any:
         assert self.campaign is not None
         ledger: Any = _LedgerOfJob(self._state.ledger(self.campaign))

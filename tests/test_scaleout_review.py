@@ -424,3 +424,37 @@ def test_a_worker_whose_lease_ran_out_while_it_waited_for_its_slot_does_not_send
         return
     assert (sorted(outbox.iterdir()) if outbox.exists() else []) == []
     assert (result.summary.sent, result.summary.skipped) == (0, 1)
+
+
+# --- a worker kept across jobs reads the 24-hour quota again before refusing a job --------------
+
+
+def test_a_warm_worker_does_not_refuse_every_job_on_a_quota_it_read_hours_ago(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker (a warm Lambda container) keeps its SES transport across jobs, and the
+    transport read the quota once. After one job found the 24-hour quota used up, every
+    later job of that worker was refused on the same stale answer, however long after the
+    quota had freed: each burnt a receive and went to the dead-letter queue unsent."""
+    from smartmail import quota
+    from smartmail.quota import QuotaExhaustedError, SendQuota
+    from smartmail.workqueue import Worker
+
+    used_up, free = SendQuota(200, 14, 200), SendQuota(200, 14, 0)
+    answers = [used_up, used_up, free]  # the first job reads it twice before refusing
+    monkeypatch.setattr(quota, "fetch_send_quota", lambda region: answers.pop(0))
+    url = make_queue()
+    csv_path = write(tmp_path / "r.csv", "email,name,code\na@example.org,A,1\nb@example.org,B,2\n")
+    state = open_state(WQ_URL)
+    enqueue_campaign(config(tmp_path, csv_path, campaign="q"), url, state, rows_per_job=1)
+    first, second = sorted((m["Body"] for m in receive_all(url)), key=len)
+    worker = Worker(state, rate=1000)
+    try:
+        with pytest.raises(QuotaExhaustedError):
+            worker.run_job(first)
+        # Hours later, the rolling 24 hours have freed the quota.
+        outcome = worker.run_job(second)
+    finally:
+        worker.close()
+    assert (outcome.done, outcome.sent) == (True, 1)
+    assert answers == []
