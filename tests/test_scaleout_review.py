@@ -37,6 +37,7 @@ from .test_aws_lambda import sqs_event_from_queue
 from .test_events import bounce
 from .test_preflight_edges import COPIED, copied_campaign
 from .test_preflight_edges import transport as smtp_transport
+from .test_state_parity import state_url
 from .test_workqueue import URL as WQ_URL
 from .test_workqueue import (
     LambdaContext,
@@ -48,7 +49,7 @@ from .test_workqueue import (
     upload_event,
 )
 
-__all__ = ["atomic_moto", "aws"]
+__all__ = ["atomic_moto", "aws", "state_url"]
 URL = f"dynamodb://review-state?region={REGION}"
 
 
@@ -458,3 +459,33 @@ def test_a_warm_worker_does_not_refuse_every_job_on_a_quota_it_read_hours_ago(
         worker.close()
     assert (outcome.done, outcome.sent) == (True, 1)
     assert answers == []
+
+
+# --- the same keys in both states: case, IDNA, the root dot -------------------------------------
+
+
+def test_both_states_key_case_and_idna_spellings_of_one_address_alike(state_url: str) -> None:
+    """Refuted, kept as a guard: the DynamoDB ledger and suppression list key an address
+    as the SQLite ones do (lower case, IDNA domain, one root dot dropped), for the row's
+    recipient, its Cc (`suppressed`, new to the DynamoDB ledger) and SES feedback."""
+    from smartmail.events import apply, parse
+    from smartmail.state_store import open_state
+
+    state = open_state(state_url)
+    state.suppressions.add("Ann@Bücher.Example.", "manual")
+    ledger = state.ledger("idna")
+    ledger.acquire()
+    row = Row(2, {"email": "x"})
+    assert ledger.skip_reason("ann@xn--bcher-kva.example", row) == "suppressed: manual"
+    assert ledger.skip_reason("ANN@BÜCHER.example", row) == "suppressed: manual"
+    cc = ["ann@xn--bcher-kva.example", "ANN@bücher.example", "bo@example.org"]
+    assert ledger.suppressed(cc) == {cc[0]: "manual", cc[1]: "manual"}
+    sent = message("Cy@Bücher.Example", 3)
+    ledger.sending(sent)
+    ledger.record(Outcome(sent.row, sent.recipient, "sent", message_id="ses-cy"))
+    ledger.close()  # the SQLite ledger commits in groups: what it holds, on disk
+    feedback = bounce("ses-cy", ["cy@xn--bcher-kva.example"])
+    applied = apply(state.feedback, parse(json.dumps(feedback)))
+    assert (applied.suppressed, applied.deliveries) == (1, 1)
+    assert state.ledger("next").skip_reason("CY@bücher.example", row) == "suppressed: bounce"
+    state.close()
