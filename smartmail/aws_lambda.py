@@ -191,6 +191,9 @@ def worker_from_env() -> Worker:
             rate=rate_from_env(),
             expected_workers=expected_workers_from_env(),
             secrets=secrets,
+            # Without a configuration set SES publishes no bounce or complaint: a campaign
+            # enqueued without one is sent through the stack's.
+            configuration_set=os.environ.get("SMARTMAIL_CONFIGURATION_SET"),
         )
     return found
 
@@ -354,8 +357,15 @@ def upload_config(
         raise ConfigError(
             f"{where}: transport is set by the deployment ({deployed}); remove it from the upload"
         )
-    if os.environ.get("SMARTMAIL_CONFIGURATION_SET"):
-        settings.setdefault("configuration_set", os.environ["SMARTMAIL_CONFIGURATION_SET"])
+    # Bounces and complaints reach the feedback function only through the deployment's
+    # configuration set: a campaign sent without it (null, "") would never be suppressed,
+    # and the sender's role refuses any other set.
+    stack_set = os.environ.get("SMARTMAIL_CONFIGURATION_SET")
+    if stack_set and settings.setdefault("configuration_set", stack_set) != stack_set:
+        raise ConfigError(
+            f"{where}: configuration_set is set by the deployment ({stack_set}); "
+            "remove it from the upload"
+        )
     settings.setdefault("version", 1)
     try:
         # Uploaded JSON is untrusted: a value of the wrong type is this file's fault, said so

@@ -269,6 +269,7 @@ class CampaignRun:
         self.engine_run: Run | None = None
         self.campaign: str | None = config.campaign
         self._snapshots: list[RecipientSource] = []
+        self._scratch: list[str] = []
 
     # --- control from outside ------------------------------------------------------------------
 
@@ -329,6 +330,12 @@ class CampaignRun:
                 with contextlib.suppress(Exception):
                     snap.close()
             self._snapshots.clear()
+            if self._scratch:
+                import shutil
+
+                for folder in self._scratch:
+                    shutil.rmtree(folder, ignore_errors=True)
+                self._scratch.clear()
 
     def _run(self) -> CampaignResult:
         from . import campaigns
@@ -337,6 +344,8 @@ class CampaignRun:
         config, opts = self.config, self.options
         config.check()
         send_options = self._send_options()
+        if opts.resend:
+            config = self._queued_template()
         with readable(config.template):
             template = self._template()
         record = None
@@ -616,6 +625,24 @@ class CampaignRun:
             str(self.options.state_path or default_state_path()),
         ]
 
+    def _queued_template(self) -> CampaignConfig:
+        """A retry of a queued campaign whose template is not where `enqueue` read it (the
+        upload function's temporary folder, another machine): the template bundle the
+        workers send from, unpacked into a private folder removed when the run ends."""
+        if Path(self.config.template).is_file():
+            return self.config
+        import tempfile
+
+        from .workqueue import stored_template
+
+        settings = self._stored_record().settings
+        folder = tempfile.mkdtemp(prefix="smartmail-retry-")
+        self._scratch.append(folder)
+        found = stored_template(self.config, settings, Path(folder), self.hooks.s3_client)
+        if found is not None:
+            self.config = found
+        return self.config
+
     def _stored_record(self) -> CampaignRecord:
         if not self.config.campaign:
             raise ConfigError("a retry needs the campaign's name")
@@ -787,9 +814,18 @@ class CampaignRun:
             # The account's rate is shared: each of the expected workers takes its share.
             account = transport.default_rate()
             rate = account / self.config.expected_workers if account else None
-        if not rate:
-            return Unlimited(sleep=self._pause)
-        return TokenBucket(rate, self.config.burst, sleep=self._pause)
+        limiter: Any = (
+            TokenBucket(rate, self.config.burst, sleep=self._pause)
+            if rate
+            else Unlimited(sleep=self._pause)
+        )
+        keep_claim = getattr(self.ledger, "keep_claim", None)
+        if keep_claim is not None:
+            # A shared ledger's claims carry a lease: a long wait for a slot renews it.
+            from .dynamo_ledger import ClaimKeepingLimiter
+
+            limiter = ClaimKeepingLimiter(limiter, keep_claim)
+        return limiter
 
     def _record(
         self, source: RecipientSource, template: MessageTemplate, transport: Transport

@@ -106,6 +106,9 @@ class DynamoLedger:
         self._guard = threading.Lock()
         self._numbers = itertools.count(1)
         self._acquired = False
+        # The claim this thread took last and when its lease was last set, for `keep_claim`
+        # (the engine claims a row and then waits for its rate slot on the same thread).
+        self._local = threading.local()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -212,6 +215,32 @@ class DynamoLedger:
             return f"suppressed: {text(suppressed, 'reason')}"
         return None
 
+    def suppressed(self, addresses: Sequence[str]) -> dict[str, str]:
+        """Which of a message's other envelope addresses (Cc, Bcc, a second To) are
+        suppressed: {address as given: reason}, as the SQLite ledger answers. Only the
+        suppression list applies to them, never the campaign's deliveries (a Cc may rightly
+        be copied on many rows' messages)."""
+        wanted: dict[str, list[str]] = {}
+        for address in addresses:
+            addr = recipient_key(address)
+            if addr:  # DynamoDB refuses an empty key
+                wanted.setdefault(addr, []).append(address)
+        found: dict[str, str] = {}
+        keys = list(wanted)
+        try:
+            self.table.ensure()
+            for start in range(0, len(keys), 2 * _ROWS_PER_READ):
+                chunk = keys[start : start + 2 * _ROWS_PER_READ]
+                items = self.table.get_many([suppression_key(k) for k in chunk])
+                for addr in chunk:
+                    item = items.get(("S#" + addr, "S"))
+                    if item is not None:
+                        for given in wanted[addr]:
+                            found[given] = text(item, "reason")
+        except SmartmailError as exc:
+            raise LedgerError(f"cannot read the suppression list: {exc}") from None
+        return found
+
     def sending(self, message: OutgoingMessage) -> None:
         """Claim the delivery before the first attempt, or raise `ClaimLost` (do not send)."""
         if not self._acquired:
@@ -260,11 +289,57 @@ class DynamoLedger:
             if code_of(exc) != "ConditionalCheckFailedException":
                 raise
             old: Item = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
-            raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+            if not old:
+                old = self._read(key)
+            if text(old, "claim") != token:
+                raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+            # Our own claim: botocore retried a write whose first try was applied and whose
+            # answer was lost. The token is unique to this attempt, so the row is ours.
         except SmartmailError as exc:
             raise LedgerError(str(exc)) from None
         with self._guard:
             self._claims[key] = (token, message.row.number)
+        self._local.held = (key, token, now)
+
+    def keep_claim(self) -> None:
+        """Called after each wait between the claim and a send (the rate slot, a retry's
+        backoff), on the claiming thread: once half the lease has gone by, renew it, on
+        condition that the claim is still ours. A claim that ran out and was taken over
+        meanwhile (`retry --in-doubt`) raises `ClaimLost`: the row is someone else's now,
+        and sending it too would be a double send. Costs nothing until half a lease has
+        passed, which a send rarely waits."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            return
+        key, token, renewed = held
+        now = self.clock()
+        if now - renewed < self.lease / 2:
+            return
+        try:
+            self.table.call(
+                "update_item",
+                Key=delivery_key(self.campaign, key),
+                UpdateExpression="SET lease_until = :lease, updated_at = :now",
+                ConditionExpression="st = :sending AND claim = :token",
+                ExpressionAttributeValues={
+                    ":sending": s("sending"),
+                    ":token": s(token),
+                    ":lease": n(now + self.lease),
+                    ":now": s(now_iso(now)),
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if code_of(exc) != "ConditionalCheckFailedException":
+                raise LedgerError(f"{self.path}: could not renew a claim ({exc})") from None
+            self._local.held = None
+            old: Item = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
+            if not old:
+                old = self._read(key)
+            raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+        except SmartmailError as exc:
+            raise LedgerError(str(exc)) from None
+        self._local.held = (key, token, now)
 
     def record(self, outcome: Outcome) -> None:
         key = recipient_key(outcome.recipient)
@@ -275,6 +350,9 @@ class DynamoLedger:
             token = None
             if claim is not None and claim[1] == outcome.row.number:
                 token = self._claims.pop(key)[0]
+        held = getattr(self._local, "held", None)
+        if held is not None and held[0] == key:
+            self._local.held = None
         now = self.clock()
         stamp = {":now": s(now_iso(now)), ":exp": self.table.expires(now)}
         row = {":row": n(outcome.row.number), ":json": s(row_json(outcome.row))}
@@ -342,6 +420,16 @@ class DynamoLedger:
         self._update(dkey, update, values, condition=condition)
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _read(self, key: str) -> Item:
+        """The delivery as it is now (strongly consistent); {} when there is none."""
+        try:
+            found = self.table.call(
+                "get_item", Key=delivery_key(self.campaign, key), ConsistentRead=True
+            ).get("Item")
+        except SmartmailError as exc:
+            raise LedgerError(str(exc)) from None
+        return dict(found or {})
 
     def _expired(self, delivery: Item) -> bool:
         return number(delivery, "lease_until") < self.clock()
@@ -480,3 +568,22 @@ def retry_rows(
     ]
     found.sort()
     return [Row(number_, json.loads(values_)) for number_, _key, values_ in found]
+
+
+class ClaimKeepingLimiter:
+    """A run's rate limiter that, after each wait for a slot, lets the ledger renew the
+    claim the waiting thread holds (`DynamoLedger.keep_claim`): the engine claims a row
+    before it waits for its slot, and that wait (workers / rate seconds, longer once SES
+    throttles) must not outlast the claim's lease unnoticed."""
+
+    def __init__(self, limiter: Any, keep_claim: Callable[[], None]) -> None:
+        self._limiter = limiter
+        self._keep_claim = keep_claim
+
+    def acquire(self) -> float:
+        waited = float(self._limiter.acquire())
+        self._keep_claim()
+        return waited
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._limiter, name)

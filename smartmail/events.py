@@ -259,6 +259,13 @@ def handle_sqs_records(records: Iterable[Mapping[str, Any]], state: State) -> li
         except SmartmailError as exc:
             results.append(RecordResult(message_id, False, error=f"state: {exc}"))
             continue
+        except Exception as exc:
+            # Whatever it is, it is this record's: it stays on the queue (and reaches its
+            # dead-letter queue), while the rest of the batch is applied and deleted.
+            results.append(
+                RecordResult(message_id, False, error=f"unexpected {type(exc).__name__}: {exc}")
+            )
+            continue
         results.append(RecordResult(message_id, True, applied))
     return results
 

@@ -310,6 +310,12 @@ class QuotaAware:
                 self._quota = fetch_send_quota(self.region)
             return self._quota
 
+    def forget_quota(self) -> None:
+        """Read the quota again next time: for a transport kept across runs (a queue worker,
+        a warm Lambda), whose first answer may be hours old."""
+        with self._quota_lock:
+            self._quota = None
+
     def default_rate(self) -> float | None:
         rate = self.send_quota().max_send_rate
         return rate if rate > 0 else None

@@ -80,6 +80,9 @@ class _Validation:
 def _json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
+    except RecursionError:
+        # Valid JSON nested deeper than Python's decoder goes: hostile, and never SES's.
+        raise MalformedMessage(f"{what} is nested too deeply to read") from None
     except (ValueError, TypeError) as exc:
         if isinstance(text, str) and text.lstrip().startswith(_VALIDATION_TEXT):
             return _Validation(text)

@@ -219,7 +219,7 @@ def enqueue_campaign(
         settings = dataclasses.replace(
             config.resolved(), campaign=campaign, to_column=snap.to_column
         ).to_dict()
-        settings["queue_template"] = {"sha256": ref.sha256}
+        settings["queue_template"] = ref.to_dict()
         if ref.s3 is None:
             settings["queue_template"]["inline"] = bundle.data
         where = config.source or snap.name
@@ -454,6 +454,22 @@ class _JobRun(CampaignRun):
             kept = self._transports[key] = _KeptTransport(super()._transport())
         return cast("Transport", kept)
 
+    def _plan(self, checked: Any, send_options: SendOptions, transport: Transport) -> Any:
+        """The pipeline's plan, but a job the 24-hour quota would refuse is planned again on
+        a fresh reading: the kept transport read the quota once, maybe hours ago, and a
+        stale "used up" must not refuse every job this worker takes from then on. Only a
+        refusal costs a second GetSendQuota (SES allows about one a second)."""
+        from .quota import QuotaError, QuotaExhaustedError
+
+        try:
+            return super()._plan(checked, send_options, transport)
+        except (QuotaError, QuotaExhaustedError):
+            forget = getattr(transport, "forget_quota", None)
+            if forget is None:
+                raise
+            forget()
+            return super()._plan(checked, send_options, transport)
+
     def _open_ledger(self, send_options: SendOptions) -> Any:
         assert self.campaign is not None
         ledger: Any = _LedgerOfJob(self._state.ledger(self.campaign))
@@ -476,9 +492,13 @@ class Worker:
         s3: Any = None,
         workdir: str | Path | None = None,
         abort: threading.Event | None = None,
+        configuration_set: str | None = None,
     ) -> None:
         self.state = require_dynamodb(state)
         self.rate = rate
+        # The SES configuration set for campaigns that name none (the Lambda sender: the
+        # stack's, whose event destination carries bounces and complaints to be suppressed).
+        self.configuration_set = configuration_set or None
         self.expected_workers = expected_workers
         self.secrets = secrets or Secrets()
         self._s3 = s3
@@ -562,27 +582,57 @@ class Worker:
             on_duplicate="once",
             rate=self.rate if self.rate is not None else config.rate,
             expected_workers=self.expected_workers or config.expected_workers,
+            configuration_set=config.configuration_set or self.configuration_set,
         )
         self._configs[cache_key] = (time.monotonic(), config)
         return config
 
     def _bundle(self, job: Job, stored: dict[str, Any]) -> Bundle:
-        ref = job.template
-        if ref.s3:
-            parts = urlsplit(ref.s3)
-            client = self._s3 or aws.client("s3")
-            try:
-                got = client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
-                text = got["Body"].read().decode("utf-8")
-            except (ClientError, BotoCoreError) as exc:
-                raise ConfigError(f"{ref.s3}: cannot read the template bundle ({exc})") from None
-            return Bundle.from_text(text, ref.sha256)
-        if stored.get("sha256") != ref.sha256 or "inline" not in stored:
-            raise JobError(
-                f"campaign {job.campaign}: the template was changed after this job was queued "
-                "(give enqueue --template-bucket to keep every version)"
-            )
-        return Bundle.from_text(Bundle(stored["inline"]).text, ref.sha256)
+        return load_bundle(job.campaign, job.template, stored, self._s3)
+
+
+def load_bundle(campaign: str, ref: TemplateRef, stored: dict[str, Any], s3: Any = None) -> Bundle:
+    """The template bundle `ref` names: from S3, or inline in the campaign's record
+    (`stored`, its `queue_template`), checked against its hash."""
+    if ref.s3:
+        parts = urlsplit(ref.s3)
+        client = s3 or aws.client("s3")
+        try:
+            got = client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+            text = got["Body"].read().decode("utf-8")
+        except (ClientError, BotoCoreError) as exc:
+            raise ConfigError(f"{ref.s3}: cannot read the template bundle ({exc})") from None
+        return Bundle.from_text(text, ref.sha256)
+    if stored.get("sha256") != ref.sha256 or "inline" not in stored:
+        raise JobError(
+            f"campaign {campaign}: the template was changed after this job was queued "
+            "(give enqueue --template-bucket to keep every version)"
+        )
+    return Bundle.from_text(Bundle(stored["inline"]).text, ref.sha256)
+
+
+def stored_template(
+    config: CampaignConfig, settings: dict[str, Any], folder: Path, s3: Any = None
+) -> CampaignConfig | None:
+    """For `retry` of a queued campaign whose template file is not where `enqueue` read it
+    (the upload function's temporary folder, another machine): `config` with its template,
+    HTML part and attachments unpacked under `folder` from the bundle the workers send
+    from. None when the campaign was not queued, or its record does not say where the
+    bundle is (queued by an older smartmail, in S3)."""
+    stored = settings.get("queue_template")
+    if not isinstance(stored, dict) or not stored.get("sha256"):
+        return None
+    if "inline" not in stored and not stored.get("s3"):
+        return None
+    ref = TemplateRef(str(stored["sha256"]), stored.get("s3") or None)
+    bundle = load_bundle(config.campaign or "", ref, stored, s3)
+    paths = bundle.unpack(folder)
+    return dataclasses.replace(
+        config,
+        template=str(paths["template"]),
+        html_template=paths["html_template"],
+        attachments_dir=paths["attachments_dir"],
+    )
 
 
 @dataclass

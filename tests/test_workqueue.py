@@ -763,8 +763,26 @@ def test_each_function_makes_only_calls_its_role_in_the_template_allows(
     provider_id = ses_backend().sent_messages[0].id
     bounced = sns_event(bounce(provider_id, [ses_backend().sent_messages[0].destinations[0]]))
     feedback = made(lambda: aws_lambda.feedback_handler(bounced, None))
+    # Granted and never made by the code, each for a reason outside it: the first call of a
+    # cold container (the table was checked above), what Lambda itself does with the role
+    # (the SQS event source, the feedback function's dead-letter queue), and SendRawEmail,
+    # which SES may check for a raw message.
+    not_made_here = {
+        "UploadRole": {"dynamodb:DescribeTable"},
+        "SenderRole": {
+            "dynamodb:DescribeTable",
+            "ses:SendRawEmail",
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueAttributes",
+        },
+        "FeedbackRole": {"dynamodb:DescribeTable", "sqs:SendMessage"},
+    }
     for role, calls in (("UploadRole", upload), ("SenderRole", send), ("FeedbackRole", feedback)):
         assert calls <= granted(role), f"{role} lacks {sorted(calls - granted(role))}"
+        extra = granted(role) - calls - not_made_here[role]
+        assert not extra, f"{role} is granted {sorted(extra)}, which it never uses"
     # The ledger claims and records with UpdateItem: the sender is never granted whole-item
     # writes (PutItem could replace any delivery, suppression or campaign record).
     assert "dynamodb:PutItem" not in send | granted("SenderRole")
