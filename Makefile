@@ -35,7 +35,7 @@ test: lint pytest
 docs: $(STAMP)
 	$(BIN)/python -c "from smartmail.cli import reference; print(reference())" > docs/cli.md
 
-# Every scenario of docs/benchmarks.md (about 8 minutes on 2 cores), then one table:
+# Every scenario of docs/benchmarks.md (about 10 minutes on 2 cores), then one table:
 # figure, bare baseline, ratio, target. Run it on a quiet machine.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --json bench-results.json

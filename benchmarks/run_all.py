@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--json PATH]
 
-Runs, in this order (about 8 minutes on 2 cores; --quick: smaller sizes, about 3):
+Runs, in this order (about 10 minutes on 2 cores; --quick: smaller sizes, about 3):
 bench_cli (smtp://, whole `smartmail send` process, ledger on, 3,000 and 20,000 rows, with the
 ceiling of benchmarks/ideal_smtp.py beside it),
 bench_ses_api (ses:// against the fast local endpoint), bench_workers (1, 2 and 4
