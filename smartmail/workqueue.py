@@ -50,6 +50,7 @@ from . import aws
 from .campaign import CampaignRun, Hooks, NothingToSendError, Secrets, template_hash
 from .config import CampaignConfig, RunOptions
 from .dynamo import n, s, text
+from .dynamo_ledger import HELD
 from .errors import ConfigError, PreflightError, SmartmailError
 from .files import readable
 from .jobs import MAX_MESSAGE_BYTES, ROWS_PER_JOB, Bundle, Job, JobError, TemplateRef, pack
@@ -554,6 +555,11 @@ class Worker:
         if result.error or summary.stopped or summary.interrupted or summary.unsent:
             outcome.done = False
             outcome.reason = result.error or summary.stopped or "stopped before every row was sent"
+        elif held := summary.skip_reasons.get(HELD, 0):
+            # A twin delivery: another worker is sending these rows and may still give them
+            # back (pending) if it stops. Deleting the job now would leave them to no job.
+            outcome.done = False
+            outcome.reason = f"{held} row{'s' if held != 1 else ''} held by another worker"
         return outcome
 
     def campaign_config(self, job: Job) -> CampaignConfig:
