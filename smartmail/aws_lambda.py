@@ -15,9 +15,9 @@ either event source:
 
 `send_handler` is the SQS-triggered sender: each record is a job (`smartmail.jobs`), run by
 the same `Worker` as `smartmail worker`; it returns `batchItemFailures` naming only the jobs
-that must come back (could not be run, or stopped before every row had its outcome), so one
-bad job never re-sends its neighbours, and a poison job reaches the dead-letter queue after the
-queue's maxReceiveCount.
+that must come back (could not be run, stopped before every row had its outcome, or with
+rows another live worker holds), so one bad job never re-sends its neighbours, and a poison
+job reaches the dead-letter queue after the queue's maxReceiveCount.
 
 `upload_handler` takes the S3 "Object Created" event (EventBridge) for
 `incoming/<folder>/<name>.csv` and enqueues it with the settings in

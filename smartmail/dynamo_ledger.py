@@ -58,17 +58,23 @@ from .sources import Row
 Clock = Callable[[], float]
 _CHANGEABLE = "attribute_not_exists(pk) OR st IN (:pending, :skipped)"
 _ROWS_PER_READ = 50  # a delivery and a suppression key each: BatchGetItem takes 100
+HELD = "already being sent"
+"""The skip reason of a row another live worker holds (`sending` under an unexpired lease).
+A job with such a row is not done: that worker may still give the row back (see
+`workqueue.Worker.run_job`). A claim whose lease ran out is in doubt instead."""
 
 
 class ClaimLost(AlreadyClaimedError):
     """Another worker has claimed (or finished) this delivery: this one must not send it."""
 
-    def __init__(self, campaign: str, recipient: str, status: str) -> None:
+    def __init__(
+        self, campaign: str, recipient: str, status: str, *, expired: bool = False
+    ) -> None:
         self.recipient = recipient
         self.status = status
         why = {
             "sent": "already sent",
-            "sending": "already being sent",
+            "sending": in_doubt_reason(campaign) if expired else HELD,
             "failed": f"failed before (smartmail retry {campaign} sends it again)",
         }.get(status, f"already {status}")
         super().__init__(
@@ -206,7 +212,7 @@ class DynamoLedger:
             return "already sent"
         if status == "sending" and delivery is not None:
             if not self._expired(delivery):
-                return "already being sent"
+                return HELD
             if self.resend != "in-doubt":
                 return in_doubt_reason(self.campaign)
         if status == "failed" and self.resend != "failed":
@@ -292,7 +298,7 @@ class DynamoLedger:
             if not old:
                 old = self._read(key)
             if text(old, "claim") != token:
-                raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+                raise self._lost(key, old) from None
             # Our own claim: botocore retried a write whose first try was applied and whose
             # answer was lost. The token is unique to this attempt, so the row is ours.
         except SmartmailError as exc:
@@ -336,7 +342,7 @@ class DynamoLedger:
             old: Item = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
             if not old:
                 old = self._read(key)
-            raise ClaimLost(self.campaign, key, text(old, "st", "sending")) from None
+            raise self._lost(key, old) from None
         except SmartmailError as exc:
             raise LedgerError(str(exc)) from None
         self._local.held = (key, token, now)
@@ -433,6 +439,13 @@ class DynamoLedger:
 
     def _expired(self, delivery: Item) -> bool:
         return number(delivery, "lease_until") < self.clock()
+
+    def _lost(self, key: str, old: Item) -> ClaimLost:
+        """The `ClaimLost` for a delivery found as `old`: held by another worker while its
+        lease runs, in doubt once it ran out (that worker is gone; nothing will give it back)."""
+        status = text(old, "st", "sending")
+        expired = status == "sending" and "lease_until" in old and self._expired(old)
+        return ClaimLost(self.campaign, key, status, expired=expired)
 
     def _update(
         self,

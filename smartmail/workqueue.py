@@ -16,11 +16,13 @@ Why it is safe to run many workers on one queue, and to enqueue twice:
   twice at worst, which the claims then make harmless.
 - **Deleting.** A worker deletes a job only after every row's outcome is in the ledger. A job
   whose run stopped (provider unreachable, the ledger failing, a stop request) is left on the
-  queue and comes back after its visibility timeout; its sent rows are then skipped. A job
-  that cannot be run at all (malformed, template missing or no longer rendering its rows)
-  raises: it comes back too, and after the queue's maxReceiveCount it is in the dead-letter
-  queue. Rows refused by the provider are `failed` in the ledger, as with `send`, and the job
-  is done: `smartmail retry` re-drives them.
+  queue and comes back after its visibility timeout; its sent rows are then skipped. So is a
+  job with rows another live worker holds (`sending`, lease not run out: a twin delivery),
+  since that worker may still give them back as pending; rows in doubt (lease over) count as
+  done. A job that cannot be run at all (malformed, template missing or no longer rendering
+  its rows) raises: it comes back too, and after the queue's maxReceiveCount it is in the
+  dead-letter queue. Rows refused by the provider are `failed` in the ledger, as with
+  `send`, and the job is done: `smartmail retry` re-drives them.
 
 The state must be a DynamoDB table (`dynamodb://…`): the SQLite ledger keeps one run per
 campaign with a lock, which is the opposite of many workers sharing one.
@@ -50,6 +52,7 @@ from . import aws
 from .campaign import CampaignRun, Hooks, NothingToSendError, Secrets, template_hash
 from .config import CampaignConfig, RunOptions
 from .dynamo import n, s, text
+from .dynamo_ledger import HELD
 from .errors import ConfigError, PreflightError, SmartmailError
 from .files import readable
 from .jobs import MAX_MESSAGE_BYTES, ROWS_PER_JOB, Bundle, Job, JobError, TemplateRef, pack
@@ -186,8 +189,9 @@ def enqueue_campaign(
         for problem in checked.problems[:20]:
             if warn:
                 warn(str(problem))
-        # A row a worker gave back (pending) may have lost its job to a twin delivery that
-        # skipped it and deleted the job: queue it again (a second copy is harmless).
+        # A row a worker gave back (pending) may have no job left (deleted by hand, or by a
+        # worker older than the rule that keeps a job whose rows another worker holds):
+        # queue it again (a second copy is harmless).
         queued_before = queued_keys(dstate, campaign) - given_back_keys(dstate, campaign)
         rows: list[tuple[Row, str]] = []
         attached: set[Path] = set()
@@ -554,6 +558,11 @@ class Worker:
         if result.error or summary.stopped or summary.interrupted or summary.unsent:
             outcome.done = False
             outcome.reason = result.error or summary.stopped or "stopped before every row was sent"
+        elif held := summary.skip_reasons.get(HELD, 0):
+            # A twin delivery: another worker is sending these rows and may still give them
+            # back (pending) if it stops. Deleting the job now would leave them to no job.
+            outcome.done = False
+            outcome.reason = f"{held} row{'s' if held != 1 else ''} held by another worker"
         return outcome
 
     def campaign_config(self, job: Job) -> CampaignConfig:

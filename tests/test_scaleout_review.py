@@ -171,6 +171,26 @@ def test_a_claim_another_worker_holds_is_still_lost(state: DynamoState) -> None:
         second.sending(message("ana@example.org"))
 
 
+def test_a_claim_lost_to_an_expired_lease_is_in_doubt_not_held(state: DynamoState) -> None:
+    """A worker whose claim fails on a row `sending` under a lease that ran out skips it as
+    in doubt (its worker is gone), not as held by a live one: only "held" keeps a queue job
+    from being done, so a dead worker's row must never look held."""
+    from smartmail.dynamo_ledger import HELD, ClaimLost, DynamoLedger
+
+    dead = DynamoLedger(state.table, "c", clock=lambda: 1_000.0)  # its lease ended long ago
+    dead.sending(message("ana@example.org"))
+    with pytest.raises(ClaimLost) as lost:
+        state.ledger("c").sending(message("ana@example.org"))
+    assert lost.value.skip_reason.startswith("in doubt (smartmail retry c --in-doubt")
+    assert state.ledger("c").skip_reason("ana@example.org", message("ana@example.org").row) == (
+        lost.value.skip_reason
+    )
+    state.ledger("c").sending(message("bob@example.org"))
+    with pytest.raises(ClaimLost) as live:
+        state.ledger("c").sending(message("bob@example.org"))
+    assert live.value.skip_reason == HELD
+
+
 # --- suppressed Cc/Bcc addresses on the DynamoDB ledger ------------------------------------------
 
 

@@ -25,6 +25,7 @@ from smartmail import aws_lambda
 from smartmail.config import CampaignConfig
 from smartmail.errors import ConfigError, PreflightError, SmartmailError
 from smartmail.jobs import MAX_MESSAGE_BYTES, Job, JobError, TemplateRef, pack
+from smartmail.report import Status
 from smartmail.sources import Row
 from smartmail.state_dynamodb import open_state
 from smartmail.state_store import SqliteState
@@ -224,42 +225,163 @@ def test_rows_added_to_the_list_later_are_the_only_ones_queued_next_time(
     assert len(queued_keys(state, "c")) == 8
 
 
-def test_a_row_given_back_after_a_twin_delivery_deleted_its_job_is_queued_again(
+def held_by_a(state: Any, campaign: str, number: int = 2, *, clock: Any = None) -> Any:
+    """Worker A, holding a twin of the job, claims row `number` (user{number - 2}) in the
+    ledger: a second DynamoDB ledger of the campaign, as another machine's would be."""
+    from smartmail.dynamo_ledger import DynamoLedger
+    from smartmail.message import OutgoingMessage
+
+    address = f"user{number - 2}@example.org"
+    a = DynamoLedger(state.table, campaign, **({"clock": clock} if clock else {}))
+    a.sending(
+        OutgoingMessage(
+            sender="news@acme.example",
+            recipients=[address],
+            data=b"Subject: hi\r\n\r\nhello\r\n",
+            message_id=f"<{number}.{address}>",
+            recipient=address,
+            row=Row(number, {"email": address, "name": "A"}),
+        )
+    )
+    return a
+
+
+def gives_back(a: Any, number: int = 2, status: Status = "unsent") -> None:
+    """Worker A stops (second SIGTERM, the Lambda's timeout, abort) before sending the row
+    (`unsent`: back to pending), or sends it (`sent`)."""
+    from smartmail.report import Outcome
+
+    address = f"user{number - 2}@example.org"
+    row = Row(number, {"email": address, "name": "A"})
+    a.record(Outcome(row=row, recipient=address, status=status, reason="stopped", message_id="m"))
+
+
+@pytest.mark.parametrize("runner", ["worker", "lambda"])
+def test_a_twin_delivery_leaves_the_job_while_another_worker_holds_a_row(
+    aws: None, tmp_path: Path, runner: str
+) -> None:
+    """SQS hands one job to two workers at once. B skips the row A holds claimed ("already
+    being sent"); before, B counted the job done and deleted it, so when A then stopped and
+    gave the row back (pending), no job was left for it. Now B leaves the job (the Lambda
+    reports it in batchItemFailures); the redelivery sends the row A gave back."""
+    url = make_queue(visibility=1)
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 3), campaign="twin"), url, state)
+    a = held_by_a(state, "twin")
+    lines: list[str] = []
+    if runner == "worker":
+        first = run_worker(
+            url, state, max_jobs=1, wait_seconds=0, on_job=lambda _, line: lines.append(line)
+        )
+        assert (first.done, first.left, first.sent, first.skipped) == (0, 1, 2, 1)
+        assert lines == ["job twin:2-4 left for redelivery: 1 row held by another worker"]
+        assert sum(depth(url)) == 1  # not deleted
+    else:
+        [message] = receive_all(url)
+        event = sqs_event([message], url)
+        failed = aws_lambda.send_handler(event, LambdaContext())
+        assert failed == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    gives_back(a)  # A stops before sending user0: pending, and only this job can send it
+    if runner == "worker":
+        time.sleep(1.1)  # the job's visibility timeout
+        again = run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+        assert (again.done, again.left, again.sent, again.skipped) == (1, 0, 1, 2)
+        assert depth(url) == (0, 0)
+    else:
+        assert aws_lambda.send_handler(event, LambdaContext()) == {"batchItemFailures": []}
+    assert sent_per_recipient() == Counter(f"user{i}@example.org" for i in range(3))
+    [status] = state.statuses("twin")
+    assert (status.sent, status.pending, status.in_doubt) == (3, 0, 0)
+
+
+def test_a_twin_delivery_whose_other_worker_finishes_is_done_on_redelivery(
     aws: None, tmp_path: Path
 ) -> None:
-    """SQS hands one job to two workers at once: B skips the row A is sending ("already being
-    sent"), finishes the rest and deletes the job; then A's run stops and gives the row back
-    (pending). No copy of the job is left, so `enqueue` again must queue that row."""
-    from smartmail.message import OutgoingMessage
-    from smartmail.report import Outcome
+    """The usual twin: A sends the row it holds. B's copy costs one more receive, then finds
+    every row sent and is deleted; no row is sent twice."""
+    url = make_queue(visibility=1)
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 3), campaign="twin"), url, state)
+    a = held_by_a(state, "twin", 3)
+    first = run_worker(url, state, max_jobs=1, wait_seconds=0)
+    assert (first.done, first.left, first.sent) == (0, 1, 2)
+    gives_back(a, 3, "sent")
+    time.sleep(1.1)
+    lines: list[str] = []
+    again = run_worker(
+        url, state, idle_exit=0.5, wait_seconds=0, on_job=lambda _, line: lines.append(line)
+    )
+    assert (again.done, again.left, again.sent, again.skipped) == (1, 0, 0, 3)
+    assert lines == ["job twin:2-4: 0 sent, 0 failed, 3 skipped"]
+    assert depth(url) == (0, 0)
+    # user1 was A's to send (it recorded it sent); B sent the other two, each once.
+    assert sent_per_recipient() == Counter(["user0@example.org", "user2@example.org"])
+    [status] = state.statuses("twin")
+    assert (status.sent, status.pending) == (3, 0)
+
+
+def test_a_row_in_doubt_after_its_lease_ran_out_does_not_keep_the_job(
+    aws: None, tmp_path: Path
+) -> None:
+    """A worker that died holding a row leaves it `sending`; once its lease ran out the row
+    is in doubt, an outcome (for `retry --in-doubt`), not "held": the job is done and
+    deleted, so a crashed worker's rows never push a job into the dead-letter queue."""
+    url = make_queue(visibility=1)
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 3), campaign="twin"), url, state)
+    held_by_a(state, "twin", clock=lambda: time.time() - 3600)  # its 900 s lease is over
+    lines: list[str] = []
+    summary = run_worker(
+        url, state, idle_exit=0.5, wait_seconds=0, on_job=lambda _, line: lines.append(line)
+    )
+    assert (summary.done, summary.left, summary.sent, summary.skipped) == (1, 0, 2, 1)
+    assert lines == ["job twin:2-4: 2 sent, 0 failed, 1 skipped"]
+    assert depth(url) == (0, 0)
+    assert sent_per_recipient() == Counter(["user1@example.org", "user2@example.org"])
+    [status] = state.statuses("twin")
+    assert (status.sent, status.in_doubt) == (2, 1)
+
+
+def test_a_claim_race_lost_to_a_live_worker_leaves_the_job_too(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B read the row as pending, then A claimed it first: B's claim fails (`ClaimLost`,
+    "already being sent"), which holds the job back just as the skip found on reading."""
+    from smartmail.dynamo_ledger import DynamoLedger
     from smartmail.workqueue import Worker
 
     url = make_queue()
     state = open_state(URL)
-    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="twin")
-    enqueue_campaign(cfg, url, state)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="twin"), url, state)
     [message] = receive_all(url)
-    row = Row(2, {"email": "user0@example.org", "name": "Ann"})
-    held = OutgoingMessage(
-        sender="news@acme.example",
-        recipients=["user0@example.org"],
-        data=b"Subject: hi\r\n\r\nhello\r\n",
-        message_id="<2.user0@acme.example>",
-        recipient="user0@example.org",
-        row=row,
-    )
-    a = state.ledger("twin")
-    a.sending(held)  # worker A, holding the same job, is sending user0
+    held_by_a(state, "twin")
+    monkeypatch.setattr(DynamoLedger, "skip_reasons", lambda self, items: [None] * len(items))
     b = Worker(state)
     try:
         outcome = b.run_job(message["Body"])
     finally:
         b.close()
-    assert (outcome.done, outcome.sent, outcome.skipped) == (True, 1, 1)
+    assert (outcome.done, outcome.sent, outcome.skipped) == (False, 1, 1)
+    assert outcome.reason == "1 row held by another worker"
+
+
+def test_a_row_given_back_after_its_job_was_deleted_is_queued_again(
+    aws: None, tmp_path: Path
+) -> None:
+    """A row left pending with no job for it (its job was deleted by hand, or by a worker
+    older than the rule above): `enqueue` again queues that row."""
+    url = make_queue()
+    state = open_state(URL)
+    cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="twin")
+    enqueue_campaign(cfg, url, state)
+    [message] = receive_all(url)
+    a = held_by_a(state, "twin")
+    event = sqs_event([message], url)
+    assert aws_lambda.send_handler(event, LambdaContext())["batchItemFailures"]
     boto3.client("sqs", region_name=REGION).delete_message(
         QueueUrl=url, ReceiptHandle=message["ReceiptHandle"]
     )
-    a.record(Outcome(row=row, recipient="user0@example.org", status="unsent", reason="stopped"))
+    gives_back(a)
     again = enqueue_campaign(cfg, url, state)
     assert again.queued_rows == 1
     run_worker(url, state, idle_exit=0.5, wait_seconds=0)
@@ -917,15 +1039,19 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_next_and_at_most_its_row_in_fl
 ) -> None:
     """SIGKILL: no clean-up at all. The job is not deleted, so it comes back when its
     visibility runs out; the next worker sends what was not sent, and the row the dead worker
-    was sending is held back (being sent, then in doubt), never sent twice."""
+    was sending is held back (being sent, then in doubt), never sent twice. While that row's
+    lease runs it looks held by a live worker, so the job is left for redelivery; once the
+    lease ran out it is in doubt and the job is done (a 4 s lease here, 900 s by default
+    against 3 receives of 720 s in the stack)."""
     verify_sender(endpoint_url=moto_server)
     url = make_queue(visibility=2)
-    state = open_state(URL)
+    state_url = URL + "&lease=4"
+    state = open_state(state_url)
     cfg = config(tmp_path, make_csv(tmp_path / "r.csv", 6), campaign="crash", workers=1)
     cfg.rate = 2
     enqueue_campaign(cfg, url, state, rows_per_job=6)
     env = {k: v for k, v in os.environ.items() if k != "SMARTMAIL_STATE"}
-    command = [sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL]
+    command = [sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", state_url]
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -942,8 +1068,12 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_next_and_at_most_its_row_in_fl
     assert 2 <= len(before) < 6, "the worker was not killed mid-job"
     assert depth(url) == (0, 1)  # still held by the dead worker
 
-    summary = run_worker(url, state, max_jobs=1, idle_exit=10, wait_seconds=1)
-    assert (summary.jobs, summary.done) == (1, 1)
+    lines: list[str] = []
+    summary = run_worker(
+        url, state, idle_exit=10, wait_seconds=1, on_job=lambda _, line: lines.append(line)
+    )
+    assert summary.done == 1 and summary.left == summary.jobs - 1 <= 3, lines
+    assert all(line.endswith("1 row held by another worker") for line in lines[:-1]), lines
     sent = Counter(ses_sent(moto_server))
     assert max(sent.values()) == 1  # nobody twice
     [status] = state.statuses("crash")
