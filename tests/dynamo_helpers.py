@@ -8,12 +8,16 @@ serialised here, as the real service serialises them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from smartmail.state_dynamodb import DynamoState
 
 _WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
 _LOCK = threading.RLock()
@@ -44,3 +48,18 @@ def serialise_moto_item_writes(monkeypatch: pytest.MonkeyPatch | None = None) ->
 def atomic_moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     serialise_moto_item_writes(monkeypatch)
     yield
+
+
+@contextlib.contextmanager
+def lambda_state(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoState]:
+    """The state the Lambda handlers open (`SMARTMAIL_STATE` = `url`), in moto, with their
+    per-container cache of states emptied before and after: each test starts cold."""
+    from moto import mock_aws
+
+    from smartmail import aws_lambda
+
+    monkeypatch.setenv("SMARTMAIL_STATE", url)
+    aws_lambda._STATES.clear()
+    with mock_aws():
+        yield aws_lambda.state_from_env()
+    aws_lambda._STATES.clear()

@@ -11,7 +11,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from smartmail import aws_lambda
 from smartmail.errors import ConfigError
@@ -22,7 +21,7 @@ from smartmail.sources import Row
 from smartmail.state_dynamodb import DynamoState
 
 from .aws_helpers import ACCOUNT_ID, REGION
-from .dynamo_helpers import atomic_moto
+from .dynamo_helpers import atomic_moto, lambda_state
 from .test_events import bounce, complaint, delivery
 
 __all__ = ["atomic_moto"]
@@ -34,11 +33,8 @@ TOPIC = f"arn:aws:sns:{REGION}:{ACCOUNT_ID}:ses-notifications"
 def state(
     aws_env: None, atomic_moto: None, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[DynamoState]:
-    monkeypatch.setenv("SMARTMAIL_STATE", URL)
-    aws_lambda._STATES.clear()
-    with mock_aws():
-        yield aws_lambda.state_from_env()
-    aws_lambda._STATES.clear()
+    with lambda_state(URL, monkeypatch) as found:
+        yield found
 
 
 def sent(state: DynamoState, campaign: str, address: str, provider_id: str) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from smartmail import (
     MessageTemplate,
@@ -32,7 +31,7 @@ from smartmail.workqueue import enqueue_campaign
 
 from .aws_helpers import REGION, ses_backend
 from .conftest import TEMPLATE, SmtpServer, write
-from .dynamo_helpers import atomic_moto
+from .dynamo_helpers import atomic_moto, lambda_state
 from .test_aws_lambda import sqs_event_from_queue
 from .test_events import bounce
 from .test_preflight_edges import COPIED, copied_campaign
@@ -57,11 +56,8 @@ URL = f"dynamodb://review-state?region={REGION}"
 def state(
     aws_env: None, atomic_moto: None, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[DynamoState]:
-    monkeypatch.setenv("SMARTMAIL_STATE", URL)
-    aws_lambda._STATES.clear()
-    with mock_aws():
-        yield aws_lambda.state_from_env()
-    aws_lambda._STATES.clear()
+    with lambda_state(URL, monkeypatch) as found:
+        yield found
 
 
 def message(address: str, number: int = 2) -> OutgoingMessage:
