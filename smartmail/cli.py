@@ -1609,6 +1609,10 @@ def worker_cmd(
 
     SIGTERM or Ctrl-C finishes the job in hand, then exits; a second one stops that job too
     (messages in flight finish; the rest of the job goes back to the queue).
+
+    Exit status: 0, or 1 when rows failed or a job could not be run; 4 when the provider or
+    the SES quota stopped a job (its rows wait on the queue), 5 when the state failed (also
+    over a signal's 130/143).
     """
     import signal
 
@@ -1657,7 +1661,10 @@ def worker_cmd(
         f"{summary.failed} failed, {summary.skipped} skipped"
         + (f" ({summary.stopped})" if summary.stopped else "")
     )
-    if received:
+    # As for `send`: 5 (the state failing) wins over a signal's 130/143, and 4 or 5 over 1.
+    if received and summary.code != EXIT_INCOMPLETE:
         raise SystemExit(EXIT_TERMINATED if received[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+    if summary.code:
+        raise SystemExit(summary.code)
     if summary.failed or summary.failed_jobs:
         raise SystemExit(EXIT_SOME_FAILED)

@@ -49,11 +49,18 @@ from urllib.parse import urlsplit
 from botocore.exceptions import BotoCoreError, ClientError
 
 from . import aws
-from .campaign import CampaignRun, Hooks, NothingToSendError, Secrets, template_hash
+from .campaign import (
+    EXIT_INCOMPLETE,
+    CampaignRun,
+    Hooks,
+    NothingToSendError,
+    Secrets,
+    template_hash,
+)
 from .config import CampaignConfig, RunOptions
 from .dynamo import n, s, text
 from .dynamo_ledger import HELD
-from .errors import ConfigError, PreflightError, SmartmailError
+from .errors import EXIT_STOPPED, ConfigError, PreflightError, SmartmailError
 from .files import readable
 from .jobs import MAX_MESSAGE_BYTES, ROWS_PER_JOB, Bundle, Job, JobError, TemplateRef, pack
 from .ledger import CampaignRecord, recipient_key
@@ -407,6 +414,9 @@ class JobOutcome:
     skipped: int = 0
     done: bool = True
     reason: str = ""
+    code: int = 0
+    """For a job left because its run stopped, the exit code `send` gives such a run: 4 (the
+    provider or the quota stopped it), 5 (the ledger or an internal problem); else 0."""
 
 
 class _LedgerOfJob:
@@ -558,6 +568,10 @@ class Worker:
         if result.error or summary.stopped or summary.interrupted or summary.unsent:
             outcome.done = False
             outcome.reason = result.error or summary.stopped or "stopped before every row was sent"
+            if result.error:
+                outcome.code = EXIT_INCOMPLETE
+            elif summary.stopped:
+                outcome.code = EXIT_STOPPED
         elif held := summary.skip_reasons.get(HELD, 0):
             # A twin delivery: another worker is sending these rows and may still give them
             # back (pending) if it stops. Deleting the job now would leave them to no job.
@@ -656,6 +670,10 @@ class WorkerSummary:
     failed: int = 0
     skipped: int = 0
     stopped: str | None = None
+    code: int = 0
+    """The worst code of the jobs that stopped (5 over 4; 4 also for a job the SES quota or a
+    paused account refused), for the worker's exit status: a supervisor learns that the
+    provider or the state is failing, not only the dead-letter queue's alarm, later."""
 
 
 class _Heartbeat:
@@ -789,6 +807,11 @@ def _one(
         # Left on the queue either way: it comes back, and after maxReceiveCount it is in
         # the dead-letter queue. A bug in one job must not end the worker.
         summary.failed_jobs += 1
+        from .quota import QuotaError
+
+        if isinstance(exc, QuotaError) or getattr(exc, "exit_code", None) == EXIT_STOPPED:
+            # The 24-hour quota used up (or too little of it left for the job), sending paused.
+            summary.code = max(summary.code, EXIT_STOPPED)
         line = f"job {message.get('MessageId')} (receive {received}) not run: {exc}"
         if isinstance(exc, SmartmailError):
             log.error("%s", line)
@@ -813,6 +836,7 @@ def _one(
         summary.done += 1
     else:
         summary.left += 1
+        summary.code = max(summary.code, outcome.code)
         line = f"job {outcome.job_id} left for redelivery: {outcome.reason}"
     log.info("%s", line)
     if on_job:

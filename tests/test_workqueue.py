@@ -1088,3 +1088,43 @@ def test_a_worker_on_a_queue_that_does_not_exist_says_so_in_one_line(aws: None) 
     url = f"https://sqs.{REGION}.amazonaws.com/123456789012/no-such-queue"
     with pytest.raises(ConfigError, match="no-such-queue: cannot read the queue"):
         run_worker(url, open_state(URL), max_jobs=1, wait_seconds=0)
+
+
+def test_a_worker_whose_provider_is_down_leaves_the_job_and_exits_4(
+    aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job that stopped because its SMTP server cannot be reached is left on the queue, as
+    `send` leaves the rows unsent, and the worker says so by its exit status, as `send` does
+    (4): a supervisor (systemd, cron mail) learns of the outage now, not from the
+    dead-letter queue's alarm 3 receives later."""
+    from .test_ses_cli import run_cli
+
+    url = make_queue(visibility=1)
+    state = open_state(URL)
+    down = config(tmp_path, make_csv(tmp_path / "b.csv", 2, domain="b.example"), campaign="b")
+    down.transport = f"smtp://127.0.0.1:{free_port()}"
+    down.smtp_security, down.max_retries, down.timeout = "none", 0, 2.0
+    enqueue_campaign(down, url, state)
+    summary = run_worker(url, state, max_jobs=1, wait_seconds=0)
+    assert (summary.done, summary.left, summary.sent, summary.code) == (0, 1, 0, 4)
+    [b] = state.statuses("b")
+    assert (b.sent, b.pending, b.failed) == (0, 2, 0)  # unsent, to be sent when it is back
+    time.sleep(1.1)  # the job is visible again
+    code, out, err = run_cli(["worker", "--queue", url, "--state", URL, "--max-jobs", "1"], capsys)
+    assert code == 4, err
+    assert "left for redelivery" in err and "1 left for redelivery" in out
+    assert depth(url) == (0, 1)  # not deleted: in flight until its visibility runs out
+
+
+def test_a_worker_whose_jobs_all_went_exits_0(
+    aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_ses_cli import run_cli
+
+    verify_sender()
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "a.csv", 3), campaign="a"), url, state)
+    code, out, err = run_cli(["worker", "--queue", url, "--state", URL, "--max-jobs", "1"], capsys)
+    assert code == 0, err
+    assert "1 done, 0 left for redelivery" in out and depth(url) == (0, 0)
