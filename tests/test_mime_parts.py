@@ -87,6 +87,22 @@ def test_a_body_line_starting_with_from_survives_an_mbox_delivery(body: str) -> 
     assert text_of(on_the_wire(out)) == body.replace("{{ v }}", "Ann")
 
 
+@pytest.mark.parametrize("lead", ["", "é", "From ", "é From "])
+@pytest.mark.parametrize("width", range(60, 80))
+def test_a_from_line_written_as_46rom_keeps_quoted_printable_lines_within_76(
+    lead: str, width: int
+) -> None:
+    # RFC 2045 6.7 (5): an encoded line is at most 76 characters. "=46rom" is two longer
+    # than the "From" it replaces, at the start of a line or after a soft line break.
+    body = lead + "a" * width + "From x " * 30 + "é\n"
+    t = MessageTemplate(f"From: a@acme.example\nSubject: s\n\n{body}")
+    out = build(t.render(Row(2, {"email": "ann@example.org"}), "email")).data
+    lines = out.partition(b"\r\n\r\n")[2].split(b"\r\n")
+    assert max(len(line) for line in lines) <= 76
+    assert not any(line.startswith(b"From ") for line in lines)
+    assert text_of(on_the_wire(out)) == body
+
+
 def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
     t = MessageTemplate("From: a@acme.example\nSubject: s\n\n{{ url }}\n.\n")
     url = "https://acme.example/?t=" + "x" * 3000
