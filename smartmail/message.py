@@ -207,8 +207,10 @@ def _text_part(text: str, subtype: str) -> str:
             f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)
         )
     qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
-    if "From " in qp and re.search(_FROM_LINE, qp):
-        qp = _from_escaped(qp)
+    if ("From " in qp and re.search(_FROM_LINE, qp)) or any(
+        len(line) > _QP_LINE for line in qp.split("\n")
+    ):
+        qp = _rewrapped(qp)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + qp.replace("\n", CRLF)
@@ -248,17 +250,19 @@ def _attachment(path: Path) -> str:
 _QP_LINE = 76  # RFC 2045 6.7 (5), the soft line break's "=" included
 
 
-def _from_escaped(qp: str) -> str:
-    """Quoted-printable text with no line starting "From ": each such line written with
-    "=46rom ", two characters longer, so the encoded lines it belongs to (one text line
-    split by soft line breaks) are split again, none over 76 characters."""
+def _rewrapped(qp: str) -> str:
+    """Quoted-printable text with no line starting "From " and none over 76 characters.
+
+    A line starting "From " is written "=46rom ", two characters longer; and b2a_qp writes
+    a line's last space or tab as "=20"/"=09" after it measured the line (77 or 78). The
+    encoded lines of such a text line (split by soft line breaks) are split again."""
     out: list[str] = []
     pieces: list[str] = []
     for line in qp.split("\n"):
         pieces.append(line)
         if line.endswith("="):  # a soft line break: "=" is otherwise always "=3D"
             continue
-        if any(piece.startswith("From ") for piece in pieces):
+        if any(p.startswith("From ") or len(p) > _QP_LINE for p in pieces):
             out.extend(_qp_wrapped("".join(p.removesuffix("=") for p in pieces)))
         else:
             out.extend(pieces)

@@ -103,6 +103,20 @@ def test_a_from_line_written_as_46rom_keeps_quoted_printable_lines_within_76(
     assert text_of(on_the_wire(out)) == body
 
 
+@pytest.mark.parametrize("width", range(70, 78))
+@pytest.mark.parametrize("space", [" ", "\t"])
+def test_a_line_ending_in_a_space_keeps_quoted_printable_lines_within_76(
+    width: int, space: str
+) -> None:
+    # b2a_qp writes a line's last space as "=20" after it measured the line: 77 or 78.
+    body = "Zoë\n" + "a" * width + space + "\nend\n"
+    t = MessageTemplate(f"From: a@acme.example\nSubject: s\n\n{body}")
+    out = build(t.render(Row(2, {"email": "ann@example.org"}), "email")).data
+    lines = out.partition(b"\r\n\r\n")[2].split(b"\r\n")
+    assert max(len(line) for line in lines) <= 76
+    assert text_of(on_the_wire(out)) == body
+
+
 def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
     t = MessageTemplate("From: a@acme.example\nSubject: s\n\n{{ url }}\n.\n")
     url = "https://acme.example/?t=" + "x" * 3000
