@@ -153,6 +153,48 @@ def test_an_html_part_declares_in_its_meta_the_charset_it_is_sent_in(meta: str) 
     assert "Hi Zoë \u2013 café" in raw.decode(declared[0].decode())
 
 
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta name="description" content="Why charset=latin1 matters">',
+        '<meta property="og:description" content="A guide: charset = windows-1252">',
+        "<meta name='x' data-charset=latin1>",
+        '<meta name="keywords" content="charset=latin1" http-equiv="refresh">',
+    ],
+)
+def test_text_that_mentions_a_charset_in_a_meta_is_left_as_written(meta: str) -> None:
+    # Only a charset attribute, or the content of http-equiv="Content-Type", declares
+    # the document's encoding (HTML's "extracting a character encoding from a meta
+    # element"): a description or a data- attribute is text the recipient may see.
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\nHi\n",
+        html=f"<html><head>{meta}</head><body>Hi</body></html>\n",
+    )
+    part = built(t).get_body(("html",))
+    assert part is not None
+    assert meta in text_of(part)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta content="text/html; charset=iso-8859-1" http-equiv="content-type">',
+        "<meta http-equiv=Content-Type content='text/html;charset=latin1'>",
+        '<meta name="x" charset="windows-1252" />',
+    ],
+)
+def test_every_form_of_a_meta_declaration_says_utf8(meta: str) -> None:
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\nHi\n",
+        html=f"<html><head>{meta}</head><body>café</body></html>\n",
+    )
+    part = built(t).get_body(("html",))
+    assert part is not None
+    head = text_of(part).partition("</head>")[0]
+    assert re.search(r"charset\s*=\s*[\"']?utf-8\b", head)
+    assert not re.search(r"(?i)iso-8859-1|latin1|windows-1252", head)
+
+
 # --- attachments ---------------------------------------------------------------------------
 
 
