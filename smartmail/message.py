@@ -207,8 +207,9 @@ def _text_part(text: str, subtype: str) -> str:
             f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)
         )
     qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
-    if ("From " in qp and re.search(_FROM_LINE, qp)) or any(
-        len(line) > _QP_LINE for line in qp.split("\n")
+    if ("From " in qp and re.search(_FROM_LINE, qp)) or (
+        # a line's last space or tab, which b2a_qp encodes after measuring the line
+        ("=20" in qp or "=09" in qp) and re.search(r"=(?:20|09)$", qp, re.M)
     ):
         qp = _rewrapped(qp)
     return (
