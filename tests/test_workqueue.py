@@ -246,6 +246,52 @@ def held_by_a(state: Any, campaign: str, number: int = 2, *, clock: Any = None) 
     return a
 
 
+def test_a_claim_is_renewed_after_a_long_wait_only_while_it_is_still_ours(aws: None) -> None:
+    """`keep_claim` after a wait past half the lease renews the lease; once the lease ran
+    out and `retry --in-doubt` took the row over, it raises `ClaimLost` ("already being
+    sent"), so the first worker does not send it too."""
+    from smartmail.dynamo_ledger import HELD, ClaimLost, DynamoLedger
+    from smartmail.message import OutgoingMessage
+
+    state = open_state(URL)
+    now = [1_000_000.0]
+    a = held_by_a(state, "renew", clock=lambda: now[0])
+    lease = a.lease
+
+    def lease_until() -> float:
+        item = state.table.call(
+            "get_item",
+            Key={"pk": {"S": "D#renew"}, "sk": {"S": "user0@example.org"}},
+            ConsistentRead=True,
+        )["Item"]
+        return float(item["lease_until"]["N"])
+
+    key = lease_until()
+    now[0] += lease * 0.4
+    a.keep_claim()  # under half the lease: nothing written
+    assert lease_until() == key
+    now[0] += lease * 0.2
+    a.keep_claim()
+    assert lease_until() == now[0] + lease
+    now[0] += lease * 1.5  # a's wait outlasted the renewed lease: in doubt
+    b = DynamoLedger(state.table, "renew", resend="in-doubt", clock=lambda: now[0])
+    address = "user0@example.org"
+    b.sending(
+        OutgoingMessage(
+            sender="news@acme.example",
+            recipients=[address],
+            data=b"Subject: hi\r\n\r\nhello\r\n",
+            message_id=f"<b.{address}>",
+            recipient=address,
+            row=Row(2, {"email": address, "name": "A"}),
+        )
+    )
+    with pytest.raises(ClaimLost) as lost:
+        a.keep_claim()
+    assert lost.value.skip_reason == HELD
+    assert lease_until() == now[0] + lease  # b's lease, untouched
+
+
 def gives_back(a: Any, number: int = 2, status: Status = "unsent") -> None:
     """Worker A stops (second SIGTERM, the Lambda's timeout, abort) before sending the row
     (`unsent`: back to pending), or sends it (`sent`)."""
