@@ -292,6 +292,40 @@ def test_a_claim_is_renewed_after_a_long_wait_only_while_it_is_still_ours(aws: N
     assert lease_until() == now[0] + lease  # b's lease, untouched
 
 
+def test_a_renewal_the_state_refuses_leaves_a_running_claim_to_be_sent(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal write that fails (DynamoDB throttling past botocore's retries) while the
+    claim's lease still runs: the row is provably still this worker's, so it is sent, not
+    counted failed ("internal error: LedgerError") and left for a manual `retry`. Past the
+    lease nothing can be told, and the renewal error stands."""
+    from smartmail.dynamo import StateError
+    from smartmail.ledger import LedgerError
+
+    state = open_state(URL)
+    now = [1_000_000.0]
+    a = held_by_a(state, "renew", clock=lambda: now[0])
+    real = state.table.call
+    refused: list[str] = []
+
+    def throttled(operation: str, **request: Any) -> Any:
+        if "SET lease_until" in str(request.get("UpdateExpression", "")):
+            refused.append(operation)
+            raise StateError("DynamoDB UpdateItem: ThrottlingException Rate exceeded")
+        return real(operation, **request)
+
+    monkeypatch.setattr(state.table, "call", throttled)
+    now[0] += a.lease * 0.6
+    a.keep_claim()
+    assert refused == ["update_item"]
+    monkeypatch.setattr(state.table, "call", real)
+    a.keep_claim()  # tried again at the next wait, and written
+    monkeypatch.setattr(state.table, "call", throttled)
+    now[0] += a.lease * 1.1
+    with pytest.raises(LedgerError):
+        a.keep_claim()
+
+
 def gives_back(a: Any, number: int = 2, status: Status = "unsent") -> None:
     """Worker A stops (second SIGTERM, the Lambda's timeout, abort) before sending the row
     (`unsent`: back to pending), or sends it (`sent`)."""
