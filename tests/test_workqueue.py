@@ -326,6 +326,36 @@ def test_a_renewal_the_state_refuses_leaves_a_running_claim_to_be_sent(
         a.keep_claim()
 
 
+def test_a_retry_of_a_queued_campaign_whose_template_file_is_gone_sends_the_queued_one(
+    aws: None, tmp_path: Path
+) -> None:
+    """`retry` of a queued campaign on a machine without the template (the upload function's
+    temporary folder): it sends from the bundle the workers send from, unpacked into a
+    private folder that is removed when the run ends."""
+    import tempfile
+
+    from smartmail.campaign import CampaignRun, load_config
+    from smartmail.config import RunOptions
+    from smartmail.dynamo_ledger import DynamoLedger
+    from smartmail.report import Outcome
+
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="gone"), url, state)
+    row = Row(2, {"email": "user0@example.org", "name": "User 0", "code": "C00000"})
+    DynamoLedger(state.table, "gone").record(
+        Outcome(row=row, recipient="user0@example.org", status="failed", reason="refused")
+    )
+    (tmp_path / "msg.txt").unlink()
+    scratch = set(Path(tempfile.gettempdir()).glob("smartmail-retry-*"))
+    options = RunOptions(state_path=URL, resend="failed", failed_csv=str(tmp_path / "f.csv"))
+    result = CampaignRun(load_config(URL, "gone"), options).run()
+    assert (result.error, result.summary.sent) == (None, 1)
+    [sent] = ses_backend().sent_messages
+    assert "your code is C00000." in sent.raw_data
+    assert set(Path(tempfile.gettempdir()).glob("smartmail-retry-*")) == scratch
+
+
 def gives_back(a: Any, number: int = 2, status: Status = "unsent") -> None:
     """Worker A stops (second SIGTERM, the Lambda's timeout, abort) before sending the row
     (`unsent`: back to pending), or sends it (`sent`)."""
