@@ -26,6 +26,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from . import logs
 from .campaigns import CampaignStatus, Which
 from .dynamo import (
     CAMPAIGNS_PK,
@@ -55,6 +56,7 @@ from .message import OutgoingMessage
 from .report import Outcome
 from .sources import Row
 
+log = logs.getLogger("smartmail")
 Clock = Callable[[], float]
 _CHANGEABLE = "attribute_not_exists(pk) OR st IN (:pending, :skipped)"
 _ROWS_PER_READ = 50  # a delivery and a suppression key each: BatchGetItem takes 100
@@ -337,15 +339,27 @@ class DynamoLedger:
             )
         except ClientError as exc:
             if code_of(exc) != "ConditionalCheckFailedException":
-                raise LedgerError(f"{self.path}: could not renew a claim ({exc})") from None
+                self._not_renewed(renewed, now, f"{self.path}: could not renew a claim ({exc})")
+                return
             self._local.held = None
             old: Item = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
             if not old:
                 old = self._read(key)
             raise self._lost(key, old) from None
         except SmartmailError as exc:
-            raise LedgerError(str(exc)) from None
+            self._not_renewed(renewed, now, str(exc))
+            return
         self._local.held = (key, token, now)
+
+    def _not_renewed(self, renewed: float, now: float, problem: str) -> None:
+        """A renewal the state did not write (throttled, unreachable). While a quarter of the
+        lease last written is left, the claim is still ours: the row is sent, and the next
+        wait tries again. (Raising would record it `failed`, unsent, for a manual retry.)
+        Past that, another process may take the row over any moment: LedgerError."""
+        if now < renewed + self.lease * 3 / 4:
+            log.warning("%s; the claim's lease still runs, so the row is sent", problem)
+            return
+        raise LedgerError(problem)
 
     def record(self, outcome: Outcome) -> None:
         key = recipient_key(outcome.recipient)

@@ -207,8 +207,11 @@ def _text_part(text: str, subtype: str) -> str:
             f"Content-Transfer-Encoding: 7bit{CRLF}{CRLF}" + text.replace("\n", CRLF)
         )
     qp = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii")
-    if "From " in qp:
-        qp = re.sub(_FROM_LINE, "=46rom ", qp)
+    if ("From " in qp and re.search(_FROM_LINE, qp)) or (
+        # a line's last space or tab, which b2a_qp encodes after measuring the line
+        ("=20" in qp or "=09" in qp) and re.search(r"=(?:20|09)$", qp, re.M)
+    ):
+        qp = _rewrapped(qp)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + qp.replace("\n", CRLF)
@@ -243,6 +246,52 @@ def _body(rendered: RenderedMessage) -> str:
 def _attachment(path: Path) -> str:
     info = os.stat(path)
     return _encoded_attachment(str(path), info.st_mtime_ns, info.st_size)
+
+
+_QP_LINE = 76  # RFC 2045 6.7 (5), the soft line break's "=" included
+
+
+def _rewrapped(qp: str) -> str:
+    """Quoted-printable text with no line starting "From " and none over 76 characters.
+
+    A line starting "From " is written "=46rom ", two characters longer; and b2a_qp writes
+    a line's last space or tab as "=20"/"=09" after it measured the line (77 or 78). The
+    encoded lines of such a text line (split by soft line breaks) are split again."""
+    out: list[str] = []
+    pieces: list[str] = []
+    for line in qp.split("\n"):
+        pieces.append(line)
+        if line.endswith("="):  # a soft line break: "=" is otherwise always "=3D"
+            continue
+        if any(p.startswith("From ") or len(p) > _QP_LINE for p in pieces):
+            out.extend(_qp_wrapped("".join(p.removesuffix("=") for p in pieces)))
+        else:
+            out.extend(pieces)
+        pieces = []
+    out.extend(pieces)  # never left: b2a_qp ends no text with a soft line break
+    return "\n".join(out)
+
+
+def _qp_wrapped(encoded: str) -> list[str]:
+    """One encoded text line in lines of at most 76 characters, soft line breaks between,
+    an escape (=XX) never split, and "=46" for the F of a line that would start "From "."""
+    atoms = re.findall(r"=[0-9A-F]{2}|.", encoded)
+    lines: list[str] = []
+    line = ""
+    i = 0
+    while i < len(atoms):
+        atom = atoms[i]
+        if not line and atom == "F" and "".join(atoms[i : i + 5]) == "From ":
+            atom = "=46"
+        room = _QP_LINE if i == len(atoms) - 1 else _QP_LINE - 1  # the last needs no "="
+        if line and len(line) + len(atom) > room:
+            lines.append(line + "=")
+            line = ""
+            continue  # the atom starts the next line, which may make it "=46"
+        line += atom
+        i += 1
+    lines.append(line)
+    return lines
 
 
 @lru_cache(maxsize=64)

@@ -88,12 +88,16 @@ _FAST_MAILBOX = re.compile(
     r"|[ \t]*\x0e([^\x0e\x0f]*)\x0f[ \t]*\Z"
 )
 
-# A charset named in an HTML <meta> (`<meta charset=...>` or the http-equiv form). The HTML
-# part is sent in UTF-8 (ASCII when it is all ASCII), from a file read as UTF-8, so any other
-# name there is wrong, and a reader that follows the document's own declaration (or a browser
-# the recipient saves it to) would show "ZoÃ«".
-# Compiled on first use (re caches it), as few templates have one.
-_META_CHARSET = r"""(?i)(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9._:-]+)"""
+# A charset declared in an HTML <meta>: its `charset` attribute, or the `charset=` of the
+# content of an http-equiv="Content-Type" (HTML's "extracting a character encoding from a
+# meta element"; nothing else in a meta declares one). The HTML part is sent in UTF-8
+# (ASCII when it is all ASCII), from a file read as UTF-8, so any other name there is wrong,
+# and a reader that follows the document's own declaration (or a browser the recipient
+# saves it to) would show "ZoÃ«". Compiled on first use (re caches them), as few templates
+# have one.
+_META_TAG = r"""(?i)<meta(?=[\s/>])(?:[^>"']|"[^"]*"|'[^']*')*>"""
+_META_ATTR = r"""(?i)([\s/])([^\s/>=]+)(\s*=\s*)("[^"]*"|'[^']*'|[^\s>"']+)"""
+_CONTENT_CHARSET = r"""(?i)(\bcharset\s*=\s*["']?)([A-Za-z0-9._:-]+)"""
 
 Renderer = Callable[[Mapping[str, Any]], str]
 HeaderValue = str | tuple[Mailbox, ...]
@@ -698,11 +702,34 @@ def _utf8_meta(html: str) -> str:
     """The HTML template with every <meta> charset declaration saying utf-8."""
     if "charset" not in html.lower():
         return html
-    return re.sub(
-        _META_CHARSET,
-        lambda m: m[0] if m[2].lower() in ("utf-8", "utf8") else f"{m[1]}utf-8",
-        html,
-    )
+    return re.sub(_META_TAG, _utf8_meta_tag, html)
+
+
+def _utf8_meta_tag(tag: re.Match[str]) -> str:
+    attrs = {
+        m[2].lower(): m[4].strip("\"'").strip().lower() for m in re.finditer(_META_ATTR, tag[0])
+    }
+    content_type = attrs.get("http-equiv") == "content-type"
+
+    def attr(m: re.Match[str]) -> str:
+        name, value = m[2].lower(), m[4]
+        if name == "charset":
+            # A plain name only: one written with Jinja ({{ cs }}) is left to the template.
+            value = re.sub(
+                r"""\A(["']?\s*)([A-Za-z0-9._:-]+)(\s*["']?)\Z""",
+                lambda c: c[0] if c[2].lower() in ("utf-8", "utf8") else f"{c[1]}utf-8{c[3]}",
+                value,
+            )
+        elif name == "content" and content_type:
+            value = re.sub(
+                _CONTENT_CHARSET,
+                lambda c: c[0] if c[2].lower() in ("utf-8", "utf8") else f"{c[1]}utf-8",
+                value,
+                count=1,
+            )
+        return f"{m[1]}{m[2]}{m[3]}{value}"
+
+    return re.sub(_META_ATTR, attr, tag[0])
 
 
 def _distinct(envelope: list[str]) -> list[str]:

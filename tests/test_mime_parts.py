@@ -87,6 +87,36 @@ def test_a_body_line_starting_with_from_survives_an_mbox_delivery(body: str) -> 
     assert text_of(on_the_wire(out)) == body.replace("{{ v }}", "Ann")
 
 
+@pytest.mark.parametrize("lead", ["", "é", "From ", "é From "])
+@pytest.mark.parametrize("width", range(60, 80))
+def test_a_from_line_written_as_46rom_keeps_quoted_printable_lines_within_76(
+    lead: str, width: int
+) -> None:
+    # RFC 2045 6.7 (5): an encoded line is at most 76 characters. "=46rom" is two longer
+    # than the "From" it replaces, at the start of a line or after a soft line break.
+    body = lead + "a" * width + "From x " * 30 + "é\n"
+    t = MessageTemplate(f"From: a@acme.example\nSubject: s\n\n{body}")
+    out = build(t.render(Row(2, {"email": "ann@example.org"}), "email")).data
+    lines = out.partition(b"\r\n\r\n")[2].split(b"\r\n")
+    assert max(len(line) for line in lines) <= 76
+    assert not any(line.startswith(b"From ") for line in lines)
+    assert text_of(on_the_wire(out)) == body
+
+
+@pytest.mark.parametrize("width", range(70, 78))
+@pytest.mark.parametrize("space", [" ", "\t"])
+def test_a_line_ending_in_a_space_keeps_quoted_printable_lines_within_76(
+    width: int, space: str
+) -> None:
+    # b2a_qp writes a line's last space as "=20" after it measured the line: 77 or 78.
+    body = "Zoë\n" + "a" * width + space + "\nend\n"
+    t = MessageTemplate(f"From: a@acme.example\nSubject: s\n\n{body}")
+    out = build(t.render(Row(2, {"email": "ann@example.org"}), "email")).data
+    lines = out.partition(b"\r\n\r\n")[2].split(b"\r\n")
+    assert max(len(line) for line in lines) <= 76
+    assert text_of(on_the_wire(out)) == body
+
+
 def test_body_lines_over_998_octets_are_encoded_and_read_back_whole() -> None:
     t = MessageTemplate("From: a@acme.example\nSubject: s\n\n{{ url }}\n.\n")
     url = "https://acme.example/?t=" + "x" * 3000
@@ -121,6 +151,48 @@ def test_an_html_part_declares_in_its_meta_the_charset_it_is_sent_in(meta: str) 
     assert len(declared) == 1
     assert raw.decode(declared[0].decode()) == raw.decode(part.get_content_charset("us-ascii"))
     assert "Hi Zoë \u2013 café" in raw.decode(declared[0].decode())
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta name="description" content="Why charset=latin1 matters">',
+        '<meta property="og:description" content="A guide: charset = windows-1252">',
+        "<meta name='x' data-charset=latin1>",
+        '<meta name="keywords" content="charset=latin1" http-equiv="refresh">',
+    ],
+)
+def test_text_that_mentions_a_charset_in_a_meta_is_left_as_written(meta: str) -> None:
+    # Only a charset attribute, or the content of http-equiv="Content-Type", declares
+    # the document's encoding (HTML's "extracting a character encoding from a meta
+    # element"): a description or a data- attribute is text the recipient may see.
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\nHi\n",
+        html=f"<html><head>{meta}</head><body>Hi</body></html>\n",
+    )
+    part = built(t).get_body(("html",))
+    assert part is not None
+    assert meta in text_of(part)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta content="text/html; charset=iso-8859-1" http-equiv="content-type">',
+        "<meta http-equiv=Content-Type content='text/html;charset=latin1'>",
+        '<meta name="x" charset="windows-1252" />',
+    ],
+)
+def test_every_form_of_a_meta_declaration_says_utf8(meta: str) -> None:
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\n\nHi\n",
+        html=f"<html><head>{meta}</head><body>café</body></html>\n",
+    )
+    part = built(t).get_body(("html",))
+    assert part is not None
+    head = text_of(part).partition("</head>")[0]
+    assert re.search(r"charset\s*=\s*[\"']?utf-8\b", head)
+    assert not re.search(r"(?i)iso-8859-1|latin1|windows-1252", head)
 
 
 # --- attachments ---------------------------------------------------------------------------

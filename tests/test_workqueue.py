@@ -246,6 +246,116 @@ def held_by_a(state: Any, campaign: str, number: int = 2, *, clock: Any = None) 
     return a
 
 
+def test_a_claim_is_renewed_after_a_long_wait_only_while_it_is_still_ours(aws: None) -> None:
+    """`keep_claim` after a wait past half the lease renews the lease; once the lease ran
+    out and `retry --in-doubt` took the row over, it raises `ClaimLost` ("already being
+    sent"), so the first worker does not send it too."""
+    from smartmail.dynamo_ledger import HELD, ClaimLost, DynamoLedger
+    from smartmail.message import OutgoingMessage
+
+    state = open_state(URL)
+    now = [1_000_000.0]
+    a = held_by_a(state, "renew", clock=lambda: now[0])
+    lease = a.lease
+
+    def lease_until() -> float:
+        item = state.table.call(
+            "get_item",
+            Key={"pk": {"S": "D#renew"}, "sk": {"S": "user0@example.org"}},
+            ConsistentRead=True,
+        )["Item"]
+        return float(item["lease_until"]["N"])
+
+    key = lease_until()
+    now[0] += lease * 0.4
+    a.keep_claim()  # under half the lease: nothing written
+    assert lease_until() == key
+    now[0] += lease * 0.2
+    a.keep_claim()
+    assert lease_until() == now[0] + lease
+    now[0] += lease * 1.5  # a's wait outlasted the renewed lease: in doubt
+    b = DynamoLedger(state.table, "renew", resend="in-doubt", clock=lambda: now[0])
+    address = "user0@example.org"
+    b.sending(
+        OutgoingMessage(
+            sender="news@acme.example",
+            recipients=[address],
+            data=b"Subject: hi\r\n\r\nhello\r\n",
+            message_id=f"<b.{address}>",
+            recipient=address,
+            row=Row(2, {"email": address, "name": "A"}),
+        )
+    )
+    with pytest.raises(ClaimLost) as lost:
+        a.keep_claim()
+    assert lost.value.skip_reason == HELD
+    assert lease_until() == now[0] + lease  # b's lease, untouched
+
+
+def test_a_renewal_the_state_refuses_leaves_a_running_claim_to_be_sent(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal write that fails (DynamoDB throttling past botocore's retries) while the
+    claim's lease still runs: the row is provably still this worker's, so it is sent, not
+    counted failed ("internal error: LedgerError") and left for a manual `retry`. Past the
+    lease nothing can be told, and the renewal error stands."""
+    from smartmail.dynamo import StateError
+    from smartmail.ledger import LedgerError
+
+    state = open_state(URL)
+    now = [1_000_000.0]
+    a = held_by_a(state, "renew", clock=lambda: now[0])
+    real = state.table.call
+    refused: list[str] = []
+
+    def throttled(operation: str, **request: Any) -> Any:
+        if "SET lease_until" in str(request.get("UpdateExpression", "")):
+            refused.append(operation)
+            raise StateError("DynamoDB UpdateItem: ThrottlingException Rate exceeded")
+        return real(operation, **request)
+
+    monkeypatch.setattr(state.table, "call", throttled)
+    now[0] += a.lease * 0.6
+    a.keep_claim()
+    assert refused == ["update_item"]
+    monkeypatch.setattr(state.table, "call", real)
+    a.keep_claim()  # tried again at the next wait, and written
+    monkeypatch.setattr(state.table, "call", throttled)
+    now[0] += a.lease * 1.1
+    with pytest.raises(LedgerError):
+        a.keep_claim()
+
+
+def test_a_retry_of_a_queued_campaign_whose_template_file_is_gone_sends_the_queued_one(
+    aws: None, tmp_path: Path
+) -> None:
+    """`retry` of a queued campaign on a machine without the template (the upload function's
+    temporary folder): it sends from the bundle the workers send from, unpacked into a
+    private folder that is removed when the run ends."""
+    import tempfile
+
+    from smartmail.campaign import CampaignRun, load_config
+    from smartmail.config import RunOptions
+    from smartmail.dynamo_ledger import DynamoLedger
+    from smartmail.report import Outcome
+
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(config(tmp_path, make_csv(tmp_path / "r.csv", 2), campaign="gone"), url, state)
+    row = Row(2, {"email": "user0@example.org", "name": "User 0", "code": "C00000"})
+    DynamoLedger(state.table, "gone").record(
+        Outcome(row=row, recipient="user0@example.org", status="failed", reason="refused")
+    )
+    (tmp_path / "msg.txt").unlink()
+    scratch = set(Path(tempfile.gettempdir()).glob("smartmail-retry-*"))
+    options = RunOptions(state_path=URL, resend="failed", failed_csv=str(tmp_path / "f.csv"))
+    result = CampaignRun(load_config(URL, "gone"), options).run()
+    assert (result.error, result.summary.sent) == (None, 1)
+    [sent] = ses_backend().sent_messages
+    assert "your code is C00000." in sent.raw_data
+    assert set(Path(tempfile.gettempdir()).glob("smartmail-retry-*")) == scratch
+
+
 def gives_back(a: Any, number: int = 2, status: Status = "unsent") -> None:
     """Worker A stops (second SIGTERM, the Lambda's timeout, abort) before sending the row
     (`unsent`: back to pending), or sends it (`sent`)."""
