@@ -187,22 +187,14 @@ class DynamoLedger:
         rows instead of one per row (each costs the worker ~1.5 ms of boto3 CPU)."""
         keys = [recipient_key(recipient) for recipient, _row in items]
         wanted = [key for key in dict.fromkeys(keys) if key]  # DynamoDB refuses an empty key
-        found: dict[tuple[str, str], Item] = {}
-        try:
-            self.table.ensure()
-            for start in range(0, len(wanted), _ROWS_PER_READ):
-                chunk = wanted[start : start + _ROWS_PER_READ]
-                found.update(
-                    self.table.get_many(
-                        [
-                            item
-                            for key in chunk
-                            for item in (delivery_key(self.campaign, key), suppression_key(key))
-                        ]
-                    )
-                )
-        except SmartmailError as exc:
-            raise LedgerError(f"cannot read the ledger: {exc}") from None
+        found = self._read_many(
+            [
+                item
+                for key in wanted
+                for item in (delivery_key(self.campaign, key), suppression_key(key))
+            ],
+            "the ledger",
+        )
         deliveries = "D#" + self.campaign
         return [
             self._veto(found.get((deliveries, key)), found.get(("S#" + key, "S"))) for key in keys
@@ -233,20 +225,25 @@ class DynamoLedger:
             addr = recipient_key(address)
             if addr:  # DynamoDB refuses an empty key
                 wanted.setdefault(addr, []).append(address)
+        items = self._read_many([suppression_key(k) for k in wanted], "the suppression list")
         found: dict[str, str] = {}
-        keys = list(wanted)
+        for addr, given in wanted.items():
+            item = items.get(("S#" + addr, "S"))
+            if item is not None:
+                for address in given:
+                    found[address] = text(item, "reason")
+        return found
+
+    def _read_many(self, keys: list[Item], what: str) -> dict[tuple[str, str], Item]:
+        """Strongly consistent BatchGetItem calls of at most 100 keys (what one call takes),
+        by (pk, sk); a failure is a LedgerError saying `what` could not be read."""
+        found: dict[tuple[str, str], Item] = {}
         try:
             self.table.ensure()
             for start in range(0, len(keys), 2 * _ROWS_PER_READ):
-                chunk = keys[start : start + 2 * _ROWS_PER_READ]
-                items = self.table.get_many([suppression_key(k) for k in chunk])
-                for addr in chunk:
-                    item = items.get(("S#" + addr, "S"))
-                    if item is not None:
-                        for given in wanted[addr]:
-                            found[given] = text(item, "reason")
+                found.update(self.table.get_many(keys[start : start + 2 * _ROWS_PER_READ]))
         except SmartmailError as exc:
-            raise LedgerError(f"cannot read the suppression list: {exc}") from None
+            raise LedgerError(f"cannot read {what}: {exc}") from None
         return found
 
     def sending(self, message: OutgoingMessage) -> None:
