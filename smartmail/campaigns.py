@@ -110,12 +110,14 @@ def load(conn: sqlite3.Connection, campaign: str) -> CampaignRecord | None:
 
 def retry_rows(conn: sqlite3.Connection, campaign: str, which: Which) -> list[Row]:
     """The stored rows of the failed (or in-doubt) deliveries, in original row order."""
-    status = "failed" if which == "failed" else "sending"
+    # The status as a literal, not a parameter: only then can SQLite use the partial index
+    # of in-doubt (`sending`) rows. Failed rows are found by the campaign's key.
+    status = "'failed'" if which == "failed" else "'sending'"
     rows = conn.execute(
         "SELECT row_number, row_json FROM deliveries "
-        "WHERE campaign = ? AND status = ? AND row_json IS NOT NULL "
+        f"WHERE campaign = ? AND status = {status} AND row_json IS NOT NULL "
         "ORDER BY row_number, recipient",
-        (campaign, status),
+        (campaign,),
     )
     return [Row(int(r[0] or 0), json.loads(r[1])) for r in rows]
 

@@ -26,6 +26,7 @@ from smartmail import (
 )
 from smartmail.cli import cli
 from smartmail.errors import LockedError, SmartmailError
+from smartmail.events import SqliteFeedback
 from smartmail.ledger import Ledger
 from smartmail.state import connect
 from smartmail.suppression import SuppressionList
@@ -1059,3 +1060,59 @@ def test_the_writer_lingers_no_longer_than_a_worker_takes_to_need_its_mark(tmp_p
         assert writer.linger() == LINGER
     finally:
         ledger.close()
+
+
+def test_a_state_database_made_by_schema_1_is_upgraded_and_keeps_every_record(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """A user's existing state file: its indexes are replaced in place, nothing recorded is
+    lost, and what the old indexes served (in-doubt rows, feedback by provider id) still
+    works and uses the new ones."""
+    csv = make_csv(tmp_path / "r.csv", 4)
+    db = tmp_path / "state.db"
+    args = send_args(csv, template_file, smtp_server, db, "--campaign", "old")
+    assert run_cli([*args, "--limit", "2"])[0] == 0
+    dying = Ledger(db, "old")  # a run that died after marking row 3: in doubt
+    dying.acquire()
+    row3 = list(RecipientSource(SourceSpec(str(csv))).rows())[2][0]
+    dying.sending(build(MessageTemplate.load(template_file).render(row3, "email")))
+    dying.close()
+    conn = sqlite3.connect(db)  # now make it exactly what schema 1 left on disk
+    conn.executescript(
+        "DROP INDEX deliveries_provider; DROP INDEX deliveries_sending;"
+        "CREATE INDEX deliveries_provider_id ON deliveries(provider_id);"
+        "CREATE INDEX deliveries_status ON deliveries(campaign, status);"
+        "PRAGMA user_version=1;"
+    )
+    provider_id = conn.execute(
+        "SELECT provider_id FROM deliveries WHERE recipient = 'user0@example.org'"
+    ).fetchone()[0]
+    conn.close()
+
+    upgraded = connect(db)
+    indexes = {r[0] for r in upgraded.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert {"deliveries_provider", "deliveries_sending"} <= indexes
+    assert not indexes & {"deliveries_provider_id", "deliveries_status"}
+    plan = upgraded.execute(
+        "EXPLAIN QUERY PLAN SELECT 1 FROM deliveries WHERE provider_id = ? AND recipient = ?",
+        (provider_id, "user0@example.org"),
+    ).fetchall()
+    assert "deliveries_provider" in str([tuple(r) for r in plan])
+    assert SqliteFeedback(upgraded).mark(provider_id, "user0@example.org", "bounced") == 1
+    upgraded.commit()
+    upgraded.close()
+    assert counts(db, "old") == {"sent": 2, "sending": 1, "pending": 1}
+
+    code, out = run_cli(["status", "old", "--state", str(db), "--json"])
+    assert (json.loads(out)[0]["in_doubt"], json.loads(out)[0]["bounced"]) == (1, 1)
+    assert run_cli([*args, "--report", str(tmp_path / "r2.json")])[0] == 0
+    assert (report(tmp_path / "r2.json")["sent"], report(tmp_path / "r2.json")["in_doubt"]) == (
+        1,
+        1,
+    )
+    code, out = run_cli(["retry", "old", "--in-doubt", "--state", str(db), "--yes",
+                         "--progress", "none"])  # fmt: skip
+    assert code == 0, out
+    assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(4)}
+    assert counts(db, "old") == {"sent": 4}
