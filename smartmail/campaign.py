@@ -409,8 +409,11 @@ class CampaignRun:
             if self.hooks.sending is not None:
                 self.hooks.sending(plan)
         except BaseException:
-            transport.close()
-            self._close_ledger_quietly()
+            try:
+                transport.close()
+            finally:
+                # Also when another Ctrl-C lands in the close: the campaign is unlocked.
+                self._close_ledger_quietly()
             raise
         return self._send(source, template, transport, checked, send_options, plan)
 

@@ -231,6 +231,39 @@ def test_another_ctrl_c_as_rows_go_back_to_pending_still_closes_the_ledger(
     assert len(smtp_server.handler.received) == n
 
 
+def test_another_ctrl_c_as_the_transport_closes_before_sending_still_unlocks_the_campaign(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library caller's Ctrl-C at the prompt; another lands as the clean-up before the first
+    # message closes the transport. Before, that skipped closing the ledger: this process kept
+    # the campaign locked, so `status` said it was running and the next run was refused.
+    from smartmail.transports.smtp import SmtpTransport
+
+    from .test_ledger import run_cli
+
+    real_close = SmtpTransport.close
+
+    def close(self: SmtpTransport) -> None:
+        real_close(self)
+        raise KeyboardInterrupt
+
+    def confirm(plan: Plan) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SmtpTransport, "close", close)
+    db = tmp_path / "state.db"
+    config = smtp_config(
+        smtp_server, make_csv(tmp_path / "r.csv", 3), template_file, campaign="prompt"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(config, RunOptions(state_path=str(db)), Hooks(confirm=confirm))
+    monkeypatch.setattr(SmtpTransport, "close", real_close)
+    code, out = run_cli(["status", "prompt", "--state", str(db), "--json"])
+    assert code == 0 and json.loads(out)[0]["running"] is False, out
+    again = run_campaign(config, RunOptions(state_path=str(db)))
+    assert again.summary.sent == 3 and deliveries(db, "prompt") == {"sent": 3}
+
+
 def test_every_row_skipped_is_an_error_with_the_counts(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
