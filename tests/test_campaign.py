@@ -386,6 +386,28 @@ def test_a_report_not_written_after_an_interruption_is_exit_5_once_something_was
     assert result("unsent").exit_code == 130  # nothing sent: the interruption says it all
 
 
+def test_a_report_not_written_after_a_stop_is_exit_5_once_something_was_sent() -> None:
+    from smartmail.campaign import CampaignResult
+    from smartmail.ratelimit import Unlimited
+    from smartmail.report import Metrics, Outcome, Summary
+    from smartmail.sources import Row
+
+    def result(*statuses: str) -> CampaignResult:
+        metrics = Metrics(len(statuses))
+        for n, status in enumerate(statuses):
+            metrics.record(Outcome(Row(n + 2, {}), f"u{n}@x.org", status))  # type: ignore[arg-type]
+        summary = Summary.build(
+            metrics, Unlimited().stats(), campaign="c", transport="t", source="s",
+            stopped="the server refuses the sender",
+        )  # fmt: skip
+        return CampaignResult(summary=summary, report_error="--report r.json: cannot write")
+
+    # As over 130: "stopped, the next run sends the rest" would hide the missing report.
+    assert result("sent", "unsent").exit_code == 5
+    assert result("failed", "unsent").exit_code == 5
+    assert result("unsent").exit_code == 4  # nothing sent: the stop says it all
+
+
 def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(
     tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
