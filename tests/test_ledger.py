@@ -458,7 +458,8 @@ def test_ctrl_c_as_the_ledger_closes_commits_every_outcome_before_the_lock_is_re
     # waits for that commit. Before, the lock was released at once and the outcomes were
     # still uncommitted: the sent rows were `sending`, in doubt for the next run (and lost
     # for good had the process ended there).
-    real_stop, real_commit, interrupted = _Writer.stop, _Writer._commit, []
+    real_stop, real_commit = _Writer.stop, _Writer._commit
+    interrupted: list[int] = []
 
     def stop(self: _Writer) -> None:
         real_stop(self)
