@@ -183,15 +183,17 @@ class CampaignResult(Described):
 
         A problem after the send pass began is 5, unless not one message was attempted: then
         it is 2, which always means that nothing was sent. A report that could not be
-        written turns what would have been 0, 1 or 130 (interrupted) into 5 (2 when nothing
-        was sent): whoever reads it must not take its absence, or an old one, for this run's,
-        and "interrupted, re-run" would hide that. A stop keeps its own code (4)."""
+        written turns what would have been 0, 1, 4 (stopped) or 130 (interrupted) into 5
+        once a message was attempted: whoever reads it must not take its absence, or an old
+        one, for this run's, and "stopped, or interrupted: the next run sends the rest"
+        would hide that. When none was, 0 becomes 2, and a stop or an interruption keeps its
+        own code (it says all there is; the CLI, too, keeps 130/143 over anything but 5)."""
         if self.error is not None:
             return EXIT_USAGE if self.nothing_sent else EXIT_INCOMPLETE
-        if self.summary.stopped:
-            return EXIT_STOPPED
         if self.report_error is not None and not self.nothing_sent:
             return EXIT_INCOMPLETE
+        if self.summary.stopped:
+            return EXIT_STOPPED
         if self.summary.interrupted:
             return EXIT_INTERRUPTED
         if self.report_error is not None:
@@ -409,8 +411,11 @@ class CampaignRun:
             if self.hooks.sending is not None:
                 self.hooks.sending(plan)
         except BaseException:
-            transport.close()
-            self._close_ledger_quietly()
+            try:
+                transport.close()
+            finally:
+                # Also when another Ctrl-C lands in the close: the campaign is unlocked.
+                self._close_ledger_quietly()
             raise
         return self._send(source, template, transport, checked, send_options, plan)
 

@@ -253,6 +253,9 @@ class _Writer(threading.Thread):
         # thread committing its own marks (`commit_now`), never both.
         self.commit_lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
+        # Set when the thread ends. `join()` cannot tell: on Python 3.11 a join cut short by
+        # a KeyboardInterrupt marks the thread stopped while it still runs.
+        self.finished = threading.Event()
 
     def linger(self) -> float:
         """How long to wait for more statements before committing a batch nobody waits for.
@@ -267,6 +270,12 @@ class _Writer(threading.Thread):
         return min(LINGER, max(0.0, self.cycle * 0.75 - self.commit_time))
 
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.finished.set()
+
+    def _serve(self) -> None:
         import queue
 
         try:
@@ -392,6 +401,20 @@ class _Writer(threading.Thread):
         self.stopping = True
         self.doorbell.put(True)
 
+    def finish(self) -> KeyboardInterrupt | None:
+        """Stop and wait until everything queued is committed and the thread has ended.
+
+        A KeyboardInterrupt meanwhile is returned rather than raised, for the caller to raise
+        once done: see `Ledger.close`."""
+        interrupted: KeyboardInterrupt | None = None
+        while True:
+            try:
+                self.stop()
+                self.finished.wait()
+                return interrupted
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+
 
 class Ledger:
     """The ledger of one campaign in a state database; implements the engine's `Journal`.
@@ -459,12 +482,18 @@ class Ledger:
         self._write(_CAMPAIGN, params, wait=True)
 
     def close(self) -> None:
-        """Commit everything queued, stop the writer, release the lock. Safe to call twice."""
+        """Commit everything queued, stop the writer, release the lock. Safe to call twice.
+
+        A Ctrl-C (KeyboardInterrupt) meanwhile is raised only once the writer has committed
+        what is queued and the lock is released: released before that commit, the lock lets
+        the next run find this run's finished rows still `sending` (in doubt), and a process
+        that ends there loses their outcomes. The wait is one commit (at most SQLite's busy
+        timeout)."""
         writer, self._writer = self._writer, None
+        interrupted: KeyboardInterrupt | None = None
         try:
             if writer is not None:
-                writer.stop()
-                writer.join()
+                interrupted = writer.finish()
                 if writer.error is not None:
                     raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
         finally:
@@ -475,6 +504,8 @@ class Ledger:
                 # One opened by another (ended) thread cannot be closed here; the GC closes it.
                 with contextlib.suppress(sqlite3.ProgrammingError):
                     conn.close()
+            if interrupted is not None:
+                raise interrupted
 
     def __enter__(self) -> Ledger:
         return self

@@ -231,6 +231,39 @@ def test_another_ctrl_c_as_rows_go_back_to_pending_still_closes_the_ledger(
     assert len(smtp_server.handler.received) == n
 
 
+def test_another_ctrl_c_as_the_transport_closes_before_sending_still_unlocks_the_campaign(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library caller's Ctrl-C at the prompt; another lands as the clean-up before the first
+    # message closes the transport. Before, that skipped closing the ledger: this process kept
+    # the campaign locked, so `status` said it was running and the next run was refused.
+    from smartmail.transports.smtp import SmtpTransport
+
+    from .test_ledger import run_cli
+
+    real_close = SmtpTransport.close
+
+    def close(self: SmtpTransport) -> None:
+        real_close(self)
+        raise KeyboardInterrupt
+
+    def confirm(plan: Plan) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SmtpTransport, "close", close)
+    db = tmp_path / "state.db"
+    config = smtp_config(
+        smtp_server, make_csv(tmp_path / "r.csv", 3), template_file, campaign="prompt"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(config, RunOptions(state_path=str(db)), Hooks(confirm=confirm))
+    monkeypatch.setattr(SmtpTransport, "close", real_close)
+    code, out = run_cli(["status", "prompt", "--state", str(db), "--json"])
+    assert code == 0 and json.loads(out)[0]["running"] is False, out
+    again = run_campaign(config, RunOptions(state_path=str(db)))
+    assert again.summary.sent == 3 and deliveries(db, "prompt") == {"sent": 3}
+
+
 def test_every_row_skipped_is_an_error_with_the_counts(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
@@ -351,6 +384,28 @@ def test_a_report_not_written_after_an_interruption_is_exit_5_once_something_was
     # "Interrupted, re-run" would hide that the report a script reads next is not this run's.
     assert result("sent", "unsent").exit_code == 5
     assert result("unsent").exit_code == 130  # nothing sent: the interruption says it all
+
+
+def test_a_report_not_written_after_a_stop_is_exit_5_once_something_was_sent() -> None:
+    from smartmail.campaign import CampaignResult
+    from smartmail.ratelimit import Unlimited
+    from smartmail.report import Metrics, Outcome, Summary
+    from smartmail.sources import Row
+
+    def result(*statuses: str) -> CampaignResult:
+        metrics = Metrics(len(statuses))
+        for n, status in enumerate(statuses):
+            metrics.record(Outcome(Row(n + 2, {}), f"u{n}@x.org", status))  # type: ignore[arg-type]
+        summary = Summary.build(
+            metrics, Unlimited().stats(), campaign="c", transport="t", source="s",
+            stopped="the server refuses the sender",
+        )  # fmt: skip
+        return CampaignResult(summary=summary, report_error="--report r.json: cannot write")
+
+    # As over 130: "stopped, the next run sends the rest" would hide the missing report.
+    assert result("sent", "unsent").exit_code == 5
+    assert result("failed", "unsent").exit_code == 5
+    assert result("unsent").exit_code == 4  # nothing sent: the stop says it all
 
 
 def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(

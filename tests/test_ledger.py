@@ -439,6 +439,61 @@ def test_ctrl_c_at_any_point_of_a_mark_commit_loses_no_statement_queued_by_other
         threading.excepthook = hook
 
 
+@pytest.mark.parametrize("where", ["stop", "wait"])
+def test_ctrl_c_as_the_ledger_closes_commits_every_outcome_before_the_lock_is_released(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+):
+    import os
+    import signal
+    import threading
+    import time
+
+    from smartmail.ledger import _Writer
+
+    # The last outcomes of a run are committed by close(), on a slow disk here. A library
+    # caller's Ctrl-C lands as close asks the writer to stop, or (a real SIGINT) while it
+    # waits for that commit. Before, the lock was released at once and the outcomes were
+    # still uncommitted: the sent rows were `sending`, in doubt for the next run (and lost
+    # for good had the process ended there).
+    real_stop, real_commit = _Writer.stop, _Writer._commit
+    interrupted: list[int] = []
+
+    def stop(self: _Writer) -> None:
+        real_stop(self)
+        if where == "stop" and not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+
+    def commit(self: _Writer, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        if self.stopping and threading.current_thread() is self:
+            if where == "wait" and not interrupted:
+                interrupted.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+        real_commit(self, conn, batch)
+
+    monkeypatch.setattr(_Writer, "stop", stop)
+    monkeypatch.setattr(_Writer, "_commit", commit)
+    n = 8
+    csv = make_csv(tmp_path / "r.csv", n)
+    db = tmp_path / "state.db"
+    with pytest.raises(KeyboardInterrupt):
+        send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=2)
+    assert interrupted
+    assert counts(db, "c") == {"sent": n}
+    code, out = run_cli(["status", "c", "--state", str(db), "--json"])
+    shown = json.loads(out)[0]
+    assert (code, shown["running"], shown["sent"], shown["in_doubt"]) == (0, False, n, 0), out
+    monkeypatch.setattr(_Writer, "stop", real_stop)
+    monkeypatch.setattr(_Writer, "_commit", real_commit)
+    again = send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=2)
+    assert again.sent == 0 and len(smtp_server.handler.received) == n
+
+
 def test_a_run_stopped_by_a_ledger_failure_still_accounts_for_every_row(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):

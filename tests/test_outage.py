@@ -9,6 +9,7 @@ aiosmtpd and scripted raw-socket servers on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -196,6 +197,50 @@ def test_5xx_to_mail_from_stops(
     finally:
         controller.stop()
     assert_next_run_sends_all_once(smtp_server, csv, template_file, db)
+
+
+@dataclass
+class RefuseSenderAfter(RecordingHandler):
+    """Takes `accept` messages, then refuses the sender (a stop) and removes `remove`, the
+    folder of the run's --report, as someone tidying up during a long run would."""
+
+    accept: int = 2
+    remove: Path | None = None
+
+    async def handle_MAIL(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if len(self.received) < self.accept:
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+            return "250 OK"
+        if self.remove is not None:
+            shutil.rmtree(self.remove, ignore_errors=True)
+        return "550 5.7.1 <news@acme.example>: Sender address rejected: blocked"
+
+
+def test_a_report_not_written_after_a_stop_that_followed_sends_is_exit_5_not_4(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # Exit 4 tells a cron wrapper "the provider stopped it, the next run sends the rest"; it
+    # must also learn that the report it reads next is not this run's, as 5 says (and as it
+    # does over 130/143). Before, the stop's 4 hid the report that was not written.
+    handler = RefuseSenderAfter(remove=tmp_path / "reports")
+    controller = _start(handler)
+    report_path = tmp_path / "reports" / "r.json"
+    report_path.parent.mkdir()
+    try:
+        csv, db = make_csv(tmp_path / "r.csv", ROWS), tmp_path / "state.db"
+        code, out = cli_send(
+            f"smtp://127.0.0.1:{controller.port}", csv, template_file, db,
+            "--smtp-security", "none", "--workers", "1", "--report", str(report_path),
+        )  # fmt: skip
+    finally:
+        controller.stop()
+    assert code == 5, out
+    assert "refuses the sender" in out and "cannot write the report" in out, out
+    assert len(handler.received) == 2 and not report_path.exists()
+    assert counts(db, "c") == {"sent": 2, "pending": ROWS - 2}
 
 
 def test_a_row_whose_retries_run_out_while_the_server_takes_others_is_failed(
