@@ -727,3 +727,22 @@ def test_a_subject_that_renders_empty_is_reported_before_sending(
     by = {r.rcpt_tos[0]: r.message for r in smtp_server.handler.received}
     assert by["ann@example.org"]["Subject"] == "Your invoice"
     assert "Subject" not in by["bob@example.org"]
+
+
+def test_send_counts_suppressed_copies_in_its_summary_and_report(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """As dry-run does: the rows went, so only the summary's warnings can say it."""
+    csv_path, template_path, db = copied_campaign(tmp_path)
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        cli,
+        ["send", str(csv_path), "-t", str(template_path), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--state", str(db), "--yes", "--progress", "none",
+         "--report", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "row 3: Cc: gone@acme.example is suppressed (bounce)" in result.output
+    assert json.loads(report.read_text())["warnings"] == [
+        "4 suppressed Cc/Bcc address(es) left out of their messages (pre-flight listed them)"
+    ]
