@@ -106,6 +106,21 @@ def out_console() -> Console:
     return _consoles["out"]
 
 
+def print_rich(renderable: Any, console: Console | None = None) -> None:
+    """A rich table on stdout. Off a terminal (a pipe, a file, cron mail) rich pads every line
+    to the table's width: noise there, which `diff` and `grep ' $'` trip on, so it goes. A
+    terminal gets rich's output as it is."""
+    console = console or out_console()
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    term = Terminal(sys.stdout)
+    for line in captured.get().splitlines():
+        term.line(line.rstrip())
+
+
 def say(text: str) -> None:
     """A line on stdout, made printable (it may hold CSV data)."""
     Terminal(sys.stdout).line(printable(text))
@@ -1141,7 +1156,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     console = out_console()
     if not console.is_terminal:
         console = Console(width=160, highlight=False)
-    console.print(table)
+    print_rich(table, console)
 
 
 @cli.command("quota")
@@ -1262,7 +1277,7 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
         table.add_row(
             escape(printable(e.address)), e.reason, escape(printable(e.detail)), e.created_at
         )
-    out_console().print(table)
+    print_rich(table)
 
 
 @suppress_group.command("import")

@@ -194,7 +194,8 @@ class PreflightResult(Described):
     `kept` holds the rendered and checked messages (by row number) within the cache budget,
     for the send pass to build and send without rendering them again; `suppressed_copies`
     counts the Cc/Bcc addresses left out because they are suppressed (each is also a warning
-    in `problems`); `envelope_recipients` counts the envelope addresses (To + Cc + Bcc) of the
+    in `problems`), `empty_subjects` the messages that go without a Subject (each a warning
+    too); `envelope_recipients` counts the envelope addresses (To + Cc + Bcc) of the
     valid rows, which is what SES counts against its quota; `source_sha256` is the snapshot's
     digest, which the send pass checks it reads.
     """
@@ -212,6 +213,7 @@ class PreflightResult(Described):
     previews: list[OutgoingMessage] = field(default_factory=list)
     kept: dict[int, RenderedMessage] = field(default_factory=dict)
     suppressed_copies: int = 0
+    empty_subjects: int = 0
     envelope_recipients: int = 0
     source_sha256: str | None = None
 
@@ -357,6 +359,10 @@ def preflight(
             continue
         seen.add(seen_key)
         result.valid += 1
+        if rendered.empty_subject is not None:  # the row goes; the operator hears of it first
+            column, note = rendered.empty_subject
+            result.empty_subjects += 1
+            result.add_problem(RowProblem(row.number, column, note, source.name), fatal=False)
         result.envelope_recipients += len(envelope or rendered.envelope_to)
         if budget > 0:
             budget -= _rendered_size(rendered, held)
@@ -1082,7 +1088,7 @@ class Run:
             if self.failed_rows is not None:
                 self.failed_rows.close(remove_stale=not opts.test_to)  # a proof changes nothing
             self.transport.close()
-        return Summary.build(
+        summary = Summary.build(
             self.metrics,
             self.limiter.stats(),
             campaign=opts.campaign,
@@ -1098,6 +1104,8 @@ class Run:
             if self.failed_rows
             else [],
         )
+        _note_preflight(summary, self.checked)
+        return summary
 
     def _display(self, step: Callable[[], None]) -> None:
         """Start or stop the progress display; one that fails never stops the send pass, nor
@@ -1170,7 +1178,7 @@ def _send_checked(
 ) -> Summary:
     if not checked.ok:
         raise PreflightError(checked.fatal, checked.fatal_count)
-    summary = Run(
+    return Run(
         source,
         template,
         transport,
@@ -1182,16 +1190,19 @@ def _send_checked(
         progress=progress,
         stop=stop,
     ).run()
-    _note_copies(summary, checked)
-    return summary
 
 
-def _note_copies(summary: Summary, checked: PreflightResult) -> None:
-    """Suppressed Cc/Bcc addresses left out are not skips (the row went): say so in the summary."""
+def _note_preflight(summary: Summary, checked: PreflightResult) -> None:
+    """What pre-flight warned of in rows that went (suppressed Cc/Bcc addresses left out, an
+    empty Subject) is no skip: say so in the summary, where a cron mail's reader looks."""
     if checked.suppressed_copies:
         summary.warnings.append(
             f"{checked.suppressed_copies} suppressed Cc/Bcc address(es) left out of their "
             "messages (pre-flight listed them)"
+        )
+    if checked.empty_subjects:
+        summary.warnings.append(
+            f"{checked.empty_subjects} message(s) go without a Subject (pre-flight listed them)"
         )
 
 
@@ -1211,5 +1222,5 @@ def dry_run_summary(checked: PreflightResult, options: SendOptions, transport: s
         source=checked.source,
         dry_run=True,
     )
-    _note_copies(summary, checked)
+    _note_preflight(summary, checked)
     return summary

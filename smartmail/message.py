@@ -336,8 +336,12 @@ def _text_charset(data: bytes) -> str | None:
     """The charset of a text attachment, when its bytes tell: a text/* part without one is
     read as US-ASCII (RFC 2046 4.1.2), so a UTF-8 file would show as "GrÃ¼ÃŸe". None for
     bytes in some other charset, which cannot be known (a reader then guesses)."""
+    # A byte order mark says so. UTF-32's first: its little-endian mark, FF FE 00 00, begins
+    # with UTF-16's (FF FE), and a reader told utf-16 would show every other character as NUL.
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32"
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"  # a byte order mark says so
+        return "utf-16"
     if b"\x00" in data:
         return None
     if data.isascii():

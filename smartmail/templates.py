@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import CodeType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -126,6 +126,9 @@ class RenderedMessage(NamedTuple):
     source: str = ""
     head: list[str] | None = None
     attachment_parts: tuple[str, ...] | None = None
+    empty_subject: tuple[str | None, str] | None = None
+    """(column, problem) when the Subject rendered empty: legal, so the message goes without
+    one, but rarely meant, so pre-flight tells the operator."""
 
 
 def mailbox(name: Any, email: Any) -> Mailbox:
@@ -332,6 +335,7 @@ class MessageTemplate:
         if html is not None and html_env is not None:
             self._html = _renderer(html_env, html, compiled["html"])
         self.header_names = [h for h, _ in raw_headers]
+        self._subject = next(v for h, v in raw_headers if h.lower() == "subject")
 
     def _compile(
         self,
@@ -492,7 +496,7 @@ class MessageTemplate:
                 Location(source_name, row.number), f"template {self.name}: {exc}"
             ) from None
         where = Location(source_name, row.number)
-        header_list, head, attachments, envelope, sender = self._headers(
+        header_list, head, attachments, envelope, sender, empty_subject = self._headers(
             rendered_headers, row, where, recipient, allow_utf8_local
         )
         return RenderedMessage(
@@ -506,6 +510,7 @@ class MessageTemplate:
             attachments=attachments,
             source=source_name,
             head=head,
+            empty_subject=empty_subject,
         )
 
     def _headers(
@@ -515,8 +520,16 @@ class MessageTemplate:
         where: Location,
         recipient: str,
         allow_utf8_local: bool,
-    ) -> tuple[list[tuple[str, HeaderValue]], list[str], list[Path], list[str], str]:
+    ) -> tuple[
+        list[tuple[str, HeaderValue]],
+        list[str],
+        list[Path],
+        list[str],
+        str,
+        tuple[str | None, str] | None,
+    ]:
         result: list[tuple[str, HeaderValue]] = []
+        empty_subject: tuple[str | None, str] | None = None
         attachments: list[Path] = []
         envelope: list[str] = []
         sender = ""
@@ -581,6 +594,10 @@ class MessageTemplate:
                     continue
                 text = _strip_marks(value).strip(_WSP) if not spec.fixed else value
                 if not text:
+                    if lower == "subject":  # legal, and sent without one, but rarely meant
+                        column = _empty_column(row, self._subject_columns)
+                        note = f"{spec.name}: renders empty; the message goes without one"
+                        empty_subject = (column, note)
                     continue
                 if lower == "list-unsubscribe" and not spec.fixed:
                     # No URI holds '<' or '>': from data they could only close the template's
@@ -609,7 +626,25 @@ class MessageTemplate:
                 head = headers.encode(result, utf8=True)
         except headers.HeaderError as exc:
             raise InvalidRowError(where, str(exc)) from None
-        return result, head, attachments, envelope, sender
+        return result, head, attachments, envelope, sender, empty_subject
+
+    @cached_property
+    def _subject_columns(self) -> frozenset[str]:
+        """The columns the Subject uses, by name or as `row['Name']`: worked out once a
+        Subject renders empty (rarely), so loading a template parses nothing more."""
+        from jinja2 import meta, nodes
+
+        tree = _env(autoescape=False).parse(self._subject)
+        used = set(meta.find_undeclared_variables(tree))
+        for item in tree.find_all(nodes.Getitem):
+            if (
+                isinstance(item.node, nodes.Name)
+                and item.node.name == "row"
+                and isinstance(item.arg, nodes.Const)
+                and isinstance(item.arg.value, str)
+            ):
+                used.add(item.arg.value)
+        return frozenset(used)
 
     # --- attachments -----------------------------------------------------------------------
 

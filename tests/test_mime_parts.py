@@ -8,6 +8,7 @@ operator meant: the body text, the attachment's text in its own characters, the 
 
 from __future__ import annotations
 
+import codecs
 import email
 import re
 from email import policy
@@ -216,6 +217,8 @@ def with_attachment(folder: Path, name: str, content: bytes) -> EmailMessage:
         ("Grüße aus Zürich, Zoë\n".encode(), "utf-8"),
         ("\ufeffName;Stadt\nZoë;Zürich\n".encode(), "utf-8"),  # as Excel saves "CSV UTF-8"
         ("Grüße\n".encode("utf-16"), "utf-16"),
+        (codecs.BOM_UTF32_LE + "Grüße\n".encode("utf-32-le"), "utf-32"),  # FF FE 00 00
+        (codecs.BOM_UTF32_BE + "Grüße\n".encode("utf-32-be"), "utf-32"),
         (b"plain ASCII\n", "us-ascii"),
     ],
 )

@@ -7,6 +7,7 @@ for S3. Fault injection (an unexpected exception in one row) is the only thing p
 from __future__ import annotations
 
 import csv
+import json
 import os
 import stat
 import tempfile
@@ -689,3 +690,59 @@ def test_suppression_reasons_of_many_addresses(tmp_path: Path) -> None:
     assert suppressions.reasons(wanted) == {"A@X.org": "bounce", "n2222@x.org": "manual"}
     assert suppressions.reasons([]) == {}
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("subject", "column"),
+    [("{{ subject }}", "subject"), ("{{ row['Subject Line'] }}  ", "Subject Line")],
+)
+def test_a_subject_that_renders_empty_is_reported_before_sending(
+    smtp_server: SmtpServer, tmp_path: Path, subject: str, column: str
+) -> None:
+    """Legal, but rarely meant: pre-flight names the file, row and column, and the row goes."""
+    csv_path = write(
+        tmp_path / "r.csv",
+        f"email,{column}\nann@example.org,Your invoice\nbob@example.org,  \n",
+    )
+    template_path = write(
+        tmp_path / "t.txt", f"From: a@acme.example\nSubject: {subject}\n\nHello.\n"
+    )
+    expected = f"{csv_path}, row 3, column {column!r}: Subject: renders empty; the message goes"
+    total = "1 message(s) go without a Subject (pre-flight listed them)"
+    dry = CliRunner().invoke(
+        cli, ["dry-run", str(csv_path), "-t", str(template_path), "--no-state", "--preview", "0"]
+    )
+    assert dry.exit_code == 0, dry.output
+    assert expected in dry.output and total in dry.output
+    report = tmp_path / "report.json"
+    sent = CliRunner().invoke(
+        cli,
+        ["send", str(csv_path), "-t", str(template_path), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--no-state", "--yes", "--progress", "none",
+         "--report", str(report)],
+    )  # fmt: skip
+    assert sent.exit_code == 0, sent.output
+    assert expected in sent.output and "go without a Subject" in sent.output  # in the table
+    assert total in json.loads(report.read_text())["warnings"]
+    by = {r.rcpt_tos[0]: r.message for r in smtp_server.handler.received}
+    assert by["ann@example.org"]["Subject"] == "Your invoice"
+    assert "Subject" not in by["bob@example.org"]
+
+
+def test_send_counts_suppressed_copies_in_its_summary_and_report(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """As dry-run does: the rows went, so only the summary's warnings can say it."""
+    csv_path, template_path, db = copied_campaign(tmp_path)
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        cli,
+        ["send", str(csv_path), "-t", str(template_path), "--transport", smtp_server.url,
+         "--smtp-security", "none", "--state", str(db), "--yes", "--progress", "none",
+         "--report", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "row 3: Cc: gone@acme.example is suppressed (bounce)" in result.output
+    assert json.loads(report.read_text())["warnings"] == [
+        "4 suppressed Cc/Bcc address(es) left out of their messages (pre-flight listed them)"
+    ]

@@ -193,3 +193,31 @@ def test_a_dry_run_on_a_colour_terminal_styles_its_own_words_only(
         assert OUR_STYLES.sub("", shown).count("\x1b") == 0, shown
         assert "\x07" not in shown and "\u202e" not in shown
     assert "c\\x1b]0;pwned" in OUR_STYLES.sub("", out)  # the campaign cell, made visible
+
+
+def test_the_rich_tables_in_a_pipe_have_no_trailing_spaces(tmp_path: Path) -> None:
+    """rich pads every line to the table's width; in a file or cron mail those spaces are
+    noise (and `diff`/`grep ' $'` trip on them), so off a terminal they go."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("SMARTMAIL_STATE", None)
+
+    def smartmail(*args: str) -> str:
+        run = [sys.executable, "-m", "smartmail", *args]
+        done = subprocess.run(run, capture_output=True, timeout=60, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.decode()
+
+    csv = write(tmp_path / "r.csv", "email,name\nann@example.org,Ann\n")
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi {{ name }}\n\nHi\n")
+    smartmail("send", str(csv), "-t", str(template), "--transport", f"file://{tmp_path / 'out'}",
+              "--campaign", "spring", "--progress", "none")  # fmt: skip
+    smartmail("suppress", "add", "gone@example.org", "--reason", "manual")
+    for command, shown in ((["status"], "spring"), (["suppress", "list"], "gone@example.org")):
+        out = smartmail(*command)
+        assert shown in out and "─" in out, out
+        padded = [line for line in out.splitlines() if line != line.rstrip()]
+        assert not padded, padded

@@ -3,11 +3,12 @@ login never goes in clear to another machine unless the user says so."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
 
-from smartmail.errors import EXIT_USAGE, ConfigError
+from smartmail.errors import EXIT_USAGE, ConfigError, StopRunError
 from smartmail.transports import TransportOptions, get_transport
 from smartmail.transports.base import redact
 
@@ -96,3 +97,25 @@ def test_login_in_clear_is_refused_for_an_address_too() -> None:
     options = TransportOptions(smtp_security="none", smtp_user="mailer", smtp_password=SECRET)
     with pytest.raises(ConfigError, match="in clear"):
         get_transport("smtp://192.0.2.10:25", options)
+
+
+def test_transport_options_never_show_the_password() -> None:
+    options = TransportOptions(smtp_user="mailer", smtp_password=SECRET)
+    for shown in (repr(options), str(options), f"{options}", f"{options!r}", repr([options])):
+        assert SECRET not in shown and "Hunter2" not in shown, shown
+        assert "smtp_user='mailer'" in shown and "smtp_password=<hidden>" in shown
+    assert options.smtp_password == SECRET  # still there for the transport to log in with
+    assert "smtp_password=None" in repr(TransportOptions())
+
+
+def test_a_refused_login_raises_an_error_without_the_password(
+    tls_smtp_server: SmtpServer,
+) -> None:
+    options = TransportOptions(
+        smtp_user=SMTP_USER, smtp_password=SECRET, ca_file=tls_smtp_server.ca_file
+    )
+    transport = get_transport(tls_smtp_server.url, options)
+    with pytest.raises(StopRunError, match="refused the login") as caught:
+        transport.connect()  # type: ignore[attr-defined]
+    shown = "".join(traceback.format_exception(caught.value)) + repr(caught.value.args)
+    assert SECRET not in shown and "Hunter2" not in shown

@@ -17,7 +17,7 @@ import importlib
 import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 from urllib.parse import SplitResult, urlsplit
 
@@ -72,9 +72,13 @@ class Transport(Protocol):
         ...
 
 
-@dataclass
+@dataclass(repr=False)
 class TransportOptions:
-    """Options shared by transports; each takes what applies to it."""
+    """Options shared by transports; each takes what applies to it.
+
+    Its repr (and so str and format) shows `smtp_password` as `<hidden>`: options end up in
+    logs, debugger views and a library caller's prints, and the password must not.
+    """
 
     smtp_security: str = "starttls"
     smtp_user: str | None = None
@@ -86,6 +90,15 @@ class TransportOptions:
     allow_plaintext_auth: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        shown = (
+            f"{f.name}=<hidden>"
+            if f.name == "smtp_password" and self.smtp_password is not None
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"{type(self).__qualname__}({', '.join(shown)})"
 
 
 Factory = Callable[[SplitResult, TransportOptions], Transport]
