@@ -135,7 +135,14 @@ def connect(
         conn.execute("PRAGMA foreign_keys=ON")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version < SCHEMA_VERSION:
-            _upgrade(conn)
+            try:
+                _upgrade(conn)
+            except sqlite3.OperationalError as exc:
+                # A file this user may only read (a copy made read-only, another user's): an
+                # older schema differs only by its indexes, so what reads it (`status`) still
+                # may, as before the upgrade existed; a write fails as it always did.
+                if version == 0 or exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
+                    raise
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(f"{db}: cannot open the state database ({exc})") from None
     if version > SCHEMA_VERSION:

@@ -594,7 +594,9 @@ class MessageTemplate:
                     continue
                 text = _strip_marks(value).strip(_WSP) if not spec.fixed else value
                 if not text:
-                    if lower == "subject":  # legal, and sent without one, but rarely meant
+                    # Legal, and sent without one, but rarely meant when a blank column did
+                    # it. Left blank in the template (which must give one), it is meant.
+                    if lower == "subject" and not spec.fixed:
                         column = _empty_column(row, self._subject_columns)
                         note = f"{spec.name}: renders empty; the message goes without one"
                         empty_subject = (column, note)

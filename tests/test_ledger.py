@@ -1171,3 +1171,39 @@ def test_a_state_database_made_by_schema_1_is_upgraded_and_keeps_every_record(
     assert code == 0, out
     assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(4)}
     assert counts(db, "old") == {"sent": 4}
+
+
+def test_a_schema_1_state_database_this_user_may_only_read_still_shows_its_status(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """`status` only reads. Before schema 2 it showed a state file this user may not write (a
+    copy made read-only, another user's ledger); the upgrade it cannot make must not turn
+    that into "cannot open the state database": schema 1 differs only by its indexes."""
+    import shutil
+
+    from .unprivileged import unprivileged
+
+    csv = make_csv(tmp_path / "r.csv", 3)
+    db = tmp_path / "state.db"
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "old"))[0] == 0
+    conn = sqlite3.connect(db)  # what schema 1 left on disk
+    conn.executescript(
+        "DROP INDEX deliveries_provider; DROP INDEX deliveries_sending;"
+        "CREATE INDEX deliveries_provider_id ON deliveries(provider_id);"
+        "CREATE INDEX deliveries_status ON deliveries(campaign, status);"
+        "PRAGMA user_version=1;"
+    )
+    conn.close()
+
+    def body(folder: Path) -> None:
+        copy = folder / "state.db"
+        shutil.copy(db, copy)
+        copy.chmod(0o444)
+        code, out = run_cli(["status", "old", "--state", str(copy), "--json"])
+        assert code == 0, out
+        assert (json.loads(out)[0]["sent"], json.loads(out)[0]["in_doubt"]) == (3, 0)
+        code, out = run_cli(["status", "--state", str(copy)])
+        assert code == 0 and "old" in out, out
+        assert sqlite3.connect(copy).execute("PRAGMA user_version").fetchone()[0] == 1
+
+    unprivileged(body)

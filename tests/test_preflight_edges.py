@@ -746,3 +746,18 @@ def test_send_counts_suppressed_copies_in_its_summary_and_report(
     assert json.loads(report.read_text())["warnings"] == [
         "4 suppressed Cc/Bcc address(es) left out of their messages (pre-flight listed them)"
     ]
+
+
+def test_a_subject_left_blank_in_the_template_is_no_warning_on_every_row(tmp_path: Path) -> None:
+    """The template must give a Subject, so a blank fixed one is how a message without one
+    (an email-to-SMS gateway's) is written: meant, and the same for every row. A warning on
+    each row, naming no column, would say nothing new and push the rows that are really
+    wrong out of the 20 problems shown."""
+    lines = [f"u{n}@example.org" for n in range(24)] + ["not-an-address"]
+    csv_path = write(tmp_path / "r.csv", "email\n" + "\n".join(lines) + "\n")
+    template_path = write(tmp_path / "t.txt", "From: a@acme.example\nSubject:\n\nHello.\n")
+    dry = CliRunner().invoke(
+        cli, ["dry-run", str(csv_path), "-t", str(template_path), "--no-state", "--preview", "0"]
+    )
+    assert "row 26" in dry.output and "not-an-address" in dry.output, dry.output
+    assert "renders empty" not in dry.output and "without a Subject" not in dry.output
