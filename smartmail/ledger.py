@@ -57,6 +57,7 @@ BATCH = 500
 WRITER_CHECK = 5.0  # seconds between checks that the writer is alive while waiting
 LINGER = 0.005  # the most the writer waits for more statements when nobody waits yet
 IDLE_FLUSH = 0.2  # seconds: outcomes not followed by a `sending` are committed within this
+CLOSE_WAIT = 35.0  # seconds a flush waits for a closing writer: its busy timeout, and some
 
 _SENDING = f"""
 INSERT INTO deliveries (campaign, recipient, row_number, row_json, status, attempts, message_id,
@@ -444,6 +445,7 @@ class Ledger:
         self._marked_ahead: set[str] = set()  # marked, but sending() not called yet
         self._premarked: set[str] = set()  # the same, marked by `mark()`
         self._writer: _Writer | None = None
+        self._closing: _Writer | None = None  # the writer close() is stopping
         # Unlocked (dry-run): rows `sending` under a live run are in flight, not in doubt.
         live = self.lock.held_elsewhere()
         self.in_doubt: frozenset[str] = frozenset() if live else self._sending_rows()
@@ -489,7 +491,9 @@ class Ledger:
         the next run find this run's finished rows still `sending` (in doubt), and a process
         that ends there loses their outcomes. The wait is one commit (at most SQLite's busy
         timeout)."""
-        writer, self._writer = self._writer, None
+        # Kept for flush() before the writer is let go: see there.
+        self._closing = writer = self._writer
+        self._writer = None
         interrupted: KeyboardInterrupt | None = None
         try:
             if writer is not None:
@@ -724,9 +728,18 @@ class Ledger:
         return conn
 
     def flush(self) -> None:
-        """Wait until every write queued so far is committed."""
+        """Wait until every write queued so far is committed.
+
+        Also while close() is stopping the writer: a second Ctrl-C at the CLI flushes and
+        then ends the process at once, and landing as close() commits the last outcomes it
+        must wait for that commit (bounded by SQLite's busy timeout), or rows it counted as
+        sent would stay `sending`."""
         if self._writer is not None:
             self._write(None, (), wait=True)
+            return
+        closing = self._closing
+        if closing is not None:
+            closing.finished.wait(CLOSE_WAIT)
 
     def _is_fresh(self) -> bool:
         found = self.conn().execute(

@@ -1207,3 +1207,49 @@ def test_a_schema_1_state_database_this_user_may_only_read_still_shows_its_statu
         assert sqlite3.connect(copy).execute("PRAGMA user_version").fetchone()[0] == 1
 
     unprivileged(body)
+
+
+def test_a_flush_while_the_ledger_closes_returns_only_once_every_outcome_is_committed(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A second Ctrl-C at the CLI flushes the ledger and then ends the process at once. When
+    it lands as the run's own close() commits the last outcomes, that flush returned at once
+    (close had already let go of the writer) and the process ended before the commit: rows
+    counted as sent on screen stayed `sending`, in doubt."""
+    import threading
+    import time
+
+    from smartmail.ledger import _Writer
+    from smartmail.report import Outcome
+
+    real_commit = _Writer._commit
+
+    def slow_last_commit(self: _Writer, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        if self.stopping and threading.current_thread() is self:
+            time.sleep(0.5)  # a slow disk under the final commit
+        real_commit(self, conn, batch)
+
+    csv = make_csv(tmp_path / "r.csv", 4)
+    db = tmp_path / "state.db"
+    template = MessageTemplate.load(template_file)
+    rows = [row for row, _ in RecipientSource(SourceSpec(str(csv))).rows()]
+    ledger = Ledger(db, "c")
+    ledger.acquire()
+    messages = [build(template.render(row, "email")) for row in rows]
+    ledger.mark(messages)
+    for message in messages:
+        ledger.sending(message)
+        ledger.record(
+            Outcome(row=message.row, recipient=message.recipient, status="sent", message_id="<p>")
+        )
+    monkeypatch.setattr(_Writer, "_commit", slow_last_commit)
+    closing = threading.Thread(target=ledger.close)
+    closing.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ledger._writer is not None and time.monotonic() < deadline:
+            time.sleep(0.005)  # close() has taken the writer and waits for its last commit
+        ledger.flush()  # what the abort does before it ends the process
+        assert counts(db, "c") == {"sent": 4}
+    finally:
+        closing.join(10)
