@@ -110,8 +110,8 @@ def load(conn: sqlite3.Connection, campaign: str) -> CampaignRecord | None:
 
 def retry_rows(conn: sqlite3.Connection, campaign: str, which: Which) -> list[Row]:
     """The stored rows of the failed (or in-doubt) deliveries, in original row order."""
-    # The status as a literal, not a parameter: only then can SQLite use the partial index
-    # of in-doubt (`sending`) rows. Failed rows are found by the campaign's key.
+    # The status written out: the in-doubt query uses the partial index of `sending` rows
+    # whatever SQLite version plans it. Failed rows are found by the campaign's key.
     status = "'failed'" if which == "failed" else "'sending'"
     rows = conn.execute(
         "SELECT row_number, row_json FROM deliveries "

@@ -402,18 +402,19 @@ class _Writer(threading.Thread):
         self.stopping = True
         self.doorbell.put(True)
 
-    def finish(self) -> KeyboardInterrupt | None:
+    def finish(self) -> KeyboardInterrupt | SystemExit | None:
         """Stop and wait until everything queued is committed and the thread has ended.
 
-        A KeyboardInterrupt meanwhile is returned rather than raised, for the caller to raise
-        once done: see `Ledger.close`."""
-        interrupted: KeyboardInterrupt | None = None
+        A KeyboardInterrupt meanwhile, or the SystemExit a host's SIGTERM handler raises
+        (`sys.exit(143)`), is returned rather than raised, for the caller to raise once done:
+        see `Ledger.close`."""
+        interrupted: KeyboardInterrupt | SystemExit | None = None
         while True:
             try:
                 self.stop()
                 self.finished.wait()
                 return interrupted
-            except KeyboardInterrupt as exc:
+            except (KeyboardInterrupt, SystemExit) as exc:
                 interrupted = exc
 
 
@@ -486,15 +487,15 @@ class Ledger:
     def close(self) -> None:
         """Commit everything queued, stop the writer, release the lock. Safe to call twice.
 
-        A Ctrl-C (KeyboardInterrupt) meanwhile is raised only once the writer has committed
-        what is queued and the lock is released: released before that commit, the lock lets
-        the next run find this run's finished rows still `sending` (in doubt), and a process
-        that ends there loses their outcomes. The wait is one commit (at most SQLite's busy
-        timeout)."""
+        A Ctrl-C (KeyboardInterrupt) or a host's SIGTERM handler's SystemExit meanwhile is
+        raised only once the writer has committed what is queued and the lock is released:
+        released before that commit, the lock lets the next run find this run's finished rows
+        still `sending` (in doubt), and a process that ends there loses their outcomes. The
+        wait is one commit (at most SQLite's busy timeout)."""
         # Kept for flush() before the writer is let go: see there.
         self._closing = writer = self._writer
         self._writer = None
-        interrupted: KeyboardInterrupt | None = None
+        interrupted: KeyboardInterrupt | SystemExit | None = None
         try:
             if writer is not None:
                 interrupted = writer.finish()

@@ -439,7 +439,7 @@ def test_ctrl_c_at_any_point_of_a_mark_commit_loses_no_statement_queued_by_other
         threading.excepthook = hook
 
 
-@pytest.mark.parametrize("where", ["stop", "wait"])
+@pytest.mark.parametrize("where", ["stop", "wait", "sigterm"])
 def test_ctrl_c_as_the_ledger_closes_commits_every_outcome_before_the_lock_is_released(
     smtp_server: SmtpServer,
     tmp_path: Path,
@@ -458,7 +458,8 @@ def test_ctrl_c_as_the_ledger_closes_commits_every_outcome_before_the_lock_is_re
     # caller's Ctrl-C lands as close asks the writer to stop, or (a real SIGINT) while it
     # waits for that commit. Before, the lock was released at once and the outcomes were
     # still uncommitted: the sent rows were `sending`, in doubt for the next run (and lost
-    # for good had the process ended there).
+    # for good had the process ended there). "sigterm": a host whose SIGTERM handler raises
+    # SystemExit (`sys.exit(143)`, a common one), which must wait for the commit the same way.
     real_stop, real_commit = _Writer.stop, _Writer._commit
     interrupted: list[int] = []
 
@@ -470,9 +471,9 @@ def test_ctrl_c_as_the_ledger_closes_commits_every_outcome_before_the_lock_is_re
 
     def commit(self: _Writer, conn: sqlite3.Connection, batch: list[Any]) -> None:
         if self.stopping and threading.current_thread() is self:
-            if where == "wait" and not interrupted:
+            if where != "stop" and not interrupted:
                 interrupted.append(1)
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM if where == "sigterm" else signal.SIGINT)
             time.sleep(0.3)
         real_commit(self, conn, batch)
 
@@ -481,8 +482,17 @@ def test_ctrl_c_as_the_ledger_closes_commits_every_outcome_before_the_lock_is_re
     n = 8
     csv = make_csv(tmp_path / "r.csv", n)
     db = tmp_path / "state.db"
-    with pytest.raises(KeyboardInterrupt):
-        send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=2)
+
+    def exit_143(signum: int, frame: object) -> None:
+        raise SystemExit(143)
+
+    host = signal.signal(signal.SIGTERM, exit_143) if where == "sigterm" else None
+    try:
+        with pytest.raises(SystemExit if where == "sigterm" else KeyboardInterrupt):
+            send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=2)
+    finally:
+        if host is not None:
+            signal.signal(signal.SIGTERM, host)
     assert interrupted
     assert counts(db, "c") == {"sent": n}
     code, out = run_cli(["status", "c", "--state", str(db), "--json"])
