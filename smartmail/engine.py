@@ -194,7 +194,7 @@ class PreflightResult(Described):
     `kept` holds the rendered and checked messages (by row number) within the cache budget,
     for the send pass to build and send without rendering them again; `suppressed_copies`
     counts the Cc/Bcc addresses left out because they are suppressed (each is also a warning
-    in `problems`), `empty_subjects` the messages that go without a Subject (each a warning
+    in `problems`), `empty_subjects` the rows whose Subject renders empty (each a warning
     too); `envelope_recipients` counts the envelope addresses (To + Cc + Bcc) of the
     valid rows, which is what SES counts against its quota; `source_sha256` is the snapshot's
     digest, which the send pass checks it reads.
@@ -1202,7 +1202,8 @@ def _note_preflight(summary: Summary, checked: PreflightResult) -> None:
         )
     if checked.empty_subjects:
         summary.warnings.append(
-            f"{checked.empty_subjects} message(s) go without a Subject (pre-flight listed them)"
+            f"{checked.empty_subjects} row(s) render an empty Subject; a message sent for "
+            "one goes without it (pre-flight listed them)"
         )
 
 

@@ -708,7 +708,10 @@ def test_a_subject_that_renders_empty_is_reported_before_sending(
         tmp_path / "t.txt", f"From: a@acme.example\nSubject: {subject}\n\nHello.\n"
     )
     expected = f"{csv_path}, row 3, column {column!r}: Subject: renders empty; the message goes"
-    total = "1 message(s) go without a Subject (pre-flight listed them)"
+    total = (
+        "1 row(s) render an empty Subject; a message sent for one goes without it "
+        "(pre-flight listed them)"
+    )
     dry = CliRunner().invoke(
         cli, ["dry-run", str(csv_path), "-t", str(template_path), "--no-state", "--preview", "0"]
     )
@@ -722,7 +725,7 @@ def test_a_subject_that_renders_empty_is_reported_before_sending(
          "--report", str(report)],
     )  # fmt: skip
     assert sent.exit_code == 0, sent.output
-    assert expected in sent.output and "go without a Subject" in sent.output  # in the table
+    assert expected in sent.output and "render an empty Subject" in sent.output  # the table
     assert total in json.loads(report.read_text())["warnings"]
     by = {r.rcpt_tos[0]: r.message for r in smtp_server.handler.received}
     assert by["ann@example.org"]["Subject"] == "Your invoice"
