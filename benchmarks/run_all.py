@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--json PATH]
 
-Runs, in this order (about 10 minutes on 2 cores; --quick: smaller sizes, about 3):
+Runs, in this order (about 9 minutes on 2 cores; --quick: smaller sizes, about 3):
 bench_cli (smtp://, whole `smartmail send` process, ledger on, 3,000 and 20,000 rows, with the
-ceiling of benchmarks/ideal_smtp.py beside it),
+ceiling of benchmarks/ideal_smtp.py beside it; then again with `--pin`, the sink alone on one
+CPU as a server elsewhere would be, as context rows),
 bench_ses_api (ses:// against the fast local endpoint), bench_workers (1, 2 and 4
 `smartmail worker` processes on one queue and one dynamodb:// state, 1,500 rows, against the
 local SES + SQS + DynamoDB stand-in), bench_rate (adaptive rate against throttling SMTP and
@@ -85,6 +86,20 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
             rows.append(
                 (
                     f"  ceiling: ideal_smtp.py --ledger, {n:,} rows, msg/s",
+                    f"{s['rate']:,.0f}",
+                    f"bare smtplib {bare:,.0f}",
+                    f"{s['ratio']:.2f}",
+                    "(context)",
+                    None,
+                )
+            )
+    for size in results.get("cli_pinned", {}).get("sizes", []):
+        n, bare = size["messages"], size["bare"]["rate"]
+        for key, label in (("ledger", "ledger on"), ("no-state", "--no-state")):
+            s = size[key]
+            rows.append(
+                (
+                    f"  server on a CPU of its own: {label}, {n:,} rows, msg/s",
                     f"{s['rate']:,.0f}",
                     f"bare smtplib {bare:,.0f}",
                     f"{s['ratio']:.2f}",
@@ -256,6 +271,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["cli"] = bench_cli.main(
         ["--messages", sizes, "--rounds", "1" if q else "3", "--ceiling"]
     )
+    if len(os.sched_getaffinity(0)) >= 2:
+        print("== the same, the sink alone on one CPU (bench_cli --pin)", flush=True)
+        results["cli_pinned"] = bench_cli.main(
+            ["--messages", sizes, "--rounds", "1" if q else "3", "--pin"]
+        )
     print("== ses:// whole process (bench_ses_api)", flush=True)
     results["ses"] = bench_ses_api.main(
         ["--messages", "1000" if q else "3000", "--rounds", "1" if q else "3"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -74,6 +75,18 @@ def test_bench_cli_counts_every_message_at_the_sink() -> None:
         assert size[name]["rate"] > 0 and size[name]["cpu_ms"] > 0
     for name in ("ledger", "no-state"):  # start-up, pre-flight, exit: part of the whole run
         assert 0 < size[name]["outside_send_pass_s"] < 150 / size[name]["rate"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs two CPUs")
+def test_bench_cli_pinned_sends_every_message_and_gives_the_cpus_back() -> None:
+    before = os.sched_getaffinity(0)
+    result = bench_cli.main(["--messages", "150", "--workers", "2", "--rounds", "1", "--pin"])
+    (size,) = result["sizes"]
+    assert result["pinned"] is True
+    for name in ("bare", "ledger", "no-state"):
+        assert size[name]["rate"] > 0 and size[name]["cpu_ms"] > 0
+    assert os.sched_getaffinity(0) == before  # the rest of `make bench` is not pinned
 
 
 def test_the_ideal_sender_marks_every_row_before_sending_it_and_records_it_sent(
