@@ -254,6 +254,7 @@ class _Writer(threading.Thread):
         # thread committing its own marks (`commit_now`), never both.
         self.commit_lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
+        self.pid = os.getpid()  # a forked child has no such thread: see Ledger.close
         # Set when the thread ends. `join()` cannot tell: on Python 3.11 a join cut short by
         # a KeyboardInterrupt marks the thread stopped while it still runs.
         self.finished = threading.Event()
@@ -495,6 +496,12 @@ class Ledger:
         # Kept for flush() before the writer is let go: see there.
         self._closing = writer = self._writer
         self._writer = None
+        if writer is not None and writer.pid != os.getpid():
+            # A forked child's copy: the writer thread, the connections and the lock are
+            # the parent's (multiprocessing forks on Linux). Nothing of them is touched here.
+            self._closing = None
+            self.lock.release()  # only closes the child's copy of the lock file
+            return
         interrupted: KeyboardInterrupt | SystemExit | None = None
         try:
             if writer is not None:

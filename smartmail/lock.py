@@ -32,6 +32,7 @@ class CampaignLock:
         self.campaign = campaign
         self.path = lock_path(db_path, campaign)
         self._fd: int | None = None
+        self._owner = 0  # the pid that took the lock
 
     def acquire(self) -> None:
         """Take the lock or raise LockedError naming the process that holds it."""
@@ -53,6 +54,7 @@ class CampaignLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        self._owner = os.getpid()
 
     def held_elsewhere(self) -> bool:
         """True when another process holds the lock now (a run is in progress)."""
@@ -68,8 +70,12 @@ class CampaignLock:
         return False
 
     def release(self) -> None:
+        """Unlock, in the process that locked. A forked child (multiprocessing forks on
+        Linux) shares the lock with its parent: its copy is only closed, since unlocking
+        would free the parent's campaign for a second run while the parent still sends."""
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._owner == os.getpid():
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 

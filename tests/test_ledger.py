@@ -1263,3 +1263,40 @@ def test_a_flush_while_the_ledger_closes_returns_only_once_every_outcome_is_comm
         assert counts(db, "c") == {"sent": 4}
     finally:
         closing.join(10)
+
+
+def test_a_forked_child_closing_the_parents_ledger_neither_hangs_nor_unlocks_the_campaign(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """multiprocessing forks by default on Linux: a child that closes (leaving a `with` block) a
+    ledger its parent acquired must not free the parent's campaign lock, which would let a
+    second run send the same campaign at once, nor hang waiting for a writer thread that
+    does not exist in the child."""
+    import os
+    import signal
+
+    db = tmp_path / "state.db"
+    ledger = Ledger(db, "c")
+    ledger.acquire()
+    pid = os.fork()
+    if pid == 0:  # the child: report how close() went in the exit status, never return
+        signal.alarm(5)  # a hang ends the child with SIGALRM
+        try:
+            ledger.close()
+            os._exit(0)
+        except BaseException as exc:
+            os.write(2, f"child close: {exc!r}\n".encode())
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    with pytest.raises(LockedError):  # the parent's run still holds the campaign
+        Ledger(db, "c").acquire()
+    csv = make_csv(tmp_path / "r.csv", 2)
+    template = MessageTemplate.load(template_file)
+    row = next(RecipientSource(SourceSpec(str(csv))).rows())[0]
+    ledger.sending(build(template.render(row, "email")))  # and its ledger still records
+    ledger.close()
+    assert counts(db, "c") == {"sending": 1}
+    again = Ledger(db, "c")
+    again.acquire()  # released by the parent's own close
+    again.close()
