@@ -217,3 +217,66 @@ def test_python_dash_m_works() -> None:
         [sys.executable, "-m", "smartmail", "--version"], capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 0 and "smartmail, version" in proc.stdout
+
+
+# --- the process's exit (`cli.entry`: atexit's work, then no teardown) ----------------------
+
+
+def _entry(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`code` runs first in a fresh interpreter, then smartmail's process entry point with a
+    dry run of the examples; stdout goes to a file, as from cron."""
+    script = (
+        f"{code}\nimport sys\nfrom smartmail.cli import entry\n"
+        f"sys.argv = ['smartmail', 'dry-run', {str(EXAMPLES / 'recipients.csv')!r}, "
+        f"'-t', {str(EXAMPLES / 'welcome.txt')!r}, '--no-state', '--preview', '1']\nentry()\n"
+    )
+    out = tmp_path / "out.txt"
+    with open(out, "w", encoding="utf-8") as fh:
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    proc.stdout = out.read_text(encoding="utf-8")
+    return proc
+
+
+def test_the_exit_runs_what_atexit_holds_and_output_to_a_file_is_whole(tmp_path: Path) -> None:
+    # A coverage tool's save, logging's last flush: registered with atexit, they still run.
+    proc = _entry(
+        "import atexit, pathlib\natexit.register(pathlib.Path('atexit-ran').write_text, 'yes')",
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "atexit-ran").read_text() == "yes"
+    assert "row 2: to ann@example.org" in proc.stdout  # the preview, then the summary's end
+    assert proc.stdout.rstrip().endswith("┘")
+
+
+def test_the_exit_waits_for_a_hosts_thread_still_running(tmp_path: Path) -> None:
+    # A thread that is not a daemon keeps Python's exit, which waits for it to finish.
+    proc = _entry(
+        "import pathlib, threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), "
+        "pathlib.Path('thread-done').write_text('yes'))).start()",
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "thread-done").read_text() == "yes"
+
+
+def test_the_exit_code_of_a_failed_run_comes_through_the_entry_point(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.csv", "email,name\nnot-an-address,Ann\n")
+    script = (
+        "import sys\nfrom smartmail.cli import entry\n"
+        f"sys.argv = ['smartmail', 'dry-run', {str(bad)!r}, "
+        f"'-t', {str(EXAMPLES / 'welcome.txt')!r}, '--no-state']\nentry()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    assert "not-an-address" in proc.stdout + proc.stderr
