@@ -493,31 +493,41 @@ class Ledger:
         released before that commit, the lock lets the next run find this run's finished rows
         still `sending` (in doubt), and a process that ends there loses their outcomes. The
         wait is one commit (at most SQLite's busy timeout)."""
-        # Kept for flush() before the writer is let go: see there.
-        self._closing = writer = self._writer
-        self._writer = None
+        writer = self._writer
         if writer is not None and writer.pid != os.getpid():
             # A forked child's copy: the writer thread, the connections and the lock are
             # the parent's (multiprocessing forks on Linux). Nothing of them is touched here.
-            self._closing = None
-            self.lock.release()  # only closes the child's copy of the lock file
+            try:
+                self._writer = self._closing = None
+            finally:
+                self.lock.release()  # only closes the child's copy of the lock file
             return
         interrupted: KeyboardInterrupt | SystemExit | None = None
         try:
-            if writer is not None:
-                interrupted = writer.finish()
-                if writer.error is not None:
-                    raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
+            # Let go of the writer inside the try: an interrupt landing just after would
+            # otherwise skip both the commit and the unlock below. It is kept for flush()
+            # meanwhile: see there.
+            self._closing = writer
+            self._writer = None
         finally:
-            self.lock.release()
-            with self._guard:
-                conns, self._connections = self._connections, []
-            for conn in conns:
-                # One opened by another (ended) thread cannot be closed here; the GC closes it.
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    conn.close()
-            if interrupted is not None:
-                raise interrupted
+            try:
+                if writer is not None:
+                    interrupted = writer.finish()
+                    if writer.error is not None:
+                        raise LedgerError(
+                            f"{self.path}: could not record outcomes ({writer.error})"
+                        )
+            finally:
+                self.lock.release()
+                with self._guard:
+                    conns, self._connections = self._connections, []
+                for conn in conns:
+                    # One opened by another (ended) thread cannot be closed here; the GC
+                    # closes it.
+                    with contextlib.suppress(sqlite3.ProgrammingError):
+                        conn.close()
+                if interrupted is not None:
+                    raise interrupted
 
     def __enter__(self) -> Ledger:
         return self

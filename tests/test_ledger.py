@@ -1298,3 +1298,46 @@ def test_a_forked_child_closing_the_parents_ledger_neither_hangs_nor_unlocks_the
     again = Ledger(db, "c")
     again.acquire()  # released by the parent's own close
     again.close()
+
+
+class InterruptedAsItCloses(Ledger):
+    """The real ledger; Ctrl-C (a library caller's KeyboardInterrupt) lands the moment close()
+    has let go of its writer, before it commits the last outcomes and unlocks the campaign."""
+
+    closing = False
+
+    def close(self) -> None:
+        self.closing = True
+        super().close()
+
+    @property
+    def _writer(self) -> Any:
+        return self.__dict__["_writer"]
+
+    @_writer.setter
+    def _writer(self, writer: Any) -> None:
+        self.__dict__["_writer"] = writer
+        if writer is None and self.closing and not self.__dict__.get("interrupted"):
+            self.__dict__["interrupted"] = True
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_just_as_the_ledger_lets_go_of_its_writer_still_records_and_unlocks(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """Landing between close() letting go of the writer and its commit, the interrupt skipped
+    both the commit and the unlock: the next run of the campaign was refused as locked (by a
+    process that had given up on it), and the outcomes still queued could be lost."""
+    n = 6
+    csv = make_csv(tmp_path / "r.csv", n)
+    db = tmp_path / "state.db"
+    ledger = InterruptedAsItCloses(db, "c")
+    with pytest.raises(KeyboardInterrupt):
+        send_through(ledger, smtp_server, csv, template_file, workers=2)
+    assert ledger.__dict__.get("interrupted")
+    assert counts(db, "c") == {"sent": n}
+    code, out = run_cli(["status", "c", "--state", str(db), "--json"])
+    shown = json.loads(out)[0]
+    assert (code, shown["running"], shown["sent"], shown["in_doubt"]) == (0, False, n, 0), out
+    again = send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=2)
+    assert again.sent == 0 and len(smtp_server.handler.received) == n
