@@ -1137,6 +1137,8 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
         max(*(len(word) for word in name.split()), *(len(cells[2 + i]) for cells in rows))
         for i, name in enumerate(_STATUS_COUNTS)
     ]
+    # Room for the counts, some of the name, the date on two lines, and the borders and
+    # padding (3 a column, plus 1).
     name_width = min(max(cell_width(cells[0]) for cells in rows), 16)
     wanted = 3 * (len(widths) + 2) + 1 + sum(widths) + name_width + len("2026-12-07")
     if wanted > console.width:
