@@ -52,11 +52,12 @@ from .errors import (
     SmartmailError,
 )
 from .tables import Table
-from .terminal import Terminal, printable
+from .terminal import Terminal, cell_width, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .campaigns import CampaignStatus
     from .engine import PreflightResult
     from .events import ConsumeSummary
     from .progress import ProgressDisplay
@@ -1168,39 +1169,82 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     if not found:
         say(f"no campaigns in {path}")
         return
-    table = RichTable(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("campaign", no_wrap=True)
-    table.add_column("last run (UTC)", no_wrap=True)
-    for name in (
-        "sent",
-        "failed",
-        "skipped",
-        "pending",
-        "in doubt",
-        "delivered",
-        "bounced",
-        "complained",
-    ):
-        table.add_column(name, justify="right")
-    for c in found:
-        doubt = str(c.in_doubt)
-        if c.running:
-            # A shared ledger can have both: rows a live worker is sending, rows a dead one left.
-            doubt = f"{c.in_flight} sending"
-            if c.in_doubt:
-                doubt = f"{c.in_doubt} + {doubt}"
-        table.add_row(
-            Text(printable(c.campaign) + (" (running)" if c.running else "")),
-            (c.last_run or "")[:16].replace("T", " "),
-            *(str(n) for n in (c.sent, c.failed, c.skipped, c.pending)),
-            doubt,
-            *(str(n) for n in (c.delivered, c.bounced, c.complained)),
-        )
+    rows = [_status_cells(c) for c in found]
     # Off a terminal (cron mail, a pipe) there is no width to respect: do not squeeze the table.
     console = out_console()
     if not console.is_terminal:
         console = Console(width=160, highlight=False)
+    # A count column is as wide as its longest header word and its widest count, and never
+    # shrunk: a count cut to "…" tells the user nothing. Only the campaign and the date give
+    # way; where even that cannot make room, each campaign is a few lines instead.
+    widths = [
+        max(*(len(word) for word in name.split()), *(len(cells[2 + i]) for cells in rows))
+        for i, name in enumerate(_STATUS_COUNTS)
+    ]
+    # Room for the counts, some of the name, the date on two lines, and the borders and
+    # padding (3 a column, plus 1).
+    name_width = min(max(cell_width(cells[0]) for cells in rows), 16)
+    wanted = 3 * (len(widths) + 2) + 1 + sum(widths) + name_width + len("2026-12-07")
+    if wanted > console.width:
+        _print_status_blocks(f"campaigns in {path}", rows)
+        return
+    table = RichTable(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("campaign", overflow="fold")
+    table.add_column("last run (UTC)")
+    for name, width in zip(_STATUS_COUNTS, widths, strict=True):
+        header = Text(name, no_wrap=False)  # "in doubt" may take two lines
+        table.add_column(header, justify="right", no_wrap=True, min_width=width)
+    for cells in rows:
+        table.add_row(Text(cells[0]), *cells[1:])
     print_rich(table, console)
+
+
+_STATUS_COUNTS = (
+    "sent",
+    "failed",
+    "skipped",
+    "pending",
+    "in doubt",
+    "delivered",
+    "bounced",
+    "complained",
+)
+
+
+def _status_cells(c: CampaignStatus) -> list[str]:
+    """One campaign's cells in `status`: its name (printable), last run, and the counts."""
+    doubt = str(c.in_doubt)
+    if c.running:
+        # A shared ledger can have both: rows a live worker is sending, rows a dead one left.
+        doubt = f"{c.in_flight} sending"
+        if c.in_doubt:
+            doubt = f"{c.in_doubt} + {doubt}"
+    return [
+        printable(c.campaign) + (" (running)" if c.running else ""),
+        (c.last_run or "")[:16].replace("T", " "),
+        *(str(n) for n in (c.sent, c.failed, c.skipped, c.pending)),
+        doubt,
+        *(str(n) for n in (c.delivered, c.bounced, c.complained)),
+    ]
+
+
+def _print_status_blocks(title: str, rows: list[list[str]]) -> None:
+    """`status` on a terminal too narrow for its table (its ten columns want 110 or so):
+    each campaign on a few lines of "label count", every count whole beside its label."""
+    term = Terminal(sys.stdout)
+    term.line(term.styled(printable(title), "italic"))
+    for name, last_run, *counts in rows:
+        term.line()
+        term.line(term.styled(name, "bold"))
+        items = [f"last run {last_run}"] if last_run else []
+        items += [f"{label} {n}" for label, n in zip(_STATUS_COUNTS, counts, strict=True)]
+        line = ""
+        for item in items:
+            if line and cell_width(line) + 2 + cell_width(item) > term.width:
+                term.line(line)
+                line = ""
+            line = f"{line}  {item}"
+        term.line(line)
 
 
 @cli.command("quota")

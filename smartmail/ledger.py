@@ -137,6 +137,21 @@ class LedgerError(SmartmailError):
 _READ_BATCH = 500  # addresses per IN (...) query, well under SQLite's parameter limit
 
 
+def _failure(path: Path, what: str, exc: BaseException) -> LedgerError:
+    """The error for a write that failed with `exc`.
+
+    A database's own error (sqlite3.Error, or an OSError from beneath it: a full disk, a
+    read-only file) is shown as it is: the user can act on it. Anything else is a bug in
+    smartmail, not a database problem, and says so with its type (and keeps it as the cause,
+    for the traceback --debug shows) rather than pass for a disk the user would go and check.
+    """
+    if isinstance(exc, sqlite3.Error | OSError):
+        return LedgerError(f"{path}: {what} ({exc})")
+    error = LedgerError(f"{path}: {what} (internal error: {type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    return error
+
+
 def recipient_key(address: str) -> str:
     """The ledger's key for an address: the suppression list's, which SES feedback uses too."""
     return suppression_key(address)
@@ -374,6 +389,9 @@ class _Writer(threading.Thread):
             self.commits += 1
             self.statements += len(batch)
         except Exception as exc:
+            # A database error, or a bug (`_failure` tells them apart when it is reported):
+            # either way nothing of the batch is committed, every waiter is released, and
+            # close() still unlocks the campaign.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self.error = exc
@@ -493,31 +511,39 @@ class Ledger:
         released before that commit, the lock lets the next run find this run's finished rows
         still `sending` (in doubt), and a process that ends there loses their outcomes. The
         wait is one commit (at most SQLite's busy timeout)."""
-        # Kept for flush() before the writer is let go: see there.
-        self._closing = writer = self._writer
-        self._writer = None
+        writer = self._writer
         if writer is not None and writer.pid != os.getpid():
             # A forked child's copy: the writer thread, the connections and the lock are
             # the parent's (multiprocessing forks on Linux). Nothing of them is touched here.
-            self._closing = None
-            self.lock.release()  # only closes the child's copy of the lock file
+            try:
+                self._writer = self._closing = None
+            finally:
+                self.lock.release()  # only closes the child's copy of the lock file
             return
         interrupted: KeyboardInterrupt | SystemExit | None = None
         try:
-            if writer is not None:
-                interrupted = writer.finish()
-                if writer.error is not None:
-                    raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
+            # Let go of the writer inside the try: an interrupt landing just after would
+            # otherwise skip both the commit and the unlock below. It is kept for flush()
+            # meanwhile: see there.
+            self._closing = writer
+            self._writer = None
         finally:
-            self.lock.release()
-            with self._guard:
-                conns, self._connections = self._connections, []
-            for conn in conns:
-                # One opened by another (ended) thread cannot be closed here; the GC closes it.
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    conn.close()
-            if interrupted is not None:
-                raise interrupted
+            try:
+                if writer is not None:
+                    interrupted = writer.finish()
+                    if writer.error is not None:
+                        raise _failure(self.path, "could not record outcomes", writer.error)
+            finally:
+                self.lock.release()
+                with self._guard:
+                    conns, self._connections = self._connections, []
+                for conn in conns:
+                    # One opened by another (ended) thread cannot be closed here; the GC
+                    # closes it.
+                    with contextlib.suppress(sqlite3.ProgrammingError):
+                        conn.close()
+                if interrupted is not None:
+                    raise interrupted
 
     def __enter__(self) -> Ledger:
         return self
@@ -610,7 +636,7 @@ class Ledger:
         self._writable().commit_now(ops, marked)
         failed = next((op.error for op in ops if op.error is not None), None)
         if failed is not None:
-            raise LedgerError(f"{self.path}: could not record to the ledger ({failed})")
+            raise _failure(self.path, "could not record to the ledger", failed)
 
     def sending(self, message: OutgoingMessage) -> None:
         key = recipient_key(message.recipient)
@@ -767,7 +793,7 @@ class Ledger:
         if writer is None:
             raise LedgerError(f"ledger of campaign {self.campaign!r} is not open for writing")
         if writer.error is not None:
-            raise LedgerError(f"{self.path}: could not record outcomes ({writer.error})")
+            raise _failure(self.path, "could not record outcomes", writer.error)
         return writer
 
     def _write(
@@ -800,7 +826,7 @@ class Ledger:
                 if not writer.is_alive():
                     raise LedgerError(f"{self.path}: the ledger writer stopped") from writer.error
         if op.error is not None:
-            raise LedgerError(f"{self.path}: could not record to the ledger ({op.error})")
+            raise _failure(self.path, "could not record to the ledger", op.error)
 
 
 def _held_lock() -> threading.Lock:

@@ -19,7 +19,6 @@ import stat
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from urllib.parse import quote
 
 from . import headers
@@ -27,7 +26,7 @@ from .dates import formatdate
 from .errors import InvalidRowError, Location
 from .records import Record
 from .sources import Row
-from .templates import RenderedMessage
+from .templates import Attachment, RenderedMessage
 
 CRLF = "\r\n"
 _MAX_LINE = 998
@@ -114,7 +113,7 @@ def check_buildable(
             text.encode("utf-8")  # what `_text_part` does to it
     if rendered.attachments and rendered.attachment_parts is None:
         try:
-            parts = tuple(_attachment(path) for path in rendered.attachments)
+            parts = tuple(_attachment(file) for file in rendered.attachments)
         except OSError as exc:
             where = Location(rendered.source, rendered.row.number)
             raise InvalidRowError(where, f"an attachment cannot be read: {exc.strerror}") from None
@@ -243,9 +242,9 @@ def _body(rendered: RenderedMessage) -> str:
     return _multipart("mixed", [main, *parts])
 
 
-def _attachment(path: Path) -> str:
-    info = os.stat(path)
-    return _encoded_attachment(str(path), info.st_mtime_ns, info.st_size)
+def _attachment(file: Attachment) -> str:
+    info = os.stat(file.path)
+    return _encoded_attachment(str(file.path), file.name, info.st_mtime_ns, info.st_size)
 
 
 _QP_LINE = 76  # RFC 2045 6.7 (5), the soft line break's "=" included
@@ -295,12 +294,12 @@ def _qp_wrapped(encoded: str) -> list[str]:
 
 
 @lru_cache(maxsize=64)
-def _encoded_attachment(path: str, _mtime: int, _size: int) -> str:
-    """Encode a file once per run, however many messages attach it (cache keyed by mtime)."""
+def _encoded_attachment(path: str, filename: str, _mtime: int, _size: int) -> str:
+    """Encode a file once per run, however many messages attach it (cache keyed by mtime),
+    as `filename`: the name it was attached by, a symbolic link's and not its target's."""
     import base64  # imported here: a run without attachments needs neither
     import mimetypes
 
-    filename = os.path.basename(path)
     ctype, encoding = mimetypes.guess_type(filename)
     if ctype is None or encoding is not None or ctype.startswith(("message/", "multipart/")):
         # message/* and multipart/* may not be base64 (RFC 2046 5.2.1, 5.1): a reader parses

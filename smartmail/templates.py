@@ -103,13 +103,23 @@ Renderer = Callable[[Mapping[str, Any]], str]
 HeaderValue = str | tuple[Mailbox, ...]
 
 
+class Attachment(NamedTuple):
+    """A file to attach: `path`, resolved (symbolic links followed) and checked to be inside
+    the attachments folder, is what is read; `name`, the last part of the path as the
+    template or the row gave it, is what the recipient sees. A link `report.pdf` to
+    `x-123.pdf` is sent as `report.pdf`, the name the sender chose."""
+
+    path: Path
+    name: str
+
+
 class RenderedMessage(NamedTuple):
     """One row's message, rendered and validated, not yet encoded as MIME.
 
     `headers` holds address headers as parsed mailboxes (never re-parsed, so a display name
     stays one name) and other headers as text. `head` is the encoded header block for `utf8`
     (checked against the line limits when rendering); the builder uses it when present.
-    `attachments` are resolved paths inside the attachments folder; `attachment_parts`, once
+    `attachments` are files inside the attachments folder, by name; `attachment_parts`, once
     pre-flight has read them (`message.check_buildable`), their encoded MIME parts, so the
     message is sent with the files as they were checked. (A NamedTuple, not a dataclass:
     immutable just the same, and the class costs start-up a tenth as much to create.)
@@ -122,7 +132,7 @@ class RenderedMessage(NamedTuple):
     envelope_to: list[str]
     text: str
     html: str | None = None
-    attachments: Sequence[Path] = ()
+    attachments: Sequence[Attachment] = ()
     source: str = ""
     head: list[str] | None = None
     attachment_parts: tuple[str, ...] | None = None
@@ -523,14 +533,14 @@ class MessageTemplate:
     ) -> tuple[
         list[tuple[str, HeaderValue]],
         list[str],
-        list[Path],
+        list[Attachment],
         list[str],
         str,
         tuple[str | None, str] | None,
     ]:
         result: list[tuple[str, HeaderValue]] = []
         empty_subject: tuple[str | None, str] | None = None
-        attachments: list[Path] = []
+        attachments: list[Attachment] = []
         envelope: list[str] = []
         sender = ""
         if not self.has_to:
@@ -650,8 +660,8 @@ class MessageTemplate:
 
     # --- attachments -----------------------------------------------------------------------
 
-    def _attachments(self, value: str, row: Row, where: Location) -> list[Path]:
-        found: list[Path] = []
+    def _attachments(self, value: str, row: Row, where: Location) -> list[Attachment]:
+        found: list[Attachment] = []
         segments = [d.strip() for d in _DATA.findall(value) if d.strip()]
         for part in _attachment_parts(value):
             if part is None:
@@ -676,9 +686,10 @@ class MessageTemplate:
                 ) from None
         return found
 
-    def _attachment_path(self, text: str) -> Path:
-        """The real path of an attachment, or _Refused: it must be a readable regular file
-        inside the attachments folder, symbolic links followed."""
+    def _attachment_path(self, text: str) -> Attachment:
+        """An attachment by its real path and the name `text` gives it, or _Refused: the
+        real path (symbolic links followed) must be a readable regular file inside the
+        attachments folder. The name is the link's, not its target's."""
         root = self.attachments_dir
         shown = text[:80]
         if text.startswith("~"):
@@ -702,7 +713,7 @@ class MessageTemplate:
                 pass
         except OSError as exc:
             raise _Refused(f"attachment {shown!r} cannot be read: {exc.strerror}") from None
-        return path
+        return Attachment(path, PurePosixPath(text).name)
 
 
 class _Refused(Exception):

@@ -211,7 +211,7 @@ def enqueue_campaign(
             rendered = template.render(
                 row, snap.to_column, source_name=snap.name, allow_utf8_local=allow_utf8
             )
-            attached.update(rendered.attachments)
+            attached.update(file.path for file in rendered.attachments)
             key = recipient_key(rendered.recipient)
             if key in queued_before:
                 result.already_queued += 1

@@ -1298,3 +1298,108 @@ def test_a_forked_child_closing_the_parents_ledger_neither_hangs_nor_unlocks_the
     again = Ledger(db, "c")
     again.acquire()  # released by the parent's own close
     again.close()
+
+
+class InterruptedAsItCloses(Ledger):
+    """The real ledger; Ctrl-C (a library caller's KeyboardInterrupt) lands the moment close()
+    has let go of its writer, before it commits the last outcomes and unlocks the campaign."""
+
+    closing = False
+
+    def close(self) -> None:
+        self.closing = True
+        super().close()
+
+    @property
+    def _writer(self) -> Any:
+        return self.__dict__["_writer"]
+
+    @_writer.setter
+    def _writer(self, writer: Any) -> None:
+        self.__dict__["_writer"] = writer
+        if writer is None and self.closing and not self.__dict__.get("interrupted"):
+            self.__dict__["interrupted"] = True
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_just_as_the_ledger_lets_go_of_its_writer_still_records_and_unlocks(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """Landing between close() letting go of the writer and its commit, the interrupt skipped
+    both the commit and the unlock: the next run of the campaign was refused as locked (by a
+    process that had given up on it), and the outcomes still queued could be lost."""
+    n = 6
+    csv = make_csv(tmp_path / "r.csv", n)
+    db = tmp_path / "state.db"
+    ledger = InterruptedAsItCloses(db, "c")
+    with pytest.raises(KeyboardInterrupt):
+        send_through(ledger, smtp_server, csv, template_file, workers=2)
+    assert ledger.__dict__.get("interrupted")
+    assert counts(db, "c") == {"sent": n}
+    code, out = run_cli(["status", "c", "--state", str(db), "--json"])
+    shown = json.loads(out)[0]
+    assert (code, shown["running"], shown["sent"], shown["in_doubt"]) == (0, False, n, 0), out
+    again = send_through(Ledger(db, "c"), smtp_server, csv, template_file, workers=2)
+    assert again.sent == 0 and len(smtp_server.handler.received) == n
+
+
+def _send_failing_to_record(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> tuple[Path, list[str], int, str]:
+    """A send through the CLI whose ledger fails once it has marked a few rows."""
+    csv = make_csv(tmp_path / "r.csv", 30)
+    db = tmp_path / "state.db"
+    args = send_args(csv, template_file, smtp_server, db, "--campaign", "c", "--workers", "2")
+    code, text = run_cli(args)
+    return db, args, code, text
+
+
+def _assert_stopped_and_unlocked(db: Path, code: int, text: str) -> None:
+    assert code == 5, text
+    shown = json.loads(run_cli(["status", "c", "--state", str(db), "--json"])[1])[0]
+    assert shown["running"] is False, shown  # the campaign is free for the next run
+    again = Ledger(db, "c")
+    again.acquire()
+    again.close()
+
+
+def test_a_database_error_while_recording_is_reported_as_the_databases_own(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    # A real SQLite error from the state database: a trigger refusing the `sent` outcomes,
+    # as a full disk refuses a write.
+    db = tmp_path / "state.db"
+    connect(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TRIGGER full BEFORE UPDATE OF status ON deliveries WHEN NEW.status = 'sent' "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    conn.commit()
+    conn.close()
+    _db, _args, code, text = _send_failing_to_record(smtp_server, tmp_path, template_file)
+    assert "could not record" in text and "(database or disk is full)" in text, text
+    assert "internal error" not in text
+    _assert_stopped_and_unlocked(db, code, text)
+
+
+def test_a_bug_while_recording_is_reported_as_an_internal_error_with_its_type(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A programming error in the writer was reported as "could not record outcomes
+    (unsupported operand ...)", which reads as a database problem: the user goes to check a
+    disk that is fine. It says it is an internal error, and which."""
+    from smartmail import ledger as ledger_module
+
+    real_apply, calls = ledger_module._apply, []
+
+    def apply_with_a_bug(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+        real_apply(conn, batch)
+
+    monkeypatch.setattr(ledger_module, "_apply", apply_with_a_bug)
+    db, _args, code, text = _send_failing_to_record(smtp_server, tmp_path, template_file)
+    assert "internal error: TypeError: unsupported operand" in text, text
+    _assert_stopped_and_unlocked(db, code, text)

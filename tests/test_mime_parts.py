@@ -292,6 +292,30 @@ def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
     assert attachment.get_payload(decode=True) == b""
 
 
+@pytest.mark.parametrize("header", ["Attachment: report.pdf", "Attachment: {{ file }}"])
+def test_an_attachment_given_through_a_symbolic_link_is_named_as_the_link(
+    smtp_server: SmtpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], header: str
+) -> None:
+    # The operator names `report.pdf`, a link to the file a report tool wrote, `x-123.pdf`:
+    # the recipient got "x-123.pdf", a name nobody chose for them.
+    folder = tmp_path / "campaign"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "x-123.pdf").write_bytes(b"%PDF-1.4 the report\n")
+    (folder / "report.pdf").symlink_to(folder / "data" / "x-123.pdf")
+    template = write(
+        folder / "t.txt", f"From: a@acme.example\nSubject: s\n{header}\n\nsee attached\n"
+    )
+    csv = write(tmp_path / "r.csv", "email,file\nann@example.org,report.pdf\n")
+    code, _, err = run_main(smtp_send(csv, template, smtp_server, tmp_path), capsys)
+    assert code == 0, err
+    [got] = smtp_server.handler.received
+    (attachment,) = list(on_the_wire(got.data).iter_attachments())
+    assert isinstance(attachment, EmailMessage)
+    assert attachment.get_filename() == "report.pdf"
+    assert attachment.get_param("name") == "report.pdf"
+    assert attachment.get_payload(decode=True) == b"%PDF-1.4 the report\n"
+
+
 # --- headers the template and the options both give -----------------------------------------
 
 

@@ -221,3 +221,67 @@ def test_the_rich_tables_in_a_pipe_have_no_trailing_spaces(tmp_path: Path) -> No
         assert shown in out and "─" in out, out
         padded = [line for line in out.splitlines() if line != line.rstrip()]
         assert not padded, padded
+
+
+def _campaigns_with_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> Path:
+    """A state database holding `name`: 11 sent, 3 failed, 10 delivered, 1 bounced."""
+    import sqlite3
+
+    state = tmp_path / "state.db"
+    csv = write(
+        tmp_path / "r.csv", "email\n" + "".join(f"user{i}@example.org\n" for i in range(14))
+    )
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: Hi\n\nHi\n")
+    code, _, err = run_main(
+        ["send", str(csv), "-t", str(template), "--transport", f"file://{tmp_path / 'out'}",
+         "--state", str(state), "--campaign", name, "--progress", "none"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    db = sqlite3.connect(state)
+    with db:
+        for i, (status, feedback) in enumerate(
+            [("failed", None)] * 3 + [("sent", "bounced")] + [("sent", "delivered")] * 10
+        ):
+            db.execute(
+                "UPDATE deliveries SET status = ?, feedback = ? WHERE recipient = ?",
+                (status, feedback, f"user{i}@example.org"),
+            )
+    db.close()
+    return state
+
+
+@pytest.mark.parametrize("columns", [60, 130])
+def test_status_on_a_narrow_terminal_shows_every_count_whole(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    columns: int,
+) -> None:
+    """Ten columns do not fit 60 (nor, with a long campaign name, 130): rich shrank the count
+    columns, to "…" or to nothing at all, and the user saw no count. Every count is shown
+    whole, beside its label; the campaign name and the date give way instead."""
+    import smartmail.cli
+
+    name = "quarterly-billing-notice-for-enterprise-customers-in-the-eu-region"
+    state = _campaigns_with_counts(tmp_path, capsys, name)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal, as far as rich and we can tell
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(smartmail.cli, "_consoles", {})
+    code, out, err = run_main(["status", "--state", str(state)], capsys)
+    assert code == 0, err
+    shown = OUR_STYLES.sub("", out)
+    assert "…" not in shown, shown
+    assert all(cell_width(line) <= columns for line in shown.splitlines()[1:] if name not in line)
+    expected = {"sent": 11, "failed": 3, "skipped": 0, "pending": 0, "in doubt": 0,
+                "delivered": 10, "bounced": 1, "complained": 0}  # fmt: skip
+    if columns == 60:  # each campaign on a few lines: "label count"
+        found = dict(re.findall(r"(sent|failed|skipped|pending|in doubt|delivered|bounced|"
+                                r"complained) (\d+)", shown))  # fmt: skip
+        assert {label: int(n) for label, n in found.items()} == expected, shown
+        assert name in shown
+    else:  # the table: the first line of the row holds every count, in order
+        (row,) = [line for line in shown.splitlines() if re.search(r"\d\d:\d\d", line)]
+        assert row.split()[-8:] == [str(n) for n in expected.values()], shown
+        assert "".join(line.split()[0] for line in shown.splitlines()[4:] if line.strip()) == name
