@@ -280,3 +280,38 @@ def test_the_exit_code_of_a_failed_run_comes_through_the_entry_point(tmp_path: P
     )
     assert proc.returncode != 0
     assert "not-an-address" in proc.stdout + proc.stderr
+
+
+EXAMPLE_RUN = [str(EXAMPLES / "recipients.csv"), "-t", str(EXAMPLES / "welcome.txt")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["suppress", "list"],
+        ["dry-run", *EXAMPLE_RUN],
+        ["send", *EXAMPLE_RUN, "--transport", "file://outbox", "--yes"],
+    ],
+    ids=["status", "suppress-list", "dry-run", "send"],
+)
+def test_a_state_made_by_a_newer_smartmail_is_left_as_it_was(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # The one-line error, exit 2, and nothing added beside the database: no -wal or -shm
+    # file of a connection the process ended without closing.
+    from smartmail import state
+
+    db = tmp_path / "state" / "smartmail.db"
+    db.parent.mkdir()
+    conn = state.connect(db)
+    conn.execute(f"PRAGMA user_version = {state.SCHEMA_VERSION + 1}")
+    conn.close()
+    before = sorted(p.name for p in db.parent.iterdir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartmail", *command, "--state", str(db)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "made by a newer smartmail" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in db.parent.iterdir()) == before
