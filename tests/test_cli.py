@@ -315,3 +315,26 @@ def test_a_state_made_by_a_newer_smartmail_is_left_as_it_was(
     assert proc.returncode == 2, proc.stderr
     assert "made by a newer smartmail" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in db.parent.iterdir()) == before
+
+
+def test_a_profiler_or_tracer_running_the_command_gets_its_results(tmp_path: Path) -> None:
+    # `python -m cProfile -m smartmail ...` writes its statistics after the program ends, as
+    # `trace` writes its counts: the command's quick exit must not end the process before.
+    out = tmp_path / "profile.out"
+    args = ["dry-run", *EXAMPLE_RUN, "--no-state", "--preview", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "smartmail", *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "smartmail dry-run" in proc.stdout
+    import pstats
+
+    profiled = pstats.Stats(str(out)).get_stats_profile().func_profiles
+    assert "main" in profiled and "_main" in profiled  # smartmail.cli's, as it ran
+    proc = subprocess.run(
+        [sys.executable, "-m", "trace", "--listfuncs", "--module", "smartmail", "--version"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "smartmail, version" in proc.stdout and "functions called:" in proc.stdout
