@@ -338,3 +338,18 @@ def test_a_profiler_or_tracer_running_the_command_gets_its_results(tmp_path: Pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "smartmail, version" in proc.stdout and "functions called:" in proc.stdout
+
+
+def test_importing_the_main_module_leaves_the_importing_process_alone(tmp_path: Path) -> None:
+    # A tool that imports every module (pytest --doctest-modules, a documentation generator)
+    # must not be ended by smartmail/__main__.py: only `python -m smartmail` runs the CLI.
+    script = (
+        "import sys\nsys.argv = ['tool', '--version']\n"
+        "try:\n    import smartmail.__main__\nexcept SystemExit:\n    pass\n"
+        "print('the importer goes on')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "the importer goes on" in proc.stdout
