@@ -984,8 +984,10 @@ def entry() -> None:
     and closed (the ledger, the report, the failed rows), so the exit runs what `atexit`
     holds (logging's flush, a coverage tool's save), flushes stdout and stderr, and ends the
     process without the teardown. Only when no other non-daemon thread is left: one still
-    running (a library's) gets Python's exit, which waits for it. `main()` itself returns or
-    raises as before, for callers in process (tests, embedding hosts).
+    running (a library's) gets Python's exit, which waits for it; so does a profiler or a
+    tracer that runs the command (cProfile saves its statistics once the program returns).
+    `main()` itself returns or raises as before, for callers in process (tests, embedding
+    hosts).
     """
     try:
         main()
@@ -998,7 +1000,11 @@ def entry() -> None:
     others = [
         t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
     ]
-    if others:
+    # A profiler or tracer running the command (`python -m cProfile -o OUT -m smartmail`,
+    # `trace`, a debugger) does its work once the program has ended: writing the statistics,
+    # the counts. It gets Python's exit, which returns to it first.
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if others or watched:
         raise SystemExit(code)
     _exit_now(code)
 

@@ -9,6 +9,7 @@ share it. The schema is created on first use; `PRAGMA user_version` records its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,7 @@ def connect(
     import sqlite3
 
     db = Path(path) if path is not None else default_state_path()
+    conn: sqlite3.Connection | None = None
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=not shared)
@@ -143,11 +145,28 @@ def connect(
                 # may, as before the upgrade existed; a write fails as it always did.
                 if version == 0 or exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
                     raise
-    except (OSError, sqlite3.Error) as exc:
-        raise ConfigError(f"{db}: cannot open the state database ({exc})") from None
+    except BaseException as exc:
+        _close(conn)
+        if isinstance(exc, (OSError, sqlite3.Error)):
+            raise ConfigError(f"{db}: cannot open the state database ({exc})") from None
+        raise
     if version > SCHEMA_VERSION:
+        _close(conn)
         raise ConfigError(f"{db}: made by a newer smartmail (schema {version}); upgrade smartmail")
     return conn
+
+
+def _close(conn: sqlite3.Connection | None) -> None:
+    """Close a connection `connect` will not return. Not left to the garbage collector: a
+    sqlite3 connection is in a reference cycle (its statement cache), so only a collection
+    frees it, and the command line's quick exit (`cli.entry`, `os._exit`) runs none. Its close
+    is what removes the -wal and -shm files that opening it in WAL mode made beside the
+    database."""
+    if conn is not None:
+        import sqlite3
+
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
 
 # What schema 2 replaced (see SCHEMA); dropped when a schema 1 database is opened.

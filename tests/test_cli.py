@@ -280,3 +280,76 @@ def test_the_exit_code_of_a_failed_run_comes_through_the_entry_point(tmp_path: P
     )
     assert proc.returncode != 0
     assert "not-an-address" in proc.stdout + proc.stderr
+
+
+EXAMPLE_RUN = [str(EXAMPLES / "recipients.csv"), "-t", str(EXAMPLES / "welcome.txt")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["suppress", "list"],
+        ["dry-run", *EXAMPLE_RUN],
+        ["send", *EXAMPLE_RUN, "--transport", "file://outbox", "--yes"],
+    ],
+    ids=["status", "suppress-list", "dry-run", "send"],
+)
+def test_a_state_made_by_a_newer_smartmail_is_left_as_it_was(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # The one-line error, exit 2, and nothing added beside the database: no -wal or -shm
+    # file of a connection the process ended without closing.
+    from smartmail import state
+
+    db = tmp_path / "state" / "smartmail.db"
+    db.parent.mkdir()
+    conn = state.connect(db)
+    conn.execute(f"PRAGMA user_version = {state.SCHEMA_VERSION + 1}")
+    conn.close()
+    before = sorted(p.name for p in db.parent.iterdir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartmail", *command, "--state", str(db)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "made by a newer smartmail" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in db.parent.iterdir()) == before
+
+
+def test_a_profiler_or_tracer_running_the_command_gets_its_results(tmp_path: Path) -> None:
+    # `python -m cProfile -m smartmail ...` writes its statistics after the program ends, as
+    # `trace` writes its counts: the command's quick exit must not end the process before.
+    out = tmp_path / "profile.out"
+    args = ["dry-run", *EXAMPLE_RUN, "--no-state", "--preview", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "smartmail", *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "smartmail dry-run" in proc.stdout
+    import pstats
+
+    profiled = pstats.Stats(str(out)).get_stats_profile().func_profiles
+    assert "main" in profiled and "_main" in profiled  # smartmail.cli's, as it ran
+    proc = subprocess.run(
+        [sys.executable, "-m", "trace", "--listfuncs", "--module", "smartmail", "--version"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "smartmail, version" in proc.stdout and "functions called:" in proc.stdout
+
+
+def test_importing_the_main_module_leaves_the_importing_process_alone(tmp_path: Path) -> None:
+    # A tool that imports every module (pytest --doctest-modules, a documentation generator)
+    # must not be ended by smartmail/__main__.py: only `python -m smartmail` runs the CLI.
+    script = (
+        "import sys\nsys.argv = ['tool', '--version']\n"
+        "try:\n    import smartmail.__main__\nexcept SystemExit:\n    pass\n"
+        "print('the importer goes on')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "the importer goes on" in proc.stdout
