@@ -46,6 +46,7 @@ from .config import (
 from .errors import (
     EXIT_INTERRUPTED,
     EXIT_SOME_FAILED,
+    EXIT_STOPPED,
     EXIT_TERMINATED,
     EXIT_USAGE,
     ConfigError,
@@ -1028,24 +1029,79 @@ def _exit_now(code: int) -> None:
 def _quiet_when_unread() -> Iterator[None]:
     """A reader of stdout or stderr that goes away (`smartmail status | head -1`) is not an
     error: output there stops, unseen, and the command ends as it would have (a send records
-    every row), with its own exit status (`terminal.quiet_when_unread`)."""
-    from .terminal import quiet_when_unread
+    every row), with its own exit status (`terminal.quiet_when_unread`).
+
+    Output lost otherwise (stdout on a full disk, `> /dev/full`, or closed, `>&-`) does not
+    stop the command either, but is not silent: once the command has ended, one line on
+    stderr says so, and an exit status that would have been 0 becomes 2 (nothing was sent),
+    or 5 when sending began (and 1 and 4 become 5, as for a `--report` not written)."""
+    from .terminal import output_lost, quiet_when_unread
 
     originals: list[tuple[str, Any, Any]] = []
+    lost: OSError | None = None
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is getattr(sys, f"__{name}__"):  # not a test's capture, nor a caller's
-            quiet = quiet_when_unread(stream)
+            if stream is None:  # the descriptor was closed before Python started
+                quiet: Any = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+                if name == "stdout":
+                    lost = OSError(f"standard {name[3:]}put is closed")
+            else:
+                quiet = quiet_when_unread(stream)
             if quiet is not None:
                 originals.append((name, stream, quiet))
                 setattr(sys, name, quiet)
     try:
-        yield
-    finally:
-        for name, stream, quiet in originals:
-            with contextlib.suppress(Exception):
-                quiet.flush()
-            setattr(sys, name, stream)
+        try:
+            yield
+        finally:
+            for name, stream, quiet in originals:
+                with contextlib.suppress(Exception):
+                    quiet.flush()
+                if name == "stdout":
+                    lost = lost or output_lost(quiet)
+                setattr(sys, name, stream)
+                if stream is None:
+                    quiet.close()
+    except SystemExit as exc:
+        # As for a --report not written: 0, 1 and 4 become 5 once sending began (a wrapper
+        # must learn of it), 0 becomes 2 before; any other status stays.
+        moved = (0, None, EXIT_SOME_FAILED, EXIT_STOPPED) if _SignalThread.began else (0, None)
+        if lost is None or exc.code not in moved:
+            raise
+        raise _output_lost(lost) from None
+    if lost is not None:
+        raise _output_lost(lost)
+
+
+def _state_error(exc: Exception) -> str:
+    """One line for an error SQLite raised: which state file, what it said, what to do."""
+    from .state import opened
+
+    files = opened()
+    where = ", ".join(str(f) for f in files) if files else "the state database"
+    advice = (
+        "check it with `sqlite3 FILE 'PRAGMA integrity_check'`; restore it from a backup, or "
+        "move it aside (a new one starts empty: what it recorded is not known to the next run)"
+    )
+    if _SignalThread.began:
+        advice = "sending began: " + advice
+    return f"{where}: the state database cannot be used ({exc}); {advice}"
+
+
+def _output_lost(error: OSError) -> SystemExit:
+    """The exit of a command that ran to its end with its output lost: one line on stderr
+    (when it can be written), and 2 or 5 (`_quiet_when_unread`)."""
+    reason = error.strerror or str(error)
+    sent = "; sending began: `smartmail status` shows what was sent" if _SignalThread.began else ""
+    with contextlib.suppress(Exception):
+        say_err(
+            f"standard output could not be written ({reason}): what the command printed is "
+            f"lost{sent}",
+            lead="error:",
+            style="bold red",
+        )
+    return SystemExit(EXIT_INCOMPLETE if _SignalThread.began else EXIT_USAGE)
 
 
 def _main(argv: list[str] | None) -> None:
@@ -1078,6 +1134,17 @@ def _main(argv: list[str] | None) -> None:
     except KeyboardInterrupt:
         say_err("Interrupted.")
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if type(exc).__module__ != "sqlite3":
+            raise
+        # SQLite's own error where no layer above said what it was doing: a state file
+        # damaged (a disk fault, a copy taken mid-write) or made unreadable meanwhile.
+        if _debug():
+            import traceback
+
+            sys.stderr.write(printable(traceback.format_exc(), newlines=True))
+        say_err(_state_error(exc), lead="error:", style="bold red")
+        raise SystemExit(EXIT_INCOMPLETE if _SignalThread.began else EXIT_USAGE) from None
 
 
 def reference() -> str:

@@ -114,6 +114,15 @@ def check_creatable(db: Path) -> None:
         raise ConfigError(f"{db}: cannot open the state database ({folder}: {reason})")
 
 
+_opened: dict[Path, None] = {}  # every state file connect() opened in this process, in order
+
+
+def opened() -> list[Path]:
+    """The state files this process opened: an error from SQLite itself (a damaged file) names
+    no file, and the command line's one-line message must."""
+    return list(_opened)
+
+
 def connect(
     path: str | os.PathLike[str] | None = None, *, shared: bool = False
 ) -> sqlite3.Connection:
@@ -150,6 +159,7 @@ def connect(
         if isinstance(exc, (OSError, sqlite3.Error)):
             raise ConfigError(f"{db}: cannot open the state database ({exc})") from None
         raise
+    _opened[db] = None
     if version > SCHEMA_VERSION:
         _close(conn)
         raise ConfigError(f"{db}: made by a newer smartmail (schema {version}); upgrade smartmail")

@@ -170,6 +170,9 @@ class _UntilReaderGone(io.RawIOBase):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self._fd = fd
+        self.failed: OSError | None = None
+        """The first write error that was not a reader gone (a full disk, a closed descriptor):
+        the output was lost, and the command must say so at its end (`output_lost`)."""
 
     def writable(self) -> bool:
         return True
@@ -183,13 +186,28 @@ class _UntilReaderGone(io.RawIOBase):
     def write(self, data: ReadableBuffer) -> int:
         try:
             return os.write(self._fd, data)
+        except BlockingIOError:
+            raise  # a non-blocking descriptor is full for now: not lost, the caller retries
         except BrokenPipeError:
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, self._fd)
-            finally:
-                os.close(null)
-            return memoryview(data).nbytes
+            pass
+        except OSError as exc:
+            # Not a reader gone, but the output is lost all the same (`> /dev/full`, a disk
+            # filling up, `>&-`): the command carries on to its end (a send records every
+            # row) rather than stop with a traceback, and says so then.
+            if self.failed is None:
+                self.failed = exc
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._fd)
+        finally:
+            os.close(null)
+        return memoryview(data).nbytes
+
+
+def output_lost(stream: TextIO) -> OSError | None:
+    """The error that lost some of `stream`'s output, for one `quiet_when_unread` made."""
+    raw = getattr(getattr(stream, "buffer", None), "raw", None)
+    return raw.failed if isinstance(raw, _UntilReaderGone) else None
 
 
 def quiet_when_unread(stream: TextIO | None) -> TextIO | None:

@@ -457,3 +457,82 @@ def test_a_progress_display_whose_reader_has_gone_does_not_stop_the_run_finishin
     assert json.loads(out.read_text()) == {"code": 0, "error": None, "sent": 3}
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 3
     assert not stale.exists()
+
+
+# --- output lost, and a damaged state file: one line, the documented code, nothing lost -----
+
+
+def _smartmail(args: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """The installed command, as cron runs it; `kwargs` go to subprocess.run (stdout...)."""
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(
+        [installed_smartmail(), *args], cwd=cwd, text=True, timeout=60, check=False, **kwargs
+    )
+
+
+def _send_args(csv_path: Path, template_file: Path, tmp_path: Path, outbox: str) -> list[str]:
+    return [
+        "send", str(csv_path), "-t", str(template_file), "--transport", f"file://{outbox}",
+        "--state", str(tmp_path / "state.db"), "--yes", "--progress", "none",
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_send_whose_output_is_lost_still_sends_every_row_and_says_so(
+    tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 6)
+    with open("/dev/full", "w") as full:
+        proc = _smartmail(
+            _send_args(csv_path, template_file, tmp_path, "outbox"), tmp_path, stdout=full
+        )
+    assert "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+    (line,) = error_lines(proc.stderr)
+    assert "standard output could not be written (No space left on device)" in line
+    assert proc.returncode == 5  # sending began: as for a --report not written
+    again = _smartmail(
+        _send_args(csv_path, template_file, tmp_path, "outbox"), tmp_path, stdout=subprocess.PIPE
+    )
+    assert again.returncode == 0 and len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+
+
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+def test_a_status_whose_output_is_lost_is_an_error_not_a_traceback(
+    stdout: str, tmp_path: Path, template_file: Path
+) -> None:
+    if stdout == "full" and not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    assert _smartmail(_send_args(csv_path, template_file, tmp_path, "o"), tmp_path).returncode == 0
+    args = ["status", "--state", str(tmp_path / "state.db")]
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            proc = _smartmail(args, tmp_path, stdout=full)
+    else:  # `smartmail status >&-`: Python starts with no sys.stdout at all
+        proc = subprocess.run(
+            ["sh", "-c", '"$0" "$@" >&-', installed_smartmail(), *args],
+            cwd=tmp_path, text=True, stderr=subprocess.PIPE, timeout=60, check=False,
+        )  # fmt: skip
+    assert "Traceback" not in proc.stderr
+    assert len(error_lines(proc.stderr)) == 1 and "standard output" in proc.stderr
+    assert proc.returncode == 2
+
+
+def test_a_damaged_state_file_is_one_line_naming_it_and_nothing_is_sent(
+    tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 200)
+    db = tmp_path / "state.db"
+    assert _smartmail(_send_args(csv_path, template_file, tmp_path, "o"), tmp_path).returncode == 0
+    with open(db, "r+b") as fh:  # a disk fault in the deliveries' pages
+        fh.seek(4096 * 5)
+        fh.write(b"\xff" * 4096 * 3)
+    proc = _smartmail(
+        _send_args(csv_path, template_file, tmp_path, "again"), tmp_path, stdout=subprocess.PIPE
+    )
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert str(db) in line and "malformed" in line and "integrity_check" in line
+    assert proc.returncode == 2
+    assert not (tmp_path / "again").exists() or not list((tmp_path / "again").iterdir())
