@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
+from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,27 @@ def send_through(
 # --- the ledger under load -----------------------------------------------------------------
 
 
+def test_an_smtp_delivery_keeps_its_message_id_and_no_provider_id_of_its_own(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """The Message-ID the server received is the delivery's; an SMTP server gives no id that
+    feedback could name, so none is stored as one (only SES's are, see test_ledger_feedback)."""
+    csv = make_csv(tmp_path / "r.csv", 5)
+    db = tmp_path / "state.db"
+    assert run_cli(send_args(csv, template_file, smtp_server, db))[0] == 0
+    sent = {
+        r.rcpt_tos[0]: message_from_bytes(r.data)["Message-ID"]
+        for r in smtp_server.handler.received
+    }
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT recipient, message_id, provider_id FROM deliveries").fetchall()
+    indexed = conn.execute("SELECT count(*) FROM deliveries WHERE provider_id IS NOT NULL")
+    assert indexed.fetchone()[0] == 0
+    conn.close()
+    assert {r: m for r, m, _ in rows} == sent and len(sent) == 5
+    assert {p for _, _, p in rows} == {None}
+
+
 def test_sixteen_workers_lose_no_outcome(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ):
@@ -120,7 +142,7 @@ def test_sixteen_workers_lose_no_outcome(
     assert counts(db, "load") == {"sent": n - 3, "failed": 3, "skipped": 3}
     assert len(smtp_server.handler.received) == n - 3
     conn = sqlite3.connect(db)
-    ids = [r[0] for r in conn.execute("SELECT provider_id FROM deliveries WHERE status = 'sent'")]
+    ids = [r[0] for r in conn.execute("SELECT message_id FROM deliveries WHERE status = 'sent'")]
     errors = [r[0] for r in conn.execute("SELECT last_error FROM deliveries WHERE status='failed'")]
     conn.close()
     assert None not in ids and len(set(ids)) == n - 3
@@ -1149,9 +1171,14 @@ def test_a_state_database_made_by_schema_1_is_upgraded_and_keeps_every_record(
         "CREATE INDEX deliveries_status ON deliveries(campaign, status);"
         "PRAGMA user_version=1;"
     )
-    provider_id = conn.execute(
-        "SELECT provider_id FROM deliveries WHERE recipient = 'user0@example.org'"
-    ).fetchone()[0]
+    # Schema 1 kept every SMTP Message-ID as a provider id too; SES's own ids are what
+    # feedback names, so one such id stands for a delivery made through SES.
+    provider_id = "0100018c-ses-id-0"
+    conn.execute(
+        "UPDATE deliveries SET provider_id = ? WHERE recipient = 'user0@example.org'",
+        (provider_id,),
+    )
+    conn.commit()
     conn.close()
 
     upgraded = connect(db)

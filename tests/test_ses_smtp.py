@@ -28,6 +28,7 @@ from smartmail import (
     TokenBucket,
     send_campaign,
 )
+from smartmail.engine import Journal
 from smartmail.errors import ConfigError
 from smartmail.transports import TransportOptions, get_transport
 from smartmail.transports.ses_smtp import SesSmtpTransport, smtp_password
@@ -49,9 +50,7 @@ def ses_url(server: SmtpServer) -> str:
     return f"ses+smtp://us-east-1?endpoint={server.host}:{server.port}"
 
 
-def send(
-    url: str, csv: Path, template: Path, journal: ListJournal | None = None, **kw: Any
-) -> Summary:
+def send(url: str, csv: Path, template: Path, journal: Journal | None = None, **kw: Any) -> Summary:
     options = TransportOptions(**kw)
     return send_campaign(
         RecipientSource(SourceSpec(str(csv))),
@@ -160,6 +159,34 @@ def test_sends_over_starttls_and_records_the_ses_message_id(
     assert got["user2@example.org"][0].message["Subject"] == "Hello User 2"
     ids = sorted(o.message_id or "" for o in journal.outcomes)
     assert ids == [f"0100018c-{n:08d}-ses" for n in range(1, 5)]
+
+
+def test_the_ledger_keeps_the_ses_message_id_from_the_reply_for_feedback(
+    tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    # The id SES gave in its reply is the one its bounces and complaints name: kept as the
+    # delivery's provider id, beside the message's own Message-ID.
+    import sqlite3
+
+    from smartmail.ledger import Ledger
+
+    tls_smtp_server.handler.ok_reply = "250 Ok 0100018c-{n:08d}-ses"
+    csv = make_csv(tmp_path / "r.csv", 3)
+    db = tmp_path / "state.db"
+    ledger = Ledger(db, "ses-smtp")
+    ledger.acquire()
+    try:
+        summary = send(
+            ses_url(tls_smtp_server), csv, template_file, ledger, **login(tls_smtp_server)
+        )
+    finally:
+        ledger.close()
+    assert summary.sent == 3
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT provider_id, message_id FROM deliveries").fetchall()
+    conn.close()
+    assert sorted(p for p, _ in rows) == [f"0100018c-{n:08d}-ses" for n in range(1, 4)]
+    assert all(m and m.startswith("<") for _, m in rows)
 
 
 def test_454_throttling_is_retried_and_slows_down(
