@@ -22,6 +22,7 @@ from smartmail.report import write_whole
 
 from .conftest import RecordingHandler, SmtpServer, _start, make_csv, run_main, write
 from .test_cli import installed_smartmail
+from .unprivileged import unprivileged
 
 
 def error_lines(err: str) -> list[str]:
@@ -536,3 +537,26 @@ def test_a_damaged_state_file_is_one_line_naming_it_and_nothing_is_sent(
     assert str(db) in line and "malformed" in line and "integrity_check" in line
     assert proc.returncode == 2
     assert not (tmp_path / "again").exists() or not list((tmp_path / "again").iterdir())
+
+
+def test_a_read_only_state_file_is_not_called_damaged(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's error for a file this user may not write (a copy made read-only, another
+    user's) is not a damaged file: the line must not tell the user to move the ledger aside
+    (the next run would then send every row again), but say what is wrong with it."""
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    db = tmp_path / "state.db"
+    assert _smartmail(_send_args(csv_path, template_file, tmp_path, "o"), tmp_path).returncode == 0
+
+    def body(folder: Path) -> None:
+        copy = folder / "state.db"
+        shutil.copy(db, copy)
+        copy.chmod(0o444)
+        code, _, err = run_main(["suppress", "add", "x@example.org", "--state", str(copy)], capsys)
+        (line,) = error_lines(err)
+        assert str(copy) in line and "read-only" in line
+        assert "move it aside" not in line and "backup" not in line
+        assert code == 2
+
+    unprivileged(body)
