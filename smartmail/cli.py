@@ -1276,7 +1276,10 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     if wanted > console.width:
         _print_status_blocks(f"campaigns in {path}", rows)
         return
-    table = RichTable(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
+    # The path as it is, as the blocks show it: a string title is rich markup ("[/archive]"
+    # in a folder's name was a traceback).
+    title = Text(printable(f"campaigns in {path}"), style="table.title")
+    table = RichTable(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("campaign", overflow="fold")
     table.add_column("last run (UTC)")
     for name, width in zip(_STATUS_COUNTS, widths, strict=True):
