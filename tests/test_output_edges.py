@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -560,3 +561,30 @@ def test_a_read_only_state_file_is_not_called_damaged(
         assert code == 2
 
     unprivileged(body)
+
+
+def test_a_non_blocking_stdout_whose_reader_is_slow_gets_all_the_output(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """A CI runner or a node process may hand smartmail a pipe another process made
+    non-blocking: a write to it while the reader is slow is EAGAIN, not lost output. The
+    command waits for the reader, as with any pipe, rather than end in a BlockingIOError
+    traceback with its output cut short."""
+    csv_path = make_csv(tmp_path / "r.csv", 1500)
+    read, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        proc = subprocess.Popen(
+            [installed_smartmail(), "dry-run", str(csv_path), "-t", str(template_file),
+             "--preview", "1500"],
+            cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    time.sleep(1.5)  # the pipe (64 KB) fills meanwhile
+    with os.fdopen(read, "rb") as reader:
+        out = reader.read().decode()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err
+    assert out.count("user1499@example.org") >= 1 and out.count("\nTo: ") == 1500
