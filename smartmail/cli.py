@@ -1076,14 +1076,29 @@ def _quiet_when_unread() -> Iterator[None]:
 
 def _state_error(exc: Exception) -> str:
     """One line for an error SQLite raised: which state file, what it said, what to do."""
+    import sqlite3
+
     from .state import opened
 
     files = opened()
     where = ", ".join(str(f) for f in files) if files else "the state database"
-    advice = (
-        "check it with `sqlite3 FILE 'PRAGMA integrity_check'`; restore it from a backup, or "
-        "move it aside (a new one starts empty: what it recorded is not known to the next run)"
-    )
+    check = "check it with `sqlite3 FILE 'PRAGMA integrity_check'`"
+    # Only a damaged file may be given up on: told to move aside a ledger that is merely
+    # read-only, busy or on a full disk, a user would have the next run send every row again.
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        advice = (
+            f"{check}; restore it from a backup, or move it aside (a new one starts empty: "
+            "what it recorded is not known to the next run)"
+        )
+    elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        advice = "it is read-only to this user: make it, and its folder, writable, and run again"
+    elif code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        advice = "another process has held it for 30 seconds: run again once that one ends"
+    elif code == sqlite3.SQLITE_FULL:
+        advice = "its disk is full: make room, and run again"
+    else:
+        advice = f"{check}, and its disk"
     if _SignalThread.began:
         advice = "sending began: " + advice
     return f"{where}: the state database cannot be used ({exc}); {advice}"
@@ -1261,7 +1276,10 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     if wanted > console.width:
         _print_status_blocks(f"campaigns in {path}", rows)
         return
-    table = RichTable(title=f"campaigns in {path}", title_justify="left", box=box.SIMPLE_HEAD)
+    # The path as it is, as the blocks show it: a string title is rich markup ("[/archive]"
+    # in a folder's name was a traceback).
+    title = Text(printable(f"campaigns in {path}"), style="table.title")
+    table = RichTable(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("campaign", overflow="fold")
     table.add_column("last run (UTC)")
     for name, width in zip(_STATUS_COUNTS, widths, strict=True):

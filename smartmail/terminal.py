@@ -185,9 +185,17 @@ class _UntilReaderGone(io.RawIOBase):
 
     def write(self, data: ReadableBuffer) -> int:
         try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            raise  # a non-blocking descriptor is full for now: not lost, the caller retries
+            while True:
+                try:
+                    return os.write(self._fd, data)
+                except BlockingIOError:
+                    # A descriptor another process made non-blocking (a CI runner's pipe,
+                    # node's), full for now: nothing is lost, and no caller up the stack
+                    # retries (print would end in a traceback). Wait for the reader, as a
+                    # write to a blocking pipe does.
+                    import select
+
+                    select.select([], [self._fd], [])
         except BrokenPipeError:
             pass
         except OSError as exc:

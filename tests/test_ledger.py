@@ -1023,6 +1023,21 @@ def test_status_shows_a_campaign_name_as_written_not_as_markup(
     assert "[bold red]x[/]" in out and "\x1b" not in out
 
 
+@pytest.mark.parametrize("folder", ["runs [/archive]", "a[bold]b"])
+def test_status_names_a_state_file_whose_folder_holds_brackets_as_it_is(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, folder: str
+):
+    """The title names the state file: a folder such as "runs [/archive]" was read as rich
+    markup, a traceback ("closing tag ... has nothing to close"), and "a[bold]b" was shown
+    as "ab", a file that is not there."""
+    db = tmp_path / folder / "state.db"  # "runs [" and, inside it, "archive]"
+    db.parent.mkdir(parents=True)
+    csv = make_csv(tmp_path / "r.csv", 1)
+    assert run_cli(send_args(csv, template_file, smtp_server, db))[0] == 0
+    code, out = run_cli(["status", "--state", str(db)])
+    assert code == 0 and f"campaigns in {db}" in out
+
+
 def _messages(tmp_path: Path, n: int) -> list[Any]:
     csv = make_csv(tmp_path / "list.csv", n)
     template = MessageTemplate.load(

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from smartmail.report import write_whole
 
 from .conftest import RecordingHandler, SmtpServer, _start, make_csv, run_main, write
 from .test_cli import installed_smartmail
+from .unprivileged import unprivileged
 
 
 def error_lines(err: str) -> list[str]:
@@ -536,3 +538,53 @@ def test_a_damaged_state_file_is_one_line_naming_it_and_nothing_is_sent(
     assert str(db) in line and "malformed" in line and "integrity_check" in line
     assert proc.returncode == 2
     assert not (tmp_path / "again").exists() or not list((tmp_path / "again").iterdir())
+
+
+def test_a_read_only_state_file_is_not_called_damaged(
+    tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's error for a file this user may not write (a copy made read-only, another
+    user's) is not a damaged file: the line must not tell the user to move the ledger aside
+    (the next run would then send every row again), but say what is wrong with it."""
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    db = tmp_path / "state.db"
+    assert _smartmail(_send_args(csv_path, template_file, tmp_path, "o"), tmp_path).returncode == 0
+
+    def body(folder: Path) -> None:
+        copy = folder / "state.db"
+        shutil.copy(db, copy)
+        copy.chmod(0o444)
+        code, _, err = run_main(["suppress", "add", "x@example.org", "--state", str(copy)], capsys)
+        (line,) = error_lines(err)
+        assert str(copy) in line and "read-only" in line
+        assert "move it aside" not in line and "backup" not in line
+        assert code == 2
+
+    unprivileged(body)
+
+
+def test_a_non_blocking_stdout_whose_reader_is_slow_gets_all_the_output(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """A CI runner or a node process may hand smartmail a pipe another process made
+    non-blocking: a write to it while the reader is slow is EAGAIN, not lost output. The
+    command waits for the reader, as with any pipe, rather than end in a BlockingIOError
+    traceback with its output cut short."""
+    csv_path = make_csv(tmp_path / "r.csv", 1500)
+    read, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        proc = subprocess.Popen(
+            [installed_smartmail(), "dry-run", str(csv_path), "-t", str(template_file),
+             "--preview", "1500"],
+            cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    time.sleep(1.5)  # the pipe (64 KB) fills meanwhile
+    with os.fdopen(read, "rb") as reader:
+        out = reader.read().decode()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err
+    assert out.count("user1499@example.org") >= 1 and out.count("\nTo: ") == 1500
