@@ -311,24 +311,60 @@ def _encoded_attachment(path: str, filename: str, _mtime: int, _size: int) -> st
         if charset is not None:
             ctype += f'; charset="{charset}"'
     payload = base64.encodebytes(data).decode("ascii").replace("\n", CRLF)
-    # A quoted-string only for a name that reads back as it is: a backslash there escapes
-    # the next character (RFC 5322 3.2.4), and readers decode what looks like an encoded-word
-    # (RFC 2047) in a quoted file name. Any other name goes as RFC 2231 `filename*=`.
-    if filename.isascii() and filename.isprintable() and not re.search(_REWRITTEN, filename):
-        disposition = f'attachment; filename="{filename}"'
-        type_param = f'; name="{filename}"'
-    else:
-        disposition = f"attachment; filename*=utf-8''{quote(filename)}"
-        # Outlook over IMAP or POP reads no RFC 2231 and shows "ATT00001.bin": it takes
-        # Content-Type's name, in RFC 2047 words, as Gmail and Thunderbird write it too.
-        # Not standard, but harmless: readers of RFC 2231 take the filename* (RFC 2183).
-        words = f"{CRLF} ".join(headers.encoded_text(filename))
-        type_param = f';{CRLF} name="{words}"'
+    type_param, disposition = _named(filename, ctype)
     return (
         f"Content-Type: {ctype}{type_param}{CRLF}"
         f"Content-Transfer-Encoding: base64{CRLF}"
         f"Content-Disposition: {disposition}{CRLF}{CRLF}{payload}"
     )
+
+
+def _named(filename: str, ctype: str) -> tuple[str, str]:
+    """Content-Type's name parameter (with its leading ";") and Content-Disposition's value
+    for an attachment called `filename`, every line within 78 characters (RFC 5322 2.1.1).
+
+    A quoted-string only for a name that reads back as it is: a backslash there escapes the
+    next character (RFC 5322 3.2.4), and readers decode what looks like an encoded-word (RFC
+    2047) in a quoted file name. Any other name goes as RFC 2231 `filename*=`. A name too
+    long for one line goes in RFC 2231 continuations (`filename*0=`, `filename*1=`...).
+    """
+    limit = headers.FOLD_AT
+    plain = filename.isascii() and filename.isprintable() and not re.search(_REWRITTEN, filename)
+    if plain and len(f' name="{filename}"') <= limit:
+        one_line = len(f'Content-Type: {ctype}; name="{filename}"') <= limit
+        type_param = f'{"; " if one_line else f";{CRLF} "}name="{filename}"'
+    else:
+        # Outlook over IMAP or POP reads no RFC 2231 and shows "ATT00001.bin": it takes
+        # Content-Type's name, in RFC 2047 words, as Gmail and Thunderbird write it too. Not
+        # standard, but harmless: readers of RFC 2231 take the filename* (RFC 2183). The
+        # first word leaves room for ' name="' before it and, alone, the closing quote.
+        first = limit - len(' name="=?utf-8?q??="')
+        words = f"{CRLF} ".join(headers.encoded_words(filename, first))
+        type_param = f';{CRLF} name="{words}"'
+    encoded = f"filename*=utf-8''{quote(filename, safe='')}"
+    value = f'filename="{filename}"' if plain else encoded
+    if len(f"Content-Disposition: attachment; {value}") <= limit:
+        return type_param, f"attachment; {value}"
+    if len(f" {value}") <= limit:
+        return type_param, f"attachment;{CRLF} {value}"
+    # Cut between characters, never inside one's %XX escapes: each piece then decodes on its
+    # own too, for a reader that decodes before it joins.
+    pieces: list[str] = []
+    piece = "" if plain else "utf-8''"
+    for char in filename:
+        part = char if plain else quote(char, safe="")
+        if (
+            piece not in ("", "utf-8''")
+            and len(f' filename*{len(pieces)}*="{piece}{part}";') > limit
+        ):
+            pieces.append(piece)
+            piece = ""
+        piece += part
+    pieces.append(piece)
+    params = (
+        f'filename*{n}="{p}"' if plain else f"filename*{n}*={p}" for n, p in enumerate(pieces)
+    )
+    return type_param, f"attachment;{CRLF} " + f";{CRLF} ".join(params)
 
 
 def _text_charset(data: bytes) -> str | None:

@@ -286,6 +286,44 @@ def test_a_name_outside_a_plain_quoted_string_is_in_content_type_too(
     assert decode_words(quoted[1]) == name
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Invoice 2026-12 Acme Corporation, final.pdf",  # too long for one line with its header
+        "quarterly-report-" + "x" * 200 + ".pdf",  # no space to fold at, 221 characters
+        "a b " * 60 + ".pdf",
+        "日本語のファイル名" * 9 + ".pdf",  # 85 characters, 247 bytes of UTF-8
+        "Zoë's résumé, with a rather long description of what it holds, 2026.pdf",
+        'the "final" one and ' + "more " * 30 + ".pdf",
+        "=?utf-8?q?x?=" * 10 + ".pdf",
+        "😀" * 60 + ".txt",
+    ],
+)
+def test_a_long_attachment_name_folds_within_78_and_reads_back_whole(
+    tmp_path: Path, name: str
+) -> None:
+    (tmp_path / name).write_bytes(b"data")
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\nAttachment: {{ f }}\n\nsee attached\n",
+        base_dir=tmp_path,
+    )
+    data = build(t.render(Row(2, {"email": "ann@example.org", "f": name}), "email")).data
+    head_lines = [
+        line
+        for block in data.split(b"\r\n\r\n")
+        if b"Content-Disposition" in block or b"Content-Type" in block
+        for line in block.split(b"\r\n")
+        if line[:1].isspace() or b":" in line
+    ]
+    assert head_lines and max(len(line) for line in head_lines) <= 78, max(head_lines, key=len)
+    (attachment,) = list(on_the_wire(data).iter_attachments())
+    assert attachment.get_filename() == name
+    assert attachment.get_payload(decode=True) == b"data"
+    [raw] = [str(v) for k, v in attachment.raw_items() if k.lower() == "content-type"]
+    quoted = re.search(r';\s*name="([^"]*)"', re.sub(r"\r?\n", "", raw))  # Outlook's
+    assert quoted is not None and decode_words(quoted[1]) == name
+
+
 def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
     attachment = with_attachment(tmp_path, "empty.bin", b"")
     assert attachment.get_filename() == "empty.bin"
