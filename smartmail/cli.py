@@ -1033,7 +1033,8 @@ def _quiet_when_unread() -> Iterator[None]:
 
     Output lost otherwise (stdout on a full disk, `> /dev/full`, or closed, `>&-`) does not
     stop the command either, but is not silent: once the command has ended, one line on
-    stderr says so, and an exit status that would have been 0 becomes 2 (nothing was sent),
+    stderr says so (whatever the exit status), and a status that would have been 0 becomes 2
+    (nothing was sent),
     or 5 when sending began (and 1 and 4 become 5, as for a `--report` not written)."""
     from .terminal import output_lost, quiet_when_unread
 
@@ -1067,9 +1068,12 @@ def _quiet_when_unread() -> Iterator[None]:
         # As for a --report not written: 0, 1 and 4 become 5 once sending began (a wrapper
         # must learn of it), 0 becomes 2 before; any other status stays.
         moved = (0, None, EXIT_SOME_FAILED, EXIT_STOPPED) if _SignalThread.began else (0, None)
-        if lost is None or exc.code not in moved:
+        if lost is None:
             raise
-        raise _output_lost(lost) from None
+        lost_exit = _output_lost(lost)  # said in any case: the user must learn of it
+        if exc.code not in moved:
+            raise
+        raise lost_exit from None
     if lost is not None:
         raise _output_lost(lost)
 

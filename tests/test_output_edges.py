@@ -588,3 +588,15 @@ def test_a_non_blocking_stdout_whose_reader_is_slow_gets_all_the_output(
     assert proc.wait(timeout=60) == 0, err
     assert "Traceback" not in err
     assert out.count("user1499@example.org") >= 1 and out.count("\nTo: ") == 1500
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_lost_is_said_even_when_the_command_fails_anyway(
+    tmp_path: Path, template_file: Path
+) -> None:
+    bad = write(tmp_path / "bad.csv", "email,name,code\nnot-an-address,Ann,C1\n")
+    with open("/dev/full", "w") as full:
+        proc = _smartmail(["dry-run", str(bad), "-t", str(template_file)], tmp_path, stdout=full)
+    assert "Traceback" not in proc.stderr
+    assert "standard output could not be written (No space left on device)" in proc.stderr
+    assert proc.returncode == 2  # the dry run's own status: a row is invalid
