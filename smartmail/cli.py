@@ -1086,11 +1086,16 @@ def _state_error(exc: Exception) -> str:
 
     files = opened()
     where = ", ".join(str(f) for f in files) if files else "the state database"
+    what = f"the state database cannot be used ({exc})"
     check = "check it with `sqlite3 FILE 'PRAGMA integrity_check'`"
     # Only a damaged file may be given up on: told to move aside a ledger that is merely
     # read-only, busy or on a full disk, a user would have the next run send every row again.
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+    if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        # smartmail's misuse of the API, not the file: nothing to check or restore.
+        what = f"internal error: {type(exc).__name__}: {exc}"
+        advice = f"a bug in smartmail, not a problem with the file ({DEBUG_ENV}=1 shows where)"
+    elif code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         advice = (
             f"{check}; restore it from a backup, or move it aside (a new one starts empty: "
             "what it recorded is not known to the next run)"
@@ -1105,7 +1110,7 @@ def _state_error(exc: Exception) -> str:
         advice = f"{check}, and its disk"
     if _SignalThread.began:
         advice = "sending began: " + advice
-    return f"{where}: the state database cannot be used ({exc}); {advice}"
+    return f"{where}: {what}; {advice}"
 
 
 def _output_lost(error: OSError) -> SystemExit:

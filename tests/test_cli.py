@@ -353,3 +353,15 @@ def test_importing_the_main_module_leaves_the_importing_process_alone(tmp_path: 
     )
     assert proc.returncode == 0, proc.stderr
     assert "the importer goes on" in proc.stdout
+
+
+def test_a_sqlite_api_misuse_is_called_a_bug_not_a_damaged_file(tmp_path: Path) -> None:
+    # Told to move aside a healthy ledger, a user would have the next run send every row
+    # again: an error in how smartmail used SQLite says it is a bug, and nothing about the file.
+    import sqlite3
+
+    from smartmail.cli import _state_error
+
+    line = _state_error(sqlite3.ProgrammingError("Cannot operate on a closed database."))
+    assert "internal error: ProgrammingError" in line and "bug in smartmail" in line
+    assert "move it aside" not in line and "integrity_check" not in line
