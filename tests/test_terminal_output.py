@@ -13,7 +13,7 @@ import pytest
 from smartmail.tables import Table, wrap
 from smartmail.terminal import Terminal, cell_width
 
-from .conftest import run_main, write
+from .conftest import make_csv, run_main, write
 
 # Every escape sequence smartmail itself writes: SGR styles (bold, italic, colours, reset).
 OUR_STYLES = re.compile(r"\x1b\[[0-9;]*m")
@@ -285,3 +285,22 @@ def test_status_on_a_narrow_terminal_shows_every_count_whole(
         (row,) = [line for line in shown.splitlines() if re.search(r"\d\d:\d\d", line)]
         assert row.split()[-8:] == [str(n) for n in expected.values()], shown
         assert "".join(line.split()[0] for line in shown.splitlines()[4:] if line.strip()) == name
+
+
+def test_campaigns_that_differ_by_an_invisible_character_do_not_look_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 1)
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nSubject: s\n\nhi\n")
+    db = str(tmp_path / "s.db")
+    for name in ("spring", "spring\u200b", "spring\ufeff"):
+        code, _, err = run_main(
+            ["send", str(csv_path), "-t", str(template), "--transport",
+             f"file://{tmp_path / 'out'}", "--state", db, "--campaign", name, "--yes",
+             "--progress", "none"],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+    code, out, _ = run_main(["status", "--state", db], capsys)
+    assert code == 0
+    assert "spring\\u200b" in out and "spring\\ufeff" in out
