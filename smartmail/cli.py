@@ -1033,9 +1033,9 @@ def _quiet_when_unread() -> Iterator[None]:
 
     Output lost otherwise (stdout on a full disk, `> /dev/full`, or closed, `>&-`) does not
     stop the command either, but is not silent: once the command has ended, one line on
-    stderr says so (whatever the exit status), and a status that would have been 0 becomes 2
-    (nothing was sent),
-    or 5 when sending began (and 1 and 4 become 5, as for a `--report` not written)."""
+    stderr says so (whatever the exit status, a traceback too), and a status that would have
+    been 0 becomes 2 (nothing was sent), or 5 when sending began (and 1 and 4 become 5, as for
+    a `--report` not written)."""
     from .terminal import output_lost, quiet_when_unread
 
     originals: list[tuple[str, Any, Any]] = []
@@ -1074,6 +1074,12 @@ def _quiet_when_unread() -> Iterator[None]:
         if exc.code not in moved:
             raise
         raise lost_exit from None
+    except BaseException:
+        # A bug's traceback (Python's exit 1) says nothing of stdout: the lost output is said
+        # too, as for any other ending.
+        if lost is not None:
+            _output_lost(lost)
+        raise
     if lost is not None:
         raise _output_lost(lost)
 

@@ -600,3 +600,36 @@ def test_output_lost_is_said_even_when_the_command_fails_anyway(
     assert "Traceback" not in proc.stderr
     assert "standard output could not be written (No space left on device)" in proc.stderr
     assert proc.returncode == 2  # the dry run's own status: a row is invalid
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_lost_is_said_when_the_command_crashes_too(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # A bug that ends the command with a traceback: the preview it printed is lost all the
+    # same, and the user must learn that too (the traceback says nothing about stdout).
+    csv_path = make_csv(tmp_path / "r.csv", 2)
+    script = (
+        "import sys, smartmail.cli as cli\n"
+        "shown = cli.print_summary\n"
+        "def crash(*args, **kwargs):\n"
+        "    shown(*args, **kwargs)\n"
+        "    raise RuntimeError('a bug')\n"
+        "cli.print_summary = crash\n"
+        f"sys.argv = ['smartmail', 'dry-run', {str(csv_path)!r}, '-t', {str(template_file)!r},"
+        " '--no-state']\n"
+        "cli.entry()\n"
+    )
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert "RuntimeError: a bug" in proc.stderr, proc.stderr
+    assert "standard output could not be written (No space left on device)" in proc.stderr
+    assert proc.returncode == 1  # Python's own, for an uncaught exception
