@@ -275,11 +275,6 @@ def encoded_words(text: str, first: int) -> list[str]:
     return _b_words(text, first // 4 * 3)
 
 
-def encoded_text(text: str) -> list[str]:
-    """`text` as encoded-words of at most 75 characters each (see `encoded_words`)."""
-    return encoded_words(text, _TEXT)
-
-
 def _q_words(encoded: str, first: int) -> list[str]:
     words: list[str] = []
     size = first
