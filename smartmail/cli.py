@@ -1031,11 +1031,11 @@ def _quiet_when_unread() -> Iterator[None]:
     error: output there stops, unseen, and the command ends as it would have (a send records
     every row), with its own exit status (`terminal.quiet_when_unread`).
 
-    Output lost otherwise (stdout on a full disk, `> /dev/full`, or closed, `>&-`) does not
-    stop the command either, but is not silent: once the command has ended, one line on
-    stderr says so (whatever the exit status, a traceback too), and a status that would have
-    been 0 becomes 2 (nothing was sent), or 5 when sending began (and 1 and 4 become 5, as for
-    a `--report` not written)."""
+    Output lost otherwise (stdout on a full disk, `> /dev/full`, closed, `>&-`, or a terminal
+    hung up while SIGHUP is ignored: EIO) does not stop the command either, but is not
+    silent: once the command has ended, one line on stderr says so (whatever the exit status,
+    a traceback too), and a status that would have been 0 becomes 2 (nothing was sent), or 5
+    when sending began (and 1 and 4 become 5, as for a `--report` not written)."""
     from .terminal import output_lost, quiet_when_unread
 
     originals: list[tuple[str, Any, Any]] = []

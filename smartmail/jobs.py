@@ -22,6 +22,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -165,14 +166,17 @@ class Bundle:
         html: str | os.PathLike[str] | None,
         attachments_dir: str | os.PathLike[str] | None,
         *,
-        only: set[Path] | None = None,
+        only: Mapping[str, Path],
     ) -> Bundle:
         """Read the files a worker needs to render this template as pre-flight did.
 
         `attachments_dir` is the folder attachment paths resolve in (the template's folder
-        when the template names attachments and no --attachments-dir was given); every
-        regular file under it is taken (or, given `only`, those whose resolved path is in
-        it), symbolic links leading outside it refused.
+        when the template names attachments and no --attachments-dir was given); `only`, the
+        paths in it the rows attach, as they give them (`linked/report.pdf`), and the files
+        pre-flight resolved them to. Each file is kept under the row's path, not its target's:
+        the worker renders the same rows in its copy of the folder, which holds no links. A
+        path that no longer leads to that file inside the folder (a link changed since) is
+        refused.
         """
         t = Path(template)
         data: dict[str, Any] = {
@@ -185,14 +189,17 @@ class Bundle:
         files: dict[str, str] = {}
         total = 0
         if attachments_dir is not None:
+            from .message import _read_regular  # a link swapped in since is refused too
+
             root = Path(attachments_dir).resolve()
-            for path in sorted(root.rglob("*")):
-                real = path.resolve()
-                if not real.is_file() or not real.is_relative_to(root):
-                    continue
-                if only is not None and real not in only:
-                    continue
-                content = real.read_bytes()
+            for given in sorted(only):
+                real = (root / given).resolve()
+                if not real.is_relative_to(root) or real != only[given]:
+                    raise ConfigError(
+                        f"attachment {given!r} leads outside {root} or elsewhere than when it "
+                        "was checked (a symbolic link changed); nothing was queued"
+                    )
+                content = _read_regular(str(real))
                 total += len(content)
                 if total > MAX_BUNDLE_BYTES:
                     raise ConfigError(
@@ -200,7 +207,7 @@ class Bundle:
                         f"{MAX_BUNDLE_BYTES // (1024 * 1024)} MB; give --attachments-dir a "
                         "folder with only the attachments"
                     )
-                files[path.relative_to(root).as_posix()] = base64.b64encode(content).decode()
+                files[given] = base64.b64encode(content).decode()
             data["attachments"] = files
         return cls(data)
 

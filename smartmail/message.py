@@ -321,7 +321,9 @@ def _encoded_attachment(path: str, filename: str, _mtime: int, _size: int) -> st
 
 def _named(filename: str, ctype: str) -> tuple[str, str]:
     """Content-Type's name parameter (with its leading ";") and Content-Disposition's value
-    for an attachment called `filename`, every line within 78 characters (RFC 5322 2.1.1).
+    for an attachment called `filename`, every line within 78 characters (RFC 5322 2.1.1)
+    but "Content-Type: <type>;" of a type too long for it (Office's), which cannot fold: a
+    fold after the colon or inside the type trips naive parsers.
 
     A quoted-string only for a name that reads back as it is: a backslash there escapes the
     next character (RFC 5322 3.2.4), and readers decode what looks like an encoded-word (RFC

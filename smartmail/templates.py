@@ -107,10 +107,13 @@ class Attachment(NamedTuple):
     """A file to attach: `path`, resolved (symbolic links followed) and checked to be inside
     the attachments folder, is what is read; `name`, the last part of the path as the
     template or the row gave it, is what the recipient sees. A link `report.pdf` to
-    `x-123.pdf` is sent as `report.pdf`, the name the sender chose."""
+    `x-123.pdf` is sent as `report.pdf`, the name the sender chose. `given` is that whole
+    path (`linked/report.pdf`), relative to the folder: where a queue worker, rendering the
+    same row in its copy of the folder, looks for the file."""
 
     path: Path
     name: str
+    given: str = ""
 
 
 class RenderedMessage(NamedTuple):
@@ -713,7 +716,8 @@ class MessageTemplate:
                 pass
         except OSError as exc:
             raise _Refused(f"attachment {shown!r} cannot be read: {exc.strerror}") from None
-        return Attachment(path, PurePosixPath(text).name)
+        given = PurePosixPath(text)
+        return Attachment(path, given.name, given.as_posix())
 
 
 class _Refused(Exception):

@@ -227,13 +227,13 @@ def output_lost(stream: TextIO) -> OSError | None:
 def quiet_when_unread(stream: TextIO | None) -> TextIO | None:
     """`stream` (the process's own stdout or stderr) as a text stream that a reader going away
     cannot break (`_UntilReaderGone`), with the same encoding, errors and buffering; None when
-    it needs none (a terminal, which never answers EPIPE, or not a file descriptor at all)."""
+    it is not a file descriptor at all. A terminal too: one that hangs up while SIGHUP is
+    ignored (`nohup`, `trap '' HUP`, a closed SSH session) answers every write with EIO. The
+    wrapper still says it is a terminal, so colours and the live display stay."""
     if stream is None or not isinstance(stream, io.TextIOWrapper):
         return None
     try:
         fd = stream.fileno()
-        if os.isatty(fd):
-            return None
     except (OSError, ValueError):  # io.UnsupportedOperation is both
         return None
     stream.flush()

@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -201,7 +201,7 @@ def enqueue_campaign(
         # queue it again (a second copy is harmless).
         queued_before = queued_keys(dstate, campaign) - given_back_keys(dstate, campaign)
         rows: list[tuple[Row, str]] = []
-        attached: set[Path] = set()
+        attached: dict[str, Path] = {}
         result = EnqueueResult(campaign, snap.name, TemplateRef(""), rows=checked.rows)
         for reason in checked.skipped.values():
             result.skip_reasons[reason] = result.skip_reasons.get(reason, 0) + 1
@@ -211,7 +211,7 @@ def enqueue_campaign(
             rendered = template.render(
                 row, snap.to_column, source_name=snap.name, allow_utf8_local=allow_utf8
             )
-            attached.update(file.path for file in rendered.attachments)
+            attached.update((file.given, file.path) for file in rendered.attachments)
             key = recipient_key(rendered.recipient)
             if key in queued_before:
                 result.already_queued += 1
@@ -274,11 +274,13 @@ def given_back_keys(state: DynamoState, campaign: str) -> set[str]:
     }
 
 
-def _bundle(config: CampaignConfig, header_names: list[str], attached: set[Path]) -> Bundle:
+def _bundle(
+    config: CampaignConfig, header_names: list[str], attached: Mapping[str, Path]
+) -> Bundle:
     """The files a worker needs: the template, its HTML part, and, when the template can name
-    attachments, the files of the attachments folder that the rows attach (`attached`, as
-    pre-flight resolved them): never the rest of a folder that may hold the list itself or
-    a secret."""
+    attachments, the files of the attachments folder that the rows attach (`attached`: the
+    paths as the rows give them, and the files pre-flight resolved them to): never the rest
+    of a folder that may hold the list itself or a secret."""
     t = Path(config.template)
     html: Path | None = Path(config.html_template) if config.html_template else None
     if html is None and t.with_suffix(".html") != t and t.with_suffix(".html").is_file():

@@ -324,6 +324,41 @@ def test_a_long_attachment_name_folds_within_78_and_reads_back_whole(
     assert quoted is not None and decode_words(quoted[1]) == name
 
 
+OFFICE = {
+    "report.docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "Zahlen für Zoë.xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "quarterly results, all regions and all product lines 2026.pptx": (
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+    ),
+}
+
+
+def test_office_attachments_keep_every_line_within_78_but_their_unfoldable_type(
+    tmp_path: Path,
+) -> None:
+    # Office's media types alone make "Content-Type: <type>" 79 to 87 characters. Folding
+    # right after the colon or inside the type trips naive parsers, so that line holds the
+    # type and nothing more (as Thunderbird and Gmail write it); every parameter and every
+    # other line of the message stays within 78.
+    for name in OFFICE:
+        (tmp_path / name).write_bytes(b"PK\x03\x04 office " + name.encode())
+    t = MessageTemplate(
+        "From: a@acme.example\nSubject: s\nAttachment: {{ f }}\n\nsee attached\n",
+        base_dir=tmp_path,
+    )
+    row = Row(2, {"email": "ann@example.org", "f": "; ".join(OFFICE)})
+    data = build(t.render(row, "email")).data
+    unfoldable = {f"Content-Type: {ctype};".encode() for ctype in OFFICE.values()}
+    long_lines = [line for line in data.split(b"\r\n") if len(line) > 78]
+    assert long_lines and set(long_lines) <= unfoldable, long_lines
+    attachments = list(on_the_wire(data).iter_attachments())
+    assert [a.get_filename() for a in attachments] == list(OFFICE)
+    for attachment, (name, ctype) in zip(attachments, OFFICE.items(), strict=True):
+        assert attachment.get_content_type() == ctype
+        assert decode_words(str(attachment.get_param("name"))) == name
+        assert attachment.get_payload(decode=True) == b"PK\x03\x04 office " + name.encode()
+
+
 def test_an_empty_attachment_is_an_empty_file(tmp_path: Path) -> None:
     attachment = with_attachment(tmp_path, "empty.bin", b"")
     assert attachment.get_filename() == "empty.bin"

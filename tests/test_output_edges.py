@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import select
 import shutil
 import sqlite3
 import subprocess
@@ -633,3 +635,153 @@ def test_output_lost_is_said_when_the_command_crashes_too(
     assert "RuntimeError: a bug" in proc.stderr, proc.stderr
     assert "standard output could not be written (No space left on device)" in proc.stderr
     assert proc.returncode == 1  # Python's own, for an uncaught exception
+
+
+# --- a terminal that hangs up while SIGHUP is ignored (`nohup`-like, `trap '' HUP`) ----------
+
+
+def _on_a_terminal(
+    args: list[str], cwd: Path, *, stderr_too: bool
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m smartmail ARGS` with its stdout (and stderr, with `stderr_too`) on a new
+    pseudo-terminal, its controlling terminal, and SIGHUP ignored; the terminal's master end
+    is returned for the test to read and close (a hang-up: the slave's writes fail with EIO)."""
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        fcntl.ioctl(1, termios.TIOCSCTTY, 0)  # after setsid: the hang-up sends SIGHUP
+
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", "trap '' HUP; exec \"$0\" \"$@\"", sys.executable, "-m", "smartmail",
+             *args],
+            cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave,
+            stderr=slave if stderr_too else subprocess.PIPE,
+            start_new_session=True, preexec_fn=controlling_terminal,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    return proc, master
+
+
+def _hang_up_once_written(master: int, proc: subprocess.Popen[bytes]) -> bytes:
+    """Read from the terminal until the command has written to it, then close it: the output
+    after that (the command blocks once the terminal's buffer is full) fails with EIO."""
+
+    seen = b""
+    deadline = time.monotonic() + 60
+    while not seen and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([master], [], [], 0.1)[0]:
+            seen = os.read(master, 1024)
+    os.close(master)
+    return seen
+
+
+def test_a_dry_run_whose_terminal_hangs_up_says_so_in_one_line_not_a_traceback(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # More preview than a terminal's buffer holds: the command is still writing when it goes.
+    csv_path = make_csv(tmp_path / "r.csv", 2000)
+    args = ["dry-run", str(csv_path), "-t", str(template_file), "--preview", "2000",
+            "--no-state"]  # fmt: skip
+    proc, master = _on_a_terminal(args, tmp_path, stderr_too=False)
+    try:
+        assert _hang_up_once_written(master, proc), "the preview never reached the terminal"
+        _, err_bytes = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err_bytes.decode()
+    assert "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert "standard output could not be written (Input/output error)" in line
+    assert proc.returncode == 2  # nothing was sent
+
+
+def test_a_send_whose_terminal_hangs_up_sends_every_row_and_says_so(
+    tmp_path: Path, template_file: Path
+) -> None:
+    csv_path = make_csv(tmp_path / "r.csv", 40)
+    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "40"]
+    proc, master = _on_a_terminal(args, tmp_path, stderr_too=False)
+    try:
+        # The summary comes at the end: the terminal goes once the first message is out.
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "outbox").glob("*.eml")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.close(master)
+        _, err_bytes = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err_bytes.decode()
+    assert "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert "standard output could not be written (Input/output error)" in line
+    assert "sending began" in line
+    assert proc.returncode == 5
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 40
+
+
+def test_a_send_whose_terminal_hangs_up_with_its_live_progress_still_sends_every_row(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # stdout and stderr both on the terminal, the live display drawing on it: nothing is left
+    # to say the output was lost on, but the run goes on to its end and its exit status.
+    csv_path = make_csv(tmp_path / "r.csv", 40)
+    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "40"]
+    args[args.index("--progress") + 1] = "live"
+    proc, master = _on_a_terminal(args, tmp_path, stderr_too=True)
+    try:
+        assert _hang_up_once_written(master, proc), "the live display never drew"
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 5
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 40
+    again = _smartmail(
+        _send_args(csv_path, template_file, tmp_path, "outbox"), tmp_path, stdout=subprocess.PIPE
+    )
+    assert again.returncode == 0 and len(list((tmp_path / "outbox").glob("*.eml"))) == 40
+
+
+def test_a_send_on_a_terminal_still_gets_its_colours_and_live_display(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # stdout and stderr are wrapped on a terminal too (for a hang-up): rich must still see
+    # one, and draw its live display and colours there.
+    csv_path = make_csv(tmp_path / "r.csv", 20)
+    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
+    args[args.index("--progress") + 1] = "auto"
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="100", TTY_COMPATIBLE="")
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smartmail", *args], cwd=tmp_path, env=env,
+            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    shown = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.1)[0]:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every slave end is closed, the command has ended
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert proc.wait(timeout=60) == 0, shown
+    finally:
+        os.close(master)
+        proc.kill()
+    text = shown.decode("utf-8", "replace")
+    assert "\x1b[?25l" in text  # the live display hides the cursor while it draws
+    assert re.search(r"\x1b\[[0-9;]*3[0-9](;[0-9]+)*m", text), text  # a colour
+    assert "┌" in text and "sent" in text  # the summary's box, as on any terminal

@@ -5,6 +5,8 @@ SQS, S3, SES, SNS and DynamoDB; Lambda events shaped as Lambda delivers them.
 
 from __future__ import annotations
 
+import dataclasses
+import email
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from email import policy
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from moto import mock_aws
 from smartmail import aws_lambda
 from smartmail.config import CampaignConfig
 from smartmail.errors import ConfigError, PreflightError, SmartmailError
-from smartmail.jobs import MAX_MESSAGE_BYTES, Job, JobError, TemplateRef, pack
+from smartmail.jobs import MAX_MESSAGE_BYTES, Bundle, Job, JobError, TemplateRef, pack
 from smartmail.report import Status
 from smartmail.sources import Row
 from smartmail.state_dynamodb import open_state
@@ -616,6 +619,83 @@ def test_the_template_bundle_holds_only_the_attachments_the_rows_name(
     assert summary.sent == 2
     raw = {m.destinations[0]: m.raw_data for m in ses_backend().sent_messages}
     assert "C00001.txt" in raw["user1@example.org"]
+
+
+def _linked_attachments(tmp_path: Path, attachment: str) -> CampaignConfig:
+    """A template folder whose `linked` is a symbolic link to its folder `data/2026`, and a
+    template attaching `attachment` (a Jinja2 path) to each of two rows (C00000, C00001)."""
+    folder = tmp_path / "mail"
+    (folder / "data" / "2026").mkdir(parents=True)
+    for i in range(2):
+        write(folder / "data" / "2026" / f"C{i:05d}.txt", f"the attachment of user {i}\n")
+    (folder / "linked").symlink_to(folder / "data" / "2026", target_is_directory=True)
+    header = f"Attachment: {attachment}\nSubject:"
+    template = write(folder / "msg.txt", TEMPLATE.replace("Subject:", header))
+    return CampaignConfig(
+        template=str(template),
+        source=str(make_csv(tmp_path / "r.csv", 2)),
+        transport=f"ses://{REGION}",
+        rate=1000,
+        retry_wait=0,
+        campaign="linked",
+    )
+
+
+def test_attachments_reached_through_a_linked_folder_reach_the_worker(
+    aws: None, tmp_path: Path
+) -> None:
+    # The rows name linked/C00000.txt: the bundle held only data/2026/C00000.txt (the walk
+    # did not enter the link), so the worker, rendering the same rows, found no such file.
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(_linked_attachments(tmp_path, "linked/{{ code }}.txt"), url, state)
+    record = state.load("linked")
+    assert record is not None
+    bundle = record.settings["queue_template"]["inline"]
+    assert sorted(bundle["attachments"]) == ["linked/C00000.txt", "linked/C00001.txt"]
+    summary = run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+    assert (summary.sent, summary.failed) == (2, 0)
+    for message in ses_backend().sent_messages:
+        msg = email.message_from_string(message.raw_data, policy=policy.default)
+        (attachment,) = list(msg.iter_attachments())
+        i = message.destinations[0].removeprefix("user").split("@")[0]
+        assert attachment.get_filename() == f"C0000{i}.txt"  # the name the path gives it
+        assert attachment.get_payload(decode=True) == f"the attachment of user {i}\n".encode()
+
+
+def test_a_linked_folder_leading_out_of_the_template_folder_stays_refused(
+    aws: None, tmp_path: Path
+) -> None:
+    outside = tmp_path / "secrets"
+    outside.mkdir()
+    write(outside / "C00000.txt", "SMARTMAIL_SMTP_PASSWORD=hunter2\n")
+    cfg = _linked_attachments(tmp_path, "out/{{ code }}.txt")
+    (Path(cfg.template).parent / "out").symlink_to(outside, target_is_directory=True)
+    url = make_queue()
+    with pytest.raises(PreflightError) as caught:
+        enqueue_campaign(dataclasses.replace(cfg, on_invalid="abort"), url, open_state(URL))
+    (line,) = str(caught.value).splitlines()
+    assert "'out/C00000.txt' leads outside" in line and "nothing was queued" in line
+    assert depth(url) == (0, 0)
+
+
+def test_a_linked_folder_turned_outward_after_preflight_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    # Pre-flight resolved linked/C00000.txt inside the folder; the link is then pointed at
+    # a folder outside it before the bundle is read: refused, never bundled.
+    cfg = _linked_attachments(tmp_path, "linked/{{ code }}.txt")
+    folder = Path(cfg.template).parent
+    checked = {"linked/C00000.txt": (folder / "linked" / "C00000.txt").resolve()}
+    outside = tmp_path / "secrets"
+    outside.mkdir()
+    write(outside / "C00000.txt", "SMARTMAIL_SMTP_PASSWORD=hunter2\n")
+    (folder / "linked").unlink()
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConfigError) as caught:
+        Bundle.collect(cfg.template, None, folder, only=checked)
+    (line,) = str(caught.value).splitlines()
+    assert "'linked/C00000.txt' leads outside" in line and "nothing was queued" in line
 
 
 def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
