@@ -49,10 +49,13 @@ class StateStore(Protocol):
 
 
 class SqliteState:
-    """The SQLite state file (one machine), behind the `StateStore` calls."""
+    """The SQLite state file (one machine), behind the `StateStore` calls. Without
+    `upgrade` (a command that only reads) a file of an older schema keeps it: see
+    `state.connect`."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, upgrade: bool = True) -> None:
         self.path = Path(path) if path is not None else state.default_state_path()
+        self.upgrade = upgrade
         self._conn: sqlite3.Connection | None = None
 
     def __str__(self) -> str:
@@ -61,7 +64,7 @@ class SqliteState:
     def conn(self) -> sqlite3.Connection:
         """This state's connection (created, with the schema, on first use); one thread."""
         if self._conn is None:
-            self._conn = state.connect(self.path)
+            self._conn = state.connect(self.path, upgrade=self.upgrade)
         return self._conn
 
     def close(self) -> None:
@@ -100,17 +103,20 @@ class SqliteState:
         return SqliteFeedback(self.conn())
 
 
-def open_state(value: str | os.PathLike[str] | None) -> SqliteState | DynamoState:
+def open_state(
+    value: str | os.PathLike[str] | None, *, upgrade: bool = True
+) -> SqliteState | DynamoState:
     """The state `--state` names: dynamodb://TABLE[?…], else a SQLite path (None: the default,
-    $SMARTMAIL_STATE or the XDG state directory)."""
+    $SMARTMAIL_STATE or the XDG state directory). `upgrade=False` for a command that only
+    reads: a SQLite file of an older schema stays readable by the older smartmail."""
     if value is None:
         value = os.environ.get(state.STATE_ENV) or None
     if value is None:
-        return SqliteState(None)
+        return SqliteState(None, upgrade=upgrade)
     from .dynamo import is_dynamodb_url
 
     if is_dynamodb_url(str(value)):
         from .state_dynamodb import open_state as open_dynamodb
 
         return open_dynamodb(str(value))
-    return SqliteState(value)
+    return SqliteState(value, upgrade=upgrade)
