@@ -450,7 +450,7 @@ class CampaignRun:
             else:
                 from .state_store import open_state
 
-                state = open_state(opts.state_path, upgrade=False)
+                state = open_state(opts.state_path, read_only=True)
                 ledger = state.ledger(self.campaign)  # never acquired: reads only
         try:
             with readable(source.name):
@@ -914,10 +914,11 @@ def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
 def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignRecord:
     """The campaign's record in the state `state_path` names (a SQLite file, None for the
     default, or `dynamodb://TABLE`), or a one-line error naming the state. Only reads: the
-    run's ledger upgrades an older schema when it takes the campaign, a typo does not."""
+    run's ledger upgrades an older schema (or makes the file) when it takes the campaign, a
+    typo in the campaign's name does neither."""
     from .state_store import open_state
 
-    state = open_state(state_path, upgrade=False)
+    state = open_state(state_path, read_only=True)
     try:
         record = state.load(campaign)
     finally:

@@ -169,6 +169,17 @@ def connect(
     return conn
 
 
+def empty() -> sqlite3.Connection:
+    """An empty state in memory, for a command that only reads a state file that does not
+    exist: making the file would give it this schema, which an older smartmail refuses."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
+    return conn
+
+
 def _close(conn: sqlite3.Connection | None) -> None:
     """Close a connection `connect` will not return. Not left to the garbage collector: a
     sqlite3 connection is in a reference cycle (its statement cache), so only a collection

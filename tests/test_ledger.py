@@ -1324,6 +1324,30 @@ def test_a_command_that_only_reads_leaves_a_schema_1_state_database_to_the_older
     assert not indexes & {"deliveries_provider_id", "deliveries_status"}
 
 
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["suppress", "list"], "suppressed addresses: 0"),
+        (["suppress", "export", "-"], "email,reason,detail,created_at"),
+        (["retry", "nope", "--yes", "--progress", "none"], "no campaign 'nope'"),
+    ],
+    ids=["suppress-list", "suppress-export", "retry-unknown"],
+)
+def test_a_command_that_only_reads_makes_no_state_file_where_there_is_none(
+    tmp_path: Path, command: list[str], expected: str
+):
+    """A file made there would have this smartmail's schema, which the older smartmail that
+    later comes to use that path (a cron job not moved over yet) refuses; `status` and
+    `dry-run` already made none. There is nothing to read: an empty list, no such campaign."""
+    db = tmp_path / "state" / "smartmail.db"
+
+    code, out = run_cli([*command, "--state", str(db)])
+
+    assert code == (2 if command[0] == "retry" else 0), out
+    assert expected in out
+    assert not db.parent.exists()
+
+
 def test_a_flush_while_the_ledger_closes_returns_only_once_every_outcome_is_committed(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ):
