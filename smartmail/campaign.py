@@ -450,8 +450,8 @@ class CampaignRun:
             else:
                 from .state_store import open_state
 
-                state = open_state(opts.state_path)
-                ledger = state.ledger(self.campaign)
+                state = open_state(opts.state_path, read_only=True)
+                ledger = state.ledger(self.campaign)  # never acquired: reads only
         try:
             with readable(source.name):
                 checked = preflight(
@@ -913,10 +913,12 @@ def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
 
 def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignRecord:
     """The campaign's record in the state `state_path` names (a SQLite file, None for the
-    default, or `dynamodb://TABLE`), or a one-line error naming the state."""
+    default, or `dynamodb://TABLE`), or a one-line error naming the state. Only reads: the
+    run's ledger upgrades an older schema (or makes the file) when it takes the campaign, a
+    typo in the campaign's name does neither."""
     from .state_store import open_state
 
-    state = open_state(state_path)
+    state = open_state(state_path, read_only=True)
     try:
         record = state.load(campaign)
     finally:

@@ -1258,7 +1258,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
 
     from .state_store import open_state
 
-    state = open_state(state_path)
+    state = open_state(state_path, read_only=True)  # the old smartmail's cron job still reads it
     try:
         found = state.statuses(campaign)
     finally:
@@ -1458,7 +1458,7 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    with _open_state(state_path) as state:
+    with _open_state(state_path, read_only=True) as state:
         entries = list(state.suppressions)
     if as_json:
         click.echo(json.dumps([e._asdict() for e in entries], indent=2))
@@ -1519,7 +1519,7 @@ def suppress_import_cmd(
 @_feedback_state_option
 def suppress_export_cmd(csv_path: str, state_path: str | None) -> None:
     """Write the list as CSV (email, reason, detail, created_at) to a file or stdout (-)."""
-    with _open_state(state_path) as state:
+    with _open_state(state_path, read_only=True) as state:
         suppressions = state.suppressions
         if csv_path == "-":
             suppressions.export_csv(sys.stdout)
@@ -1598,11 +1598,14 @@ def events_cmd(
 
 
 @contextlib.contextmanager
-def _open_state(state_path: str | None) -> Iterator[SqliteState | DynamoState]:
-    """The state `--state` names (a SQLite file or dynamodb://TABLE), closed afterwards."""
+def _open_state(
+    state_path: str | None, *, read_only: bool = False
+) -> Iterator[SqliteState | DynamoState]:
+    """The state `--state` names (a SQLite file or dynamodb://TABLE), closed afterwards.
+    `read_only` for a command that only reads (see `SqliteState`)."""
     from .state_store import open_state
 
-    state = open_state(state_path)
+    state = open_state(state_path, read_only=read_only)
     try:
         yield state
     finally:

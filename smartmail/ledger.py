@@ -444,8 +444,11 @@ class Ledger:
     """The ledger of one campaign in a state database; implements the engine's `Journal`.
 
     `acquire()` takes the campaign lock (LockedError if another run has it) and notes the rows
-    left in doubt; without it the ledger only reads (what dry-run needs). `resend` lets a
-    `retry` send rows that a normal run skips: the failed ones, or the in-doubt ones.
+    left in doubt; without it the ledger only reads (what dry-run needs). Only `acquire`
+    brings a state file of an older schema up to date (its writer's connection): reads leave
+    it as it is, so a dry run does not make the file one an older smartmail refuses.
+    `resend` lets a `retry` send rows that a normal run skips: the failed ones, or the
+    in-doubt ones.
     """
 
     def __init__(
@@ -755,10 +758,11 @@ class Ledger:
     # --- helpers -----------------------------------------------------------------------------
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's read connection to the state database."""
+        """This thread's read connection to the state database (no schema upgrade: see the
+        class)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = state.connect(self.path)
+            conn = state.connect(self.path, upgrade=False)
             self._local.conn = conn
             with self._guard:
                 self._connections.append(conn)

@@ -124,12 +124,15 @@ def opened() -> list[Path]:
 
 
 def connect(
-    path: str | os.PathLike[str] | None = None, *, shared: bool = False
+    path: str | os.PathLike[str] | None = None, *, shared: bool = False, upgrade: bool = True
 ) -> sqlite3.Connection:
     """Open (creating if needed) the state database, in WAL mode with the schema in place.
 
     Each thread must use its own connection, unless `shared`: then the caller makes sure only
     one thread at a time uses it (the ledger's writer connection, under its commit lock).
+    Without `upgrade` (a command that only reads) a file of an older schema is left as it
+    is: an older smartmail refuses a file once upgraded, and every query still works on it,
+    as an older schema differs only by its indexes. A new file gets the schema either way.
     """
     import sqlite3
 
@@ -145,13 +148,13 @@ def connect(
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA foreign_keys=ON")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION and (upgrade or version == 0):
             try:
                 _upgrade(conn)
             except sqlite3.OperationalError as exc:
                 # A file this user may only read (a copy made read-only, another user's): an
-                # older schema differs only by its indexes, so what reads it (`status`) still
-                # may, as before the upgrade existed; a write fails as it always did.
+                # older schema differs only by its indexes, so what only reads it still may,
+                # as before the upgrade existed; a write fails as it always did.
                 if version == 0 or exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
                     raise
     except BaseException as exc:
@@ -163,6 +166,17 @@ def connect(
     if version > SCHEMA_VERSION:
         _close(conn)
         raise ConfigError(f"{db}: made by a newer smartmail (schema {version}); upgrade smartmail")
+    return conn
+
+
+def empty() -> sqlite3.Connection:
+    """An empty state in memory, for a command that only reads a state file that does not
+    exist: making the file would give it this schema, which an older smartmail refuses."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
     return conn
 
 

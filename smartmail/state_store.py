@@ -49,10 +49,18 @@ class StateStore(Protocol):
 
 
 class SqliteState:
-    """The SQLite state file (one machine), behind the `StateStore` calls."""
+    """The SQLite state file (one machine), behind the `StateStore` calls.
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    `read_only` for a command that only reads: a file of an older schema keeps it (see
+    `state.connect`), and a file that does not exist is not made, as it would get this
+    smartmail's schema, which an older one refuses; it reads as an empty state.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, read_only: bool = False
+    ) -> None:
         self.path = Path(path) if path is not None else state.default_state_path()
+        self.read_only = read_only
         self._conn: sqlite3.Connection | None = None
 
     def __str__(self) -> str:
@@ -61,7 +69,10 @@ class SqliteState:
     def conn(self) -> sqlite3.Connection:
         """This state's connection (created, with the schema, on first use); one thread."""
         if self._conn is None:
-            self._conn = state.connect(self.path)
+            if self.read_only and not self.path.exists():
+                self._conn = state.empty()
+            else:
+                self._conn = state.connect(self.path, upgrade=not self.read_only)
         return self._conn
 
     def close(self) -> None:
@@ -100,17 +111,20 @@ class SqliteState:
         return SqliteFeedback(self.conn())
 
 
-def open_state(value: str | os.PathLike[str] | None) -> SqliteState | DynamoState:
+def open_state(
+    value: str | os.PathLike[str] | None, *, read_only: bool = False
+) -> SqliteState | DynamoState:
     """The state `--state` names: dynamodb://TABLE[?…], else a SQLite path (None: the default,
-    $SMARTMAIL_STATE or the XDG state directory)."""
+    $SMARTMAIL_STATE or the XDG state directory). `read_only` for a command that only reads:
+    a SQLite file stays as the older smartmail can read it (see `SqliteState`)."""
     if value is None:
         value = os.environ.get(state.STATE_ENV) or None
     if value is None:
-        return SqliteState(None)
+        return SqliteState(None, read_only=read_only)
     from .dynamo import is_dynamodb_url
 
     if is_dynamodb_url(str(value)):
         from .state_dynamodb import open_state as open_dynamodb
 
         return open_dynamodb(str(value))
-    return SqliteState(value)
+    return SqliteState(value, read_only=read_only)

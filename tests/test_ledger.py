@@ -1170,6 +1170,31 @@ def test_the_writer_lingers_no_longer_than_a_worker_takes_to_need_its_mark(tmp_p
         ledger.close()
 
 
+def _as_schema_1(db: Path) -> None:
+    """Make a state file exactly what schema 1 left on disk: its two full indexes."""
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "DROP INDEX deliveries_provider; DROP INDEX deliveries_sending;"
+        "CREATE INDEX deliveries_provider_id ON deliveries(provider_id);"
+        "CREATE INDEX deliveries_status ON deliveries(campaign, status);"
+        "PRAGMA user_version=1;"
+    )
+    conn.close()
+
+
+def _schema(db: Path) -> tuple[int, set[str]]:
+    """The file's schema version and the names of its indexes (SQLite's own left out)."""
+    conn = sqlite3.connect(db)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        names = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )
+        return version, {r[0] for r in names}
+    finally:
+        conn.close()
+
+
 def test_a_state_database_made_by_schema_1_is_upgraded_and_keeps_every_record(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ):
@@ -1185,13 +1210,8 @@ def test_a_state_database_made_by_schema_1_is_upgraded_and_keeps_every_record(
     row3 = list(RecipientSource(SourceSpec(str(csv))).rows())[2][0]
     dying.sending(build(MessageTemplate.load(template_file).render(row3, "email")))
     dying.close()
-    conn = sqlite3.connect(db)  # now make it exactly what schema 1 left on disk
-    conn.executescript(
-        "DROP INDEX deliveries_provider; DROP INDEX deliveries_sending;"
-        "CREATE INDEX deliveries_provider_id ON deliveries(provider_id);"
-        "CREATE INDEX deliveries_status ON deliveries(campaign, status);"
-        "PRAGMA user_version=1;"
-    )
+    _as_schema_1(db)
+    conn = sqlite3.connect(db)
     # Schema 1 kept every SMTP Message-ID as a provider id too; SES's own ids are what
     # feedback names, so one such id stands for a delivery made through SES.
     provider_id = "0100018c-ses-id-0"
@@ -1242,14 +1262,7 @@ def test_a_schema_1_state_database_this_user_may_only_read_still_shows_its_statu
     csv = make_csv(tmp_path / "r.csv", 3)
     db = tmp_path / "state.db"
     assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "old"))[0] == 0
-    conn = sqlite3.connect(db)  # what schema 1 left on disk
-    conn.executescript(
-        "DROP INDEX deliveries_provider; DROP INDEX deliveries_sending;"
-        "CREATE INDEX deliveries_provider_id ON deliveries(provider_id);"
-        "CREATE INDEX deliveries_status ON deliveries(campaign, status);"
-        "PRAGMA user_version=1;"
-    )
-    conn.close()
+    _as_schema_1(db)
 
     def body(folder: Path) -> None:
         copy = folder / "state.db"
@@ -1263,6 +1276,76 @@ def test_a_schema_1_state_database_this_user_may_only_read_still_shows_its_statu
         assert sqlite3.connect(copy).execute("PRAGMA user_version").fetchone()[0] == 1
 
     unprivileged(body)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["status"], "old"),
+        (["status", "old", "--json"], '"sent": 2'),
+        (["dry-run", "CSV", "-t", "TEMPLATE", "--campaign", "old", "--preview", "0"],
+         "already sent: 2"),
+        (["suppress", "list", "--json"], "user2@example.org"),
+        (["suppress", "export", "-"], "user2@example.org,manual"),
+        (["retry", "nope", "--yes", "--progress", "none"], "no campaign 'nope'"),
+    ],
+    ids=["status", "status-json", "dry-run", "suppress-list", "suppress-export", "retry-unknown"],
+)  # fmt: skip
+def test_a_command_that_only_reads_leaves_a_schema_1_state_database_to_the_older_smartmail(
+    smtp_server: SmtpServer,
+    tmp_path: Path,
+    template_file: Path,
+    command: list[str],
+    expected: str,
+):
+    """An older smartmail refuses a file a newer one upgraded ("made by a newer smartmail"),
+    so an operator trying the new version's `status` once stopped the cron job still running
+    the old one. Only a command that writes may upgrade; one that only reads shows the old
+    file's records and leaves its schema as it was."""
+    csv = make_csv(tmp_path / "r.csv", 3)
+    db = tmp_path / "state.db"
+    assert run_cli([*send_args(csv, template_file, smtp_server, db, "--campaign", "old"),
+                    "--limit", "2"])[0] == 0  # fmt: skip
+    assert run_cli(["suppress", "add", "user2@example.org", "--state", str(db)])[0] == 0
+    _as_schema_1(db)
+    before = _schema(db)
+    args = [{"CSV": str(csv), "TEMPLATE": str(template_file)}.get(a, a) for a in command]
+
+    code, out = run_cli([*args, "--state", str(db)])
+
+    assert expected in out, out
+    assert code == (2 if command[0] == "retry" else 0), out
+    assert before[0] == 1 and {"deliveries_provider_id", "deliveries_status"} <= before[1]
+    assert _schema(db) == before
+    # The first command that writes upgrades it, as before.
+    assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", "old"))[0] == 0
+    version, indexes = _schema(db)
+    assert version == 2 and {"deliveries_provider", "deliveries_sending"} <= indexes
+    assert not indexes & {"deliveries_provider_id", "deliveries_status"}
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["suppress", "list"], "suppressed addresses: 0"),
+        (["suppress", "export", "-"], "email,reason,detail,created_at"),
+        (["retry", "nope", "--yes", "--progress", "none"], "no campaign 'nope'"),
+    ],
+    ids=["suppress-list", "suppress-export", "retry-unknown"],
+)
+def test_a_command_that_only_reads_makes_no_state_file_where_there_is_none(
+    tmp_path: Path, command: list[str], expected: str
+):
+    """A file made there would have this smartmail's schema, which the older smartmail that
+    later comes to use that path (a cron job not moved over yet) refuses; `status` and
+    `dry-run` already made none. There is nothing to read: an empty list, no such campaign."""
+    db = tmp_path / "state" / "smartmail.db"
+
+    code, out = run_cli([*command, "--state", str(db)])
+
+    assert code == (2 if command[0] == "retry" else 0), out
+    assert expected in out
+    assert not db.parent.exists()
 
 
 def test_a_flush_while_the_ledger_closes_returns_only_once_every_outcome_is_committed(
