@@ -94,7 +94,8 @@ class RichProgress:
             console=console,
         )
         self._task = self._bar.add_task("sending", total=None)
-        self._last = (time.monotonic(), 0)
+        self._began = time.monotonic()
+        self._last = (self._began, 0)
         self._rate = 0.0
 
     def start(self, metrics: Metrics, title: str) -> None:
@@ -102,6 +103,8 @@ class RichProgress:
         from rich.live import Live
 
         self._bar.update(self._task, description=title, total=metrics.total)
+        self._began = time.monotonic()  # the rate counts from the first message, not set-up
+        self._last = (self._began, 0)
         self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4)
         self._live.start()
 
@@ -117,6 +120,10 @@ class RichProgress:
         if now - then >= 1.0:
             self._rate = (s["sent"] - before) / (now - then)
             self._last = (now, s["sent"])
+        elif then == self._began and now > then:
+            # No whole second yet: the rate so far. A run shorter than a second (or its first
+            # second) would otherwise end on "0.0/s" beside a summary of hundreds a second.
+            self._rate = s["sent"] / (now - then)
         self._bar.update(self._task, completed=s["done"])
         line = Text.assemble(
             ("sent ", "dim"),

@@ -1068,3 +1068,4 @@ def test_the_live_display_renders_counts_on_a_terminal() -> None:
     raw = console.file.getvalue()  # type: ignore[attr-defined]
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)  # the display's own styling
     assert "sending via file://outbox" in shown and "sent 1" in shown
+    assert "rate 0.0/s" not in shown  # a sub-second run shows its rate so far, not nothing
