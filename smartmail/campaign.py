@@ -908,19 +908,21 @@ class CampaignRun:
 
 def load_config(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignConfig:
     """The config a campaign was last sent with, from the state (for `retry`)."""
-    return CampaignConfig.from_dict(load_record(state_path, campaign).settings, campaign=campaign)
+    record = load_record(state_path, campaign)
+    return CampaignConfig.from_dict(record.settings, campaign=record.id)
 
 
 def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> CampaignRecord:
     """The campaign's record in the state `state_path` names (a SQLite file, None for the
     default, or `dynamodb://TABLE`), or a one-line error naming the state. Only reads: the
     run's ledger upgrades an older schema (or makes the file) when it takes the campaign, a
-    typo in the campaign's name does neither."""
-    from .state_store import open_state
+    typo in the campaign's name does neither. `campaign` may be the id as `status` prints
+    it (`state_store.resolve_campaign`); the record holds the real one."""
+    from .state_store import open_state, resolve_campaign
 
     state = open_state(state_path, read_only=True)
     try:
-        record = state.load(campaign)
+        record = state.load(resolve_campaign(state, campaign))
     finally:
         state.close()
     if record is None:

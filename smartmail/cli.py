@@ -1256,11 +1256,12 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     from rich.table import Table as RichTable
     from rich.text import Text
 
-    from .state_store import open_state
+    from .state_store import open_state, resolve_campaign
 
     state = open_state(state_path, read_only=True)  # the old smartmail's cron job still reads it
     try:
-        found = state.statuses(campaign)
+        # The name as this command prints it finds the campaign too (ids may hold controls).
+        found = state.statuses(campaign and resolve_campaign(state, campaign))
     finally:
         state.close()
     path = str(state)

@@ -534,6 +534,17 @@ def statuses(
     return out
 
 
+def campaign_ids(table: StateTable) -> list[str]:
+    """Every stored campaign's id, from the campaign items alone (no delivery is read)."""
+    table.ensure()
+    items = table.query(
+        KeyConditionExpression="pk = :p",
+        ExpressionAttributeValues={":p": s(CAMPAIGNS_PK)},
+        ProjectionExpression="sk",
+    )
+    return [text(item, "sk") for item in items]
+
+
 def _status(table: StateTable, item: Item, now: float) -> CampaignStatus:
     counts: dict[str, int] = {}
     name = text(item, "sk")

@@ -233,10 +233,14 @@ class Summary(Record):
             shown.append(("sent" if not self.dry_run else "valid", str(self.sent)))
         shown.append(("failed", str(self.failed)))
         shown.append(("skipped", str(self.skipped)))
-        for reason, count in list(self.skip_reasons.items())[:5]:
+        reasons = list(self.skip_reasons.items())[:5]
+        for reason, count in reasons:
             shown.append((f"  {reason}", str(count)))
         shown.append(("not sent (left for a later run)", str(self.unsent)))
-        if self.in_doubt:
+        # Rows an earlier run left in doubt are a skip reason above, named with the retry
+        # command; the total again is only worth a line when it holds rows not shown there.
+        listed = sum(n for reason, n in reasons if reason.startswith(IN_DOUBT_PREFIX))
+        if self.in_doubt > listed:
             shown.append(("in doubt (not sent again)", str(self.in_doubt)))
         if self.lost_replies:
             shown.append(("  answer lost after sending (this run)", str(self.lost_replies)))

@@ -65,6 +65,9 @@ class DynamoState:
     def statuses(self, campaign: str | None = None) -> list[CampaignStatus]:
         return dynamo_ledger.statuses(self.table, campaign, clock=self.clock)
 
+    def campaign_ids(self) -> list[str]:
+        return dynamo_ledger.campaign_ids(self.table)
+
     def retry_rows(self, campaign: str, which: Which) -> list[Row]:
         return dynamo_ledger.retry_rows(self.table, campaign, which, clock=self.clock)
 

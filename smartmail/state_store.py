@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import state
+from .errors import ConfigError
 from .ledger import CampaignRecord, Ledger, Resend
 from .sources import Row
 from .suppression import SuppressionList
@@ -36,6 +37,8 @@ class StateStore(Protocol):
     def ledger(self, campaign: str, *, resend: Resend = None) -> Any: ...
 
     def statuses(self, campaign: str | None = None) -> list[CampaignStatus]: ...
+
+    def campaign_ids(self) -> list[str]: ...
 
     def load(self, campaign: str) -> CampaignRecord | None: ...
 
@@ -90,6 +93,11 @@ class SqliteState:
 
         return campaigns.statuses(self.conn(), self.path, campaign)
 
+    def campaign_ids(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return [r[0] for r in self.conn().execute("SELECT id FROM campaigns")]
+
     def load(self, campaign: str) -> CampaignRecord | None:
         from . import campaigns
 
@@ -109,6 +117,26 @@ class SqliteState:
         from .events import SqliteFeedback
 
         return SqliteFeedback(self.conn())
+
+
+def resolve_campaign(state: StateStore, name: str) -> str:
+    """The id of the stored campaign `name` names: `name` itself when a campaign has exactly
+    that id, else the one campaign whose id `status` prints as `name` (`terminal.printable`),
+    so an id holding control or invisible characters can be named by copying what `status`
+    shows. `name` unchanged when none does (the caller reports "no campaign"); a ConfigError
+    when several do, since picking one could retry the wrong campaign."""
+    ids = state.campaign_ids()
+    if name in ids:
+        return name
+    from .terminal import printable
+
+    shown = sorted(i for i in ids if printable(i) == name)
+    if len(shown) > 1:
+        raise ConfigError(
+            f"{len(shown)} campaigns in {state} show as {printable(name)!r} "
+            f"({', '.join(repr(i) for i in shown)}); name one with its exact characters"
+        )
+    return shown[0] if shown else name
 
 
 def open_state(

@@ -726,7 +726,8 @@ def run_worker(
 
     `abort` stops the job in hand too: rows in flight finish, the rest stay unsent and the
     job is left for another worker. `on_job(outcome, line)` after each job (outcome None
-    when the job could not be run).
+    when the job could not be run); given it, a job that could not be run is reported there
+    only, not logged as an error too.
     """
     client = sqs or aws.client("sqs")
     stop = stop or threading.Event()
@@ -815,7 +816,11 @@ def _one(
             # The 24-hour quota used up (or too little of it left for the job), sending paused.
             summary.code = max(summary.code, EXIT_STOPPED)
         line = f"job {message.get('MessageId')} (receive {received}) not run: {exc}"
-        if isinstance(exc, SmartmailError):
+        if on_job:
+            # The caller reports the line (the CLI prints it): an error record too would put
+            # every failure on stderr twice. Kept for --debug, with a bug's traceback.
+            log.debug("%s", line, exc_info=not isinstance(exc, SmartmailError))
+        elif isinstance(exc, SmartmailError):
             log.error("%s", line)
         else:
             log.exception("%s", line)

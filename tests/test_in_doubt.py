@@ -249,3 +249,25 @@ def test_ses_smtp_follows_the_same_rule_over_starttls(
         controller.stop()
     assert got == {"user0@example.org": 1, "user1@example.org": 1}
     assert (summary.sent, summary.lost_replies, summary.retries) == (1, 1, 0)
+
+
+def test_the_in_doubt_total_is_shown_only_for_rows_the_skip_reasons_do_not_name() -> None:
+    from smartmail.ledger import in_doubt_reason
+    from smartmail.report import Summary
+
+    def table(skipped: int, lost: int) -> dict[str, str]:
+        reasons = {in_doubt_reason("c"): skipped} if skipped else {}
+        summary = Summary(
+            "c", "file://o", "r.csv", 10, 10 - skipped - lost, 0, skipped, 0, 0, 1.0, 1.0,
+            None, None, skip_reasons=reasons, in_doubt=skipped + lost, lost_replies=lost,
+        )  # fmt: skip
+        return dict(summary.table_rows())
+
+    # After a crash: the earlier run's rows, named once with the retry command.
+    rows = table(skipped=8, lost=0)
+    assert rows["  in doubt (smartmail retry c --in-doubt sends it again)"] == "8"
+    assert "in doubt (not sent again)" not in rows
+    # This run's lost answers are in no skip reason: the total says so.
+    rows = table(skipped=2, lost=1)
+    assert rows["in doubt (not sent again)"] == "3"
+    assert rows["  answer lost after sending (this run)"] == "1"

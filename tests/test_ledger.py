@@ -31,6 +31,7 @@ from smartmail.events import SqliteFeedback
 from smartmail.ledger import Ledger
 from smartmail.state import connect
 from smartmail.suppression import SuppressionList
+from smartmail.terminal import printable
 from smartmail.transports import TransportOptions, get_transport
 
 from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv, write
@@ -882,7 +883,8 @@ def test_retry_resends_in_doubt_rows_only_on_request(
     assert code == 0
     again = report(tmp_path / "r2.json")
     assert (again["sent"], again["in_doubt"]) == (2, 2)
-    assert "in doubt (not sent again)" in out
+    # Once in the table, as the skip reason naming the command (it wraps at 80 columns).
+    assert "in doubt (smartmail retry d --in-doubt" in out and "not sent again" not in out
     assert sorted(per_recipient(smtp_server)) == [f"user{i}@example.org" for i in (0, 1, 2, 5)]
     code, out = run_cli(["status", "d", "--state", str(db), "--json"])
     assert json.loads(out)[0]["in_doubt"] == 2
@@ -1535,3 +1537,45 @@ def test_a_bug_while_recording_is_reported_as_an_internal_error_with_its_type(
     db, _args, code, text = _send_failing_to_record(smtp_server, tmp_path, template_file)
     assert "internal error: TypeError: unsupported operand" in text, text
     _assert_stopped_and_unlocked(db, code, text)
+
+
+def test_a_campaign_whose_id_holds_controls_is_named_back_as_status_shows_it(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    """The id comes from the file's name; the operator copies it from `status` to retry."""
+    csv = make_csv(tmp_path / "ev\x1b[31mil\u202e\u200bx000.csv", 3)
+    db = tmp_path / "state.db"
+    smtp_server.handler.reject_rcpt = {"user1@example.org"}
+    args = send_args(csv, template_file, smtp_server, db, "--max-retries", "0")
+    assert run_cli(args)[0] == 1
+    code, out = run_cli(["status", "--state", str(db), "--json"])
+    (raw,) = [c["campaign"] for c in json.loads(out)]
+    shown = printable(raw)
+    assert shown != raw and shown.startswith("ev\\x1b[31mil\\u202e\\u200bx000-")
+    code, out = run_cli(["status", "--state", str(db)])
+    assert code == 0 and shown in out
+    code, out = run_cli(["status", shown, "--state", str(db), "--json"])
+    assert code == 0, out
+    assert [c["campaign"] for c in json.loads(out)] == [raw]
+    smtp_server.handler.reject_rcpt = set()
+    code, out = run_cli(["retry", shown, "--state", str(db), "--yes", "--progress", "none"])
+    assert code == 0, out
+    assert per_recipient(smtp_server) == {f"user{i}@example.org": 1 for i in range(3)}
+    assert counts(db, raw) == {"sent": 3}
+
+
+def test_a_name_that_several_campaigns_show_as_is_refused_as_ambiguous(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+):
+    db = tmp_path / "state.db"
+    csv = make_csv(tmp_path / "r.csv", 1)
+    # Both print as \x1b\x1b: one ESC then the text "\x1b", and the text then an ESC.
+    for name in ("\x1b\\x1b", "\\x1b\x1b"):
+        assert run_cli(send_args(csv, template_file, smtp_server, db, "--campaign", name))[0] == 0
+    for command in ("status", "retry"):
+        code, out = run_cli([command, "\\x1b\\x1b", "--state", str(db)])
+        assert code != 0
+        assert "2 campaigns" in out and "show as" in out
+    # None shows that way: the plain "no campaign" error, as before.
+    code, out = run_cli(["retry", "nope", "--state", str(db)])
+    assert code != 0 and "no campaign 'nope'" in out

@@ -150,6 +150,14 @@ def test_sigkill_at_any_point_never_double_sends(
     assert summary["in_doubt"] == len(in_doubt)
     assert summary["skip_reasons"].get("already sent", 0) == sent_before
     assert summary["sent"] == n - sent_before - len(in_doubt)
+    # The table names the rows in doubt once, with the command that sends them; the one-line
+    # notice after it is for a cron mail. The report keeps every count.
+    out, _ = run.output(run.count)
+    rows = [line for line in out.splitlines() if "in doubt" in line and "in doubt:" not in line]
+    assert len(rows) == 1, out
+    assert "smartmail retry cron --in-doubt" in rows[0] and f" {len(in_doubt)} " in rows[0], out
+    assert out.count(f"in doubt: {len(in_doubt)} (") == 1, out
+    assert summary["lost_replies"] == 0
     got = run.received()
     for i in range(n):
         address = f"user{i}@example.org"

@@ -28,6 +28,7 @@ from smartmail.message import OutgoingMessage
 from smartmail.report import Outcome
 from smartmail.sources import Row
 from smartmail.state_dynamodb import DynamoState, open_state
+from smartmail.terminal import printable
 from smartmail.transports import TransportOptions, get_transport
 
 from .aws_helpers import REGION, StubPlan, verify_sender
@@ -106,6 +107,32 @@ def test_send_then_rerun_sends_nothing_twice_and_status_reads_the_table(
     assert (status["sent"], status["failed"]) == (6, 0)
     code, out, _ = run_main(["retry", "spring", "--state", ddb, "--yes"], capsys)
     assert code == 0 and "nothing to retry" in out
+
+
+def test_a_campaign_whose_id_holds_controls_is_named_back_in_the_table_as_status_shows_it(
+    ddb: str,
+    tmp_path: Path,
+    template_file: Path,
+    smtp_server: SmtpServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    csv_path = make_csv(tmp_path / "ev\x1b[31mil\u202e\u200bx000.csv", 2)
+    smtp_server.handler.reject_rcpt = {"user1@example.org"}
+    args = send_args(csv_path, template_file, smtp_server.url, "--state", ddb)
+    args.remove("--campaign")
+    args.remove("spring")  # the id derived from the file's name
+    assert run_main(args, capsys)[0] == 1
+    code, out, _ = run_main(["status", "--state", ddb], capsys)
+    assert code == 0 and "ev\\x1b[31mil\\u202e\\u200bx000-" in out
+    [raw] = [c.campaign for c in open_state(ddb).statuses()]
+    shown = printable(raw)
+    assert shown in out
+    assert status_of(ddb, shown, capsys)["campaign"] == raw
+    smtp_server.handler.reject_rcpt = set()
+    code, out, err = run_main(["retry", shown, "--state", ddb, "--yes"], capsys)
+    assert code == 0, err
+    assert len(smtp_server.handler.received) == 2
+    assert status_of(ddb, shown, capsys)["sent"] == 2
 
 
 def test_dry_run_reads_the_table_and_state_env_may_hold_the_url(

@@ -1318,3 +1318,24 @@ def test_a_worker_whose_jobs_all_went_exits_0(
     code, out, err = run_cli(["worker", "--queue", url, "--state", URL, "--max-jobs", "1"], capsys)
     assert code == 0, err
     assert "1 done, 0 left for redelivery" in out and depth(url) == (0, 0)
+
+
+@pytest.mark.slow
+def test_a_job_a_worker_cannot_run_is_reported_once_on_stderr(
+    moto_server: str, tmp_path: Path
+) -> None:
+    """A cron job mails stderr: each failure one line, not a log record and the line again."""
+    url = make_queue()
+    boto3.client("sqs", region_name=REGION).send_message(QueueUrl=url, MessageBody="not json")
+    env = {k: v for k, v in os.environ.items() if k not in ("SMARTMAIL_STATE", "SMARTMAIL_DEBUG")}
+    command = [
+        sys.executable, "-m", "smartmail", "worker", "--queue", url, "--state", URL,
+        "--max-jobs", "1",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("not run:") == 1, done.stderr
+    assert "not JSON" in done.stderr and "ERROR" not in done.stderr
+    assert "1 could not be run" in done.stdout
