@@ -134,7 +134,9 @@ class Hooks(Described):
     and never ask (a library call, a worker, a Lambda)."""
 
     confirm: Callable[[Plan], bool] | None = None
-    """Asked once, after pre-flight and the quota plan, before anything is sent."""
+    """Asked once, after pre-flight and the quota plan, before anything is sent. An SMTP
+    transport first connects and logs in: a set-up mistake raises StopRunError (exit code
+    4) without asking."""
     warn: Callable[[str], None] | None = None
     """Pre-flight problems that do not stop the run, and other notices; one line each."""
     progress: ProgressDisplay | None = None
@@ -404,8 +406,14 @@ class CampaignRun:
                 self._warn(f"... and {checked.problem_count - 20} more problem(s)")
             self._refuse_if_nothing_to_send(checked, send_options, str(transport.url))
             plan = self._plan(checked, send_options, transport)
-            if self.hooks.confirm is not None and plan.messages and not self.hooks.confirm(plan):
-                raise DeclinedError("not confirmed; nothing was sent")
+            if self.hooks.confirm is not None and plan.messages:
+                # Log in before asking: a wrong password or a server refusing us is said
+                # now, not after the operator said yes. The connection then sends first.
+                check = getattr(transport, "check", None)
+                if check is not None:
+                    check()
+                if not self.hooks.confirm(plan):
+                    raise DeclinedError("not confirmed; nothing was sent")
             if ledger is not None:
                 ledger.begin(None if opts.resend else self._record(source, template, transport))
             if self.hooks.sending is not None:

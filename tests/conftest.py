@@ -65,6 +65,7 @@ class RecordingHandler:
     reject_rcpt: set[str] = field(default_factory=set)
     data_replies: list[str] = field(default_factory=list)
     ok_reply: str = "250 2.0.0 Ok: queued as {n:08d}"
+    noop_reply: str = ""  # set: NOOP gets this answer (and a 421 closes the connection)
     data_commands: int = 0
     peers: set[Any] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,6 +77,13 @@ class RecordingHandler:
             self.peers.add(session.peer)
         session.host_name = hostname
         return responses
+
+    async def handle_NOOP(self, server: Any, session: Session, envelope: Envelope, arg: str) -> str:
+        if not self.noop_reply:
+            return "250 OK"
+        if self.noop_reply.startswith("421"):
+            server.transport.close()  # as a server that timed the client out does
+        return self.noop_reply
 
     @property
     def connections(self) -> int:

@@ -12,14 +12,22 @@ import pytest
 from moto import mock_aws
 
 import smartmail
-from smartmail import CampaignConfig, Hooks, Plan, RunOptions, load_config, run_campaign
+from smartmail import (
+    CampaignConfig,
+    Hooks,
+    Plan,
+    RunOptions,
+    Secrets,
+    load_config,
+    run_campaign,
+)
 from smartmail.campaign import CONFIG_VERSION, DeclinedError, NothingToSendError
 from smartmail.errors import ConfigError, LockedError
 from smartmail.ledger import Ledger
 from smartmail.quota import QuotaError
 
 from .aws_helpers import REGION, ses_backend, verify_sender
-from .conftest import SmtpServer, make_csv, write
+from .conftest import SMTP_PASSWORD, SMTP_USER, SmtpServer, make_csv, write
 
 
 def smtp_config(server: SmtpServer, csv: Path, template: Path, **extra: object) -> CampaignConfig:
@@ -431,3 +439,104 @@ def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(
     assert (result.summary.sent, result.exit_code) == (2, 0)
     assert SMTP_PASSWORD.encode() not in db.read_bytes()
     assert SMTP_PASSWORD not in json.dumps(load_config(db, result.summary.campaign).to_dict())
+
+
+def test_a_refused_login_is_said_before_the_prompt_and_nothing_is_sent(
+    tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    """The operator is not asked to confirm a run that cannot log in: the prompt would take
+    a "yes" and the run would then stop at its first connection."""
+    from smartmail.errors import StopRunError
+
+    asked: list[Plan] = []
+
+    def confirm(plan: Plan) -> bool:
+        asked.append(plan)
+        return True
+
+    config = CampaignConfig(
+        template=str(template_file),
+        source=str(make_csv(tmp_path / "r.csv", 3)),
+        transport=tls_smtp_server.url,
+        smtp_user=SMTP_USER,
+        smtp_ca_file=tls_smtp_server.ca_file,
+        campaign="login",
+    )
+    db = tmp_path / "state.db"
+    with pytest.raises(StopRunError, match="refused the login") as stopped:
+        run_campaign(
+            config,
+            RunOptions(state_path=str(db)),
+            Hooks(confirm=confirm),
+            secrets=Secrets(smtp_password="wrong"),
+        )
+    assert stopped.value.exit_code == 4 and "wrong" not in str(stopped.value)
+    assert asked == [] and not tls_smtp_server.handler.received
+    assert deliveries(db, "login") == {}
+    result = run_campaign(  # the lock was released; with the right password it goes
+        config,
+        RunOptions(state_path=str(db)),
+        Hooks(confirm=confirm),
+        secrets=Secrets(smtp_password=SMTP_PASSWORD),
+    )
+    assert len(asked) == 1 and result.summary.sent == 3
+    assert len(tls_smtp_server.handler.received) == 3
+
+
+def test_no_server_is_said_before_the_prompt(tmp_path: Path, template_file: Path) -> None:
+    from smartmail.errors import StopRunError
+
+    from .conftest import free_port
+
+    asked: list[Plan] = []
+
+    def confirm(plan: Plan) -> bool:
+        asked.append(plan)
+        return True
+
+    config = CampaignConfig(
+        template=str(template_file),
+        source=str(make_csv(tmp_path / "r.csv", 2)),
+        transport=f"smtp://127.0.0.1:{free_port()}",
+        smtp_security="none",
+        campaign="nobody",
+    )
+    with pytest.raises(StopRunError, match="cannot connect") as stopped:
+        run_campaign(
+            config,
+            RunOptions(state_path=str(tmp_path / "s.db")),
+            Hooks(confirm=confirm),
+        )
+    assert stopped.value.exit_code == 4 and asked == []
+
+
+def test_the_connection_made_before_the_prompt_is_the_one_that_sends(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    """Checking the login costs no second connection (nor a second login)."""
+    config = smtp_config(
+        smtp_server, make_csv(tmp_path / "r.csv", 5), template_file, workers=1, campaign="one"
+    )
+    result = run_campaign(
+        config, RunOptions(state_path=str(tmp_path / "s.db")), Hooks(confirm=lambda p: True)
+    )
+    assert result.summary.sent == 5 and smtp_server.handler.connections == 1
+
+
+def test_a_connection_dropped_while_the_prompt_waited_is_replaced_without_a_retry(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow answer at the prompt: the server may have closed the checked connection. It is
+    asked (NOOP) and, gone, replaced by a new one: no message fails or is retried for it."""
+    from smartmail.transports.smtp import SmtpTransport
+
+    monkeypatch.setattr(SmtpTransport, "SPARE_FRESH", 0.0)
+    smtp_server.handler.noop_reply = "421 4.4.2 idle for too long, closing"
+    config = smtp_config(
+        smtp_server, make_csv(tmp_path / "r.csv", 4), template_file, workers=1, campaign="idle"
+    )
+    result = run_campaign(
+        config, RunOptions(state_path=str(tmp_path / "s.db")), Hooks(confirm=lambda p: True)
+    )
+    assert result.summary.sent == 4 and result.summary.retries == 0
+    assert smtp_server.handler.connections == 2 and len(smtp_server.handler.received) == 4

@@ -1048,6 +1048,33 @@ def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
     assert not smtp_server.handler.received
 
 
+@pytest.mark.slow
+def test_no_server_is_said_on_a_terminal_before_the_prompt(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """Nobody is asked to confirm a run whose server is not there: one line, exit 4."""
+    from .conftest import free_port
+
+    csv = make_csv(tmp_path / "r.csv", 2)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*smartmail_command(), "send", str(csv), "-t", str(template_file),
+             "--transport", f"smtp://127.0.0.1:{free_port()}", "--smtp-security", "none",
+             "--state", str(tmp_path / "s.db"), "--progress", "none"],
+            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path,
+        )  # fmt: skip
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "Send 2 message(s)" not in err
+    assert proc.returncode == 4, err
+    assert "cannot connect" in err and "nothing was sent" in err
+    assert "Traceback" not in err
+
+
 def test_the_live_display_renders_counts_on_a_terminal() -> None:
     """rich is imported only when a live display starts: check the display still works."""
     import io

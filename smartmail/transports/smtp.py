@@ -24,6 +24,8 @@ import re
 import smtplib
 import socket
 import ssl
+import threading
+import time
 from urllib.parse import SplitResult
 
 from ..errors import (
@@ -55,6 +57,10 @@ class SmtpTransport:
     """Connection settings shared by every worker's session."""
 
     allow_utf8_local = True
+    # A connection `check` opened is handed to the first session as it is within this many
+    # seconds; older (the operator took a while at the prompt), a NOOP asks first whether
+    # the server still holds it.
+    SPARE_FRESH = 5.0
 
     def __init__(
         self,
@@ -96,6 +102,8 @@ class SmtpTransport:
                 self.ssl_context = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"--smtp-ca-file {ca_file}: cannot load ({exc})") from None
+        self._spare: tuple[float, smtplib.SMTP] | None = None
+        self._spare_lock = threading.Lock()
 
     def open_session(self) -> SmtpSession:
         return SmtpSession(self)
@@ -103,8 +111,49 @@ class SmtpTransport:
     def default_rate(self) -> float | None:
         return None
 
-    def close(self) -> None:
+    def check(self) -> None:
+        """Connect, secure and log in now, so that a set-up mistake (the login, TLS, a server
+        refusing us or not there) is found before the operator confirms the run, not after.
+        Raises StopRunError for any failure (the run has not begun: there is nothing to
+        retry). The connection is kept for the first session to send on."""
+        try:
+            conn = self.connect()
+        except StopRunError:
+            raise
+        except TransportError as exc:
+            raise StopRunError(str(exc), code=exc.code) from None
+        self._keep(conn)
+
+    def _keep(self, conn: smtplib.SMTP) -> None:
+        with self._spare_lock:
+            old, self._spare = self._spare, (time.monotonic(), conn)
+        if old is not None:
+            _quit(old[1])
+
+    def take_spare(self) -> smtplib.SMTP | None:
+        """The connection `check` opened, if it is still good (once; None otherwise)."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        made, conn = spare
+        if time.monotonic() - made <= self.SPARE_FRESH:
+            return conn
+        try:
+            code, _ = conn.noop()
+        except (OSError, smtplib.SMTPException):
+            code = 0
+        if code == 250:
+            return conn
+        with contextlib.suppress(OSError):
+            conn.close()
         return None
+
+    def close(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            _quit(spare[1])
 
     def connect(self) -> smtplib.SMTP:
         """Open, secure and authenticate one connection; errors come back classified.
@@ -213,7 +262,7 @@ class SmtpSession:
         if self.conn is not None and self.sent_on_conn >= self.transport.messages_per_connection:
             self.close()
         if self.conn is None:
-            self.conn = self.transport.connect()
+            self.conn = self.transport.take_spare() or self.transport.connect()
             self.sent_on_conn = 0
         try:
             reply, refused = self._transaction(self.conn, message)
@@ -335,6 +384,15 @@ class SmtpSession:
         except (OSError, smtplib.SMTPException):
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+def _quit(conn: smtplib.SMTP) -> None:
+    """QUIT a connection nobody will send on; never raises."""
+    try:
+        conn.quit()
+    except (OSError, smtplib.SMTPException):
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 def quote_address(address: str) -> str:
