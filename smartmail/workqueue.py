@@ -187,7 +187,12 @@ def enqueue_campaign(
         ledger = dstate.ledger(campaign)
         with readable(snap.name):
             checked = preflight(
-                snap, template, options, allow_utf8_local=allow_utf8, journal=ledger
+                snap,
+                template,
+                options,
+                allow_utf8_local=allow_utf8,
+                journal=ledger,
+                keep_rendered=options.render_cache_chars,
             )
         if not checked.ok:
             exc = PreflightError(checked.fatal, checked.fatal_count)
@@ -208,9 +213,18 @@ def enqueue_campaign(
         for row, _ragged in snap.rows():
             if row.number in checked.skipped:
                 continue
-            rendered = template.render(
-                row, snap.to_column, source_name=snap.name, allow_utf8_local=allow_utf8
-            )
+            # The message as pre-flight checked it (its attachments as they resolved then):
+            # rendered again only past pre-flight's keep budget, as the send pass does.
+            rendered = checked.kept.pop(row.number, None)
+            if rendered is None:
+                try:
+                    rendered = template.render(
+                        row, snap.to_column, source_name=snap.name, allow_utf8_local=allow_utf8
+                    )
+                except SmartmailError as exc:
+                    raise ConfigError(
+                        f"{exc} (it changed since pre-flight checked it); nothing was queued"
+                    ) from None
             attached.update((file.given, file.path) for file in rendered.attachments)
             key = recipient_key(rendered.recipient)
             if key in queued_before:

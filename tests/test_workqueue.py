@@ -698,6 +698,45 @@ def test_a_linked_folder_turned_outward_after_preflight_is_refused_in_one_line(
     assert "'linked/C00000.txt' leads outside" in line and "nothing was queued" in line
 
 
+def _swap_link_after_preflight(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, target: Path
+) -> None:
+    """Point `folder/linked` at `target` the moment pre-flight returns."""
+    import smartmail.engine
+
+    real = smartmail.engine.preflight
+
+    def preflight(*args: Any, **kwargs: Any) -> Any:
+        checked = real(*args, **kwargs)
+        (folder / "linked").unlink()
+        (folder / "linked").symlink_to(target, target_is_directory=True)
+        return checked
+
+    monkeypatch.setattr(smartmail.engine, "preflight", preflight)
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_a_link_turned_after_preflight_queues_nothing_pre_flight_did_not_check(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Enqueue rendered every row a second time after pre-flight and bundled what that found:
+    # a link turned in between put a file pre-flight never checked in the bundle (inside the
+    # folder), or stopped with a raw row error that did not say nothing was queued (outside).
+    cfg = _linked_attachments(tmp_path, "linked/{{ code }}.txt")
+    folder = Path(cfg.template).parent
+    target = folder / "data" / "2027" if where == "inside" else tmp_path / "secrets"
+    target.mkdir()
+    for i in range(2):
+        write(target / f"C{i:05d}.txt", f"NOT CHECKED {i}\n")
+    _swap_link_after_preflight(monkeypatch, folder, target)
+    url = make_queue()
+    with pytest.raises(ConfigError) as caught:
+        enqueue_campaign(cfg, url, open_state(URL))
+    (line,) = str(caught.value).splitlines()
+    assert "elsewhere than when it was checked" in line and "nothing was queued" in line
+    assert depth(url) == (0, 0)
+
+
 def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
     aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
