@@ -698,9 +698,7 @@ def test_a_linked_folder_turned_outward_after_preflight_is_refused_in_one_line(
     assert "'linked/C00000.txt' leads outside" in line and "nothing was queued" in line
 
 
-def _swap_link_after_preflight(
-    monkeypatch: pytest.MonkeyPatch, folder: Path, target: Path
-) -> None:
+def _swap_link_after_preflight(monkeypatch: pytest.MonkeyPatch, folder: Path, target: Path) -> None:
     """Point `folder/linked` at `target` the moment pre-flight returns."""
     import smartmail.engine
 
