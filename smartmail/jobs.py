@@ -192,6 +192,7 @@ class Bundle:
             from .message import _read_regular  # a link swapped in since is refused too
 
             root = Path(attachments_dir).resolve()
+            encoded: dict[Path, str] = {}  # a file rows name in two spellings is read once
             for given in sorted(only):
                 real = (root / given).resolve()
                 if not real.is_relative_to(root) or real != only[given]:
@@ -199,15 +200,18 @@ class Bundle:
                         f"attachment {given!r} leads outside {root} or elsewhere than when it "
                         "was checked (a symbolic link changed); nothing was queued"
                     )
-                content = _read_regular(str(real))
-                total += len(content)
-                if total > MAX_BUNDLE_BYTES:
-                    raise ConfigError(
-                        f"{root}: the attachments folder holds more than "
-                        f"{MAX_BUNDLE_BYTES // (1024 * 1024)} MB; give --attachments-dir a "
-                        "folder with only the attachments"
-                    )
-                files[given] = base64.b64encode(content).decode()
+                if real not in encoded:
+                    content = _read_regular(str(real))
+                    total += len(content)
+                    if total > MAX_BUNDLE_BYTES:
+                        raise ConfigError(
+                            f"{root}: the files the rows attach come to more than "
+                            f"{MAX_BUNDLE_BYTES // (1024 * 1024)} MB, too much for the bundle "
+                            "every queue worker reads; send this campaign with `smartmail "
+                            "send`; nothing was queued"
+                        )
+                    encoded[real] = base64.b64encode(content).decode()
+                files[given] = encoded[real]
             data["attachments"] = files
         return cls(data)
 

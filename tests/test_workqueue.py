@@ -735,6 +735,30 @@ def test_a_link_turned_after_preflight_queues_nothing_pre_flight_did_not_check(
     assert depth(url) == (0, 0)
 
 
+def test_the_bundle_limit_counts_a_file_once_whatever_the_rows_call_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two rows naming one file as `linked/C00000.txt` and `data/2026/C00000.txt` counted it
+    # twice against the limit, and the refusal blamed "the attachments folder".
+    import smartmail.jobs
+
+    cfg = _linked_attachments(tmp_path, "linked/{{ code }}.txt")
+    folder = Path(cfg.template).parent
+    size = len((folder / "data" / "2026" / "C00000.txt").read_bytes())
+    monkeypatch.setattr(smartmail.jobs, "MAX_BUNDLE_BYTES", size + 1)
+    one = (folder / "data" / "2026" / "C00000.txt").resolve()
+    spellings = {"linked/C00000.txt": one, "data/2026/C00000.txt": one}
+    bundle = Bundle.collect(cfg.template, None, folder, only=spellings)
+    files = bundle.data["attachments"]
+    assert sorted(files) == sorted(spellings) and len(set(files.values())) == 1
+    two = {**spellings, "linked/C00001.txt": (folder / "linked" / "C00001.txt").resolve()}
+    with pytest.raises(ConfigError) as caught:
+        Bundle.collect(cfg.template, None, folder, only=two)
+    (line,) = str(caught.value).splitlines()
+    assert "the files the rows attach come to more than" in line
+    assert "nothing was queued" in line and "folder holds" not in line
+
+
 def test_entries_the_queue_fails_are_sent_again_and_only_accepted_jobs_count_as_queued(
     aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
