@@ -691,6 +691,13 @@ def _confirm(plan: Plan) -> bool:
     except click.exceptions.Abort:
         click.echo("", err=True)
         return False
+    except OSError as exc:  # the terminal hung up (EIO) with SIGHUP ignored: no answer
+        from .campaign import DeclinedError
+
+        reason = exc.strerror or type(exc).__name__
+        raise DeclinedError(
+            f"no answer: the terminal went away ({reason}); nothing was sent"
+        ) from None
 
 
 def _signal_name(signum: int) -> str:

@@ -785,3 +785,48 @@ def test_a_send_on_a_terminal_still_gets_its_colours_and_live_display(
     assert "\x1b[?25l" in text  # the live display hides the cursor while it draws
     assert re.search(r"\x1b\[[0-9;]*3[0-9](;[0-9]+)*m", text), text  # a colour
     assert "┌" in text and "sent" in text  # the summary's box, as on any terminal
+
+
+def test_a_terminal_that_hangs_up_at_the_prompt_is_no_answer_and_nothing_is_sent(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # The answer's read failed with EIO: a traceback and exit 1 ("some rows failed").
+    import fcntl
+    import termios
+
+    csv_path = make_csv(tmp_path / "r.csv", 3)
+    args = _send_args(csv_path, template_file, tmp_path, "outbox")
+    args.remove("--yes")
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", "trap '' HUP; exec \"$0\" \"$@\"", sys.executable, "-m", "smartmail",
+             *args],
+            cwd=tmp_path, stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+            start_new_session=True, preexec_fn=controlling_terminal,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    assert proc.stderr is not None
+    asked = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"[y/N]" not in asked and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 0.1)[0]:
+                asked += os.read(proc.stderr.fileno(), 4096)
+            if select.select([master], [], [], 0)[0]:
+                os.read(master, 4096)
+        assert b"[y/N]" in asked, asked
+        os.close(master)  # the hang-up, while the prompt waits for its answer
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = (asked + rest).decode()
+    assert "Traceback" not in err, err
+    assert "no answer: the terminal went away" in err and "nothing was sent" in err
+    assert proc.returncode == 2
+    assert not list((tmp_path / "outbox").glob("*.eml"))
