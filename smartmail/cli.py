@@ -1278,7 +1278,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
         click.echo(json.dumps([c.to_dict() for c in found], indent=2))
         return
     if not found:
-        say(f"no campaigns in {path}")
+        say(f"no campaigns in {path}{_not_there(state)}")
         return
     rows = [_status_cells(c) for c in found]
     # Off a terminal (cron mail, a pipe) there is no width to respect: do not squeeze the table.
@@ -1471,6 +1471,9 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
     if as_json:
         click.echo(json.dumps([e._asdict() for e in entries], indent=2))
         return
+    if _not_there(state):
+        say(f"no suppressed addresses in {state}{_not_there(state)}")
+        return
     table = RichTable(title=f"suppressed addresses: {len(entries)}", title_justify="left")
     for column in ("address", "reason", "detail"):
         table.add_column(column, overflow="fold")
@@ -1603,6 +1606,13 @@ def events_cmd(
         print_table(_events_table(summary))
     if not summary.ok:
         raise SystemExit(EXIT_SOME_FAILED)
+
+
+def _not_there(state: Any) -> str:
+    """A note for a listing of a SQLite state file that does not exist: a mistyped --state
+    must not read as an empty list that is really there."""
+    path = getattr(state, "path", None)
+    return " (no such file)" if path is not None and not path.exists() else ""
 
 
 @contextlib.contextmanager

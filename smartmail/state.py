@@ -132,17 +132,26 @@ def connect(
     one thread at a time uses it (the ledger's writer connection, under its commit lock).
     Without `upgrade` (a command that only reads) a file of an older schema is left as it
     is: an older smartmail refuses a file once upgraded, and every query still works on it,
-    as an older schema differs only by its indexes. A new file gets the schema either way.
+    as an older schema differs only by its indexes. Nor is a state that holds nothing (no
+    file, or an empty one: `touch`ed, or made by `install /dev/null` before the first cron
+    run) given one, nor its folder made: it reads as an empty state (`empty()`).
     """
     import sqlite3
 
     db = Path(path) if path is not None else default_state_path()
+    if not upgrade and not db.exists():
+        return empty()
     conn: sqlite3.Connection | None = None
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        if upgrade:
+            db.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db, timeout=30.0, isolation_level=None, check_same_thread=not shared)
         conn.row_factory = sqlite3.Row
         # sqlite3 opens any file lazily: `--state recipients.csv` or /dev/null fails only here.
+        # Read before WAL mode is set: setting it writes the header into an empty file.
+        if not upgrade and _blank(conn):
+            _close(conn)
+            return empty()
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
@@ -167,6 +176,13 @@ def connect(
         _close(conn)
         raise ConfigError(f"{db}: made by a newer smartmail (schema {version}); upgrade smartmail")
     return conn
+
+
+def _blank(conn: sqlite3.Connection) -> bool:
+    """A database with nothing in it (a new or empty file): no schema, no version."""
+    found: int = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    return found == 0 and version == 0
 
 
 def empty() -> sqlite3.Connection:

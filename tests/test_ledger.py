@@ -1329,11 +1329,12 @@ def test_a_command_that_only_reads_leaves_a_schema_1_state_database_to_the_older
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        (["suppress", "list"], "suppressed addresses: 0"),
+        (["status"], "(no such file)"),  # a mistyped --state says so
+        (["suppress", "list"], "(no such file)"),
         (["suppress", "export", "-"], "email,reason,detail,created_at"),
         (["retry", "nope", "--yes", "--progress", "none"], "no campaign 'nope'"),
     ],
-    ids=["suppress-list", "suppress-export", "retry-unknown"],
+    ids=["status", "suppress-list", "suppress-export", "retry-unknown"],
 )
 def test_a_command_that_only_reads_makes_no_state_file_where_there_is_none(
     tmp_path: Path, command: list[str], expected: str
@@ -1348,6 +1349,41 @@ def test_a_command_that_only_reads_makes_no_state_file_where_there_is_none(
     assert code == (2 if command[0] == "retry" else 0), out
     assert expected in out
     assert not db.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["dry-run", "CSV", "-t", "TEMPLATE", "--preview", "0"],
+        ["suppress", "list"],
+        ["suppress", "export", "-"],
+        ["retry", "nope", "--yes", "--progress", "none"],
+    ],
+    ids=["status", "status-json", "dry-run", "suppress-list", "suppress-export", "retry-unknown"],
+)
+def test_a_command_that_only_reads_leaves_an_empty_state_file_empty(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, command: list[str]
+):
+    """An empty file (`touch`, or `install -m600 /dev/null` before the first cron run) was
+    given this smartmail's schema by `status`: the older smartmail meant to use it then
+    refused it. It reads as an empty state; the first send makes it a ledger."""
+    csv = make_csv(tmp_path / "r.csv", 2)
+    db = tmp_path / "state.db"
+    db.touch()
+    args = [{"CSV": str(csv), "TEMPLATE": str(template_file)}.get(a, a) for a in command]
+
+    code, out = run_cli([*args, "--state", str(db)])
+
+    assert code == (2 if command[0] == "retry" else 0), out
+    assert db.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "msg.txt",
+        "r.csv",
+        "state.db",
+    ]
+    assert run_cli(send_args(csv, template_file, smtp_server, db))[0] == 0
+    assert _schema(db)[0] == 2
 
 
 def test_a_flush_while_the_ledger_closes_returns_only_once_every_outcome_is_committed(
