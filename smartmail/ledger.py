@@ -472,6 +472,7 @@ class Ledger:
         self._premarked: set[str] = set()  # the same, marked by `mark()`
         self._writer: _Writer | None = None
         self._closing: _Writer | None = None  # the writer close() is stopping
+        self._writes = False  # acquired: the file is made, or upgraded, to be written
         # Unlocked (dry-run): rows `sending` under a live run are in flight, not in doubt.
         live = self.lock.held_elsewhere()
         self.in_doubt: frozenset[str] = frozenset() if live else self._sending_rows()
@@ -482,6 +483,10 @@ class Ledger:
     def acquire(self) -> None:
         """Lock the campaign for this process; rows still `sending` now are in doubt."""
         self.lock.acquire()
+        # Connections opened before only read: one may hold an empty state in memory for a
+        # file that was blank then. From here the file is this run's ledger.
+        self._writes = True
+        self._forget_reads()
         self.in_doubt = self._sending_rows()
         self._fresh = self._is_fresh()
         writer = _Writer(self.path)
@@ -758,15 +763,25 @@ class Ledger:
     # --- helpers -----------------------------------------------------------------------------
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's read connection to the state database (no schema upgrade: see the
-        class)."""
+        """This thread's read connection to the state database (unacquired, no schema upgrade
+        and no file made: see the class)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = state.connect(self.path, upgrade=False)
+            conn = state.connect(self.path, upgrade=self._writes)
             self._local.conn = conn
             with self._guard:
                 self._connections.append(conn)
         return conn
+
+    def _forget_reads(self) -> None:
+        """Close the read connections opened so far (only this thread's, before any other
+        thread uses the ledger); the next read opens a new one."""
+        with self._guard:
+            conns, self._connections = self._connections, []
+        self._local = threading.local()
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def flush(self) -> None:
         """Wait until every write queued so far is committed.

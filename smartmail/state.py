@@ -180,9 +180,11 @@ def connect(
 
 def _blank(conn: sqlite3.Connection) -> bool:
     """A database with nothing in it (a new or empty file): no schema, no version."""
-    found: int = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-    return found == 0 and version == 0
+    # fetchall: a statement left unfinished would hold its read snapshot open, and the
+    # connection would not see what other connections commit later (a new suppression).
+    ((found,),) = conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    ((version,),) = conn.execute("PRAGMA user_version").fetchall()
+    return bool(found == 0 and version == 0)
 
 
 def empty() -> sqlite3.Connection:
