@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +442,17 @@ def test_the_smtp_password_is_given_per_run_and_never_shown_or_stored(
     assert SMTP_PASSWORD not in json.dumps(load_config(db, result.summary.campaign).to_dict())
 
 
+def _asking() -> tuple[list[Plan], Callable[[Plan], bool]]:
+    """A confirm hook that says yes, and the plans it was asked about."""
+    asked: list[Plan] = []
+
+    def confirm(plan: Plan) -> bool:
+        asked.append(plan)
+        return True
+
+    return asked, confirm
+
+
 def test_a_refused_login_is_said_before_the_prompt_and_nothing_is_sent(
     tls_smtp_server: SmtpServer, tmp_path: Path, template_file: Path
 ) -> None:
@@ -448,12 +460,7 @@ def test_a_refused_login_is_said_before_the_prompt_and_nothing_is_sent(
     a "yes" and the run would then stop at its first connection."""
     from smartmail.errors import StopRunError
 
-    asked: list[Plan] = []
-
-    def confirm(plan: Plan) -> bool:
-        asked.append(plan)
-        return True
-
+    asked, confirm = _asking()
     config = CampaignConfig(
         template=str(template_file),
         source=str(make_csv(tmp_path / "r.csv", 3)),
@@ -488,12 +495,7 @@ def test_no_server_is_said_before_the_prompt(tmp_path: Path, template_file: Path
 
     from .conftest import free_port
 
-    asked: list[Plan] = []
-
-    def confirm(plan: Plan) -> bool:
-        asked.append(plan)
-        return True
-
+    asked, confirm = _asking()
     config = CampaignConfig(
         template=str(template_file),
         source=str(make_csv(tmp_path / "r.csv", 2)),

@@ -1023,25 +1023,34 @@ def test_a_second_ctrl_c_in_a_library_caller_leaves_only_the_rows_in_flight_in_d
     assert statuses == {"sent": 2, "sending": 2, "pending": 3}, (statuses, err)
 
 
-@pytest.mark.slow
-def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
-    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
-) -> None:
+def _send_from_a_terminal(
+    tmp_path: Path, template_file: Path, url: str, *, answer: bytes
+) -> tuple[subprocess.Popen[str], str]:
+    """`send` of 2 rows with its stdin on a terminal (so it asks), `answer` typed ahead; the
+    process (ended) and its stderr."""
     csv = make_csv(tmp_path / "r.csv", 2)
     controller, terminal = pty.openpty()
     try:
         proc = subprocess.Popen(
             [*smartmail_command(), "send", str(csv), "-t", str(template_file),
-             "--transport", smtp_server.url, "--smtp-security", "none",
+             "--transport", url, "--smtp-security", "none",
              "--state", str(tmp_path / "s.db"), "--progress", "none"],
             stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=tmp_path,
         )  # fmt: skip
-        os.write(controller, b"n\n")
+        os.write(controller, answer)
         _out, err = proc.communicate(timeout=30)
     finally:
         os.close(controller)
         os.close(terminal)
+    return proc, err
+
+
+@pytest.mark.slow
+def test_declining_the_prompt_on_a_terminal_is_exit_2_with_nothing_sent(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path
+) -> None:
+    proc, err = _send_from_a_terminal(tmp_path, template_file, smtp_server.url, answer=b"n\n")
     assert "Send 2 message(s) to their recipients via" in err
     assert proc.returncode == 2, err
     assert "not confirmed; nothing was sent" in err
@@ -1055,20 +1064,8 @@ def test_no_server_is_said_on_a_terminal_before_the_prompt(
     """Nobody is asked to confirm a run whose server is not there: one line, exit 4."""
     from .conftest import free_port
 
-    csv = make_csv(tmp_path / "r.csv", 2)
-    controller, terminal = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [*smartmail_command(), "send", str(csv), "-t", str(template_file),
-             "--transport", f"smtp://127.0.0.1:{free_port()}", "--smtp-security", "none",
-             "--state", str(tmp_path / "s.db"), "--progress", "none"],
-            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=tmp_path,
-        )  # fmt: skip
-        _out, err = proc.communicate(timeout=30)
-    finally:
-        os.close(controller)
-        os.close(terminal)
+    url = f"smtp://127.0.0.1:{free_port()}"
+    proc, err = _send_from_a_terminal(tmp_path, template_file, url, answer=b"y\n")
     assert "Send 2 message(s)" not in err
     assert proc.returncode == 4, err
     assert "cannot connect" in err and "nothing was sent" in err
