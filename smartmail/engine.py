@@ -257,13 +257,16 @@ def preflight(
     allow_utf8_local: bool = True,
     journal: Journal | None = None,
     keep_rendered: int = 0,
+    attachments: dict[str, Path] | None = None,
 ) -> PreflightResult:
     """Render and validate every row, and check it can be built; send nothing. Shape errors
     raise SourceError.
 
     `keep_rendered` is a budget in bytes: checked messages are kept rendered (by row number)
     until it is spent, for a send pass that follows; a dry run keeps none (its previews are
-    built).
+    built). `attachments`, when given, gets every valid row's attachment paths as the rows
+    give them and the files they resolved to as they were checked (the queue's bundle takes
+    those, never a file a link turned to since).
     """
     if options.test_to and not allow_utf8_local:
         try:  # the proof's address must be one this transport can send to, as every row's
@@ -359,6 +362,9 @@ def preflight(
             continue
         seen.add(seen_key)
         result.valid += 1
+        if attachments is not None:
+            for file in rendered.attachments:
+                attachments.setdefault(file.given, file.path)
         if rendered.empty_subject is not None:  # the row goes; the operator hears of it first
             column, note = rendered.empty_subject
             result.empty_subjects += 1

@@ -193,6 +193,7 @@ class Bundle:
 
             root = Path(attachments_dir).resolve()
             encoded: dict[Path, str] = {}  # a file rows name in two spellings is read once
+            sizes: dict[Path, int] = {}
             for given in sorted(only):
                 real = (root / given).resolve()
                 if not real.is_relative_to(root) or real != only[given]:
@@ -202,15 +203,19 @@ class Bundle:
                     )
                 if real not in encoded:
                     content = _read_regular(str(real))
-                    total += len(content)
-                    if total > MAX_BUNDLE_BYTES:
-                        raise ConfigError(
-                            f"{root}: the files the rows attach come to more than "
-                            f"{MAX_BUNDLE_BYTES // (1024 * 1024)} MB, too much for the bundle "
-                            "every queue worker reads; send this campaign with `smartmail "
-                            "send`; nothing was queued"
-                        )
+                    sizes[real] = len(content)
                     encoded[real] = base64.b64encode(content).decode()
+                # Counted as stored: once for each spelling the rows use (the worker finds
+                # each under the path its row gives).
+                total += sizes[real]
+                if total > MAX_BUNDLE_BYTES:
+                    raise ConfigError(
+                        f"{root}: the files the rows attach come to more than "
+                        f"{MAX_BUNDLE_BYTES // (1024 * 1024)} MB in the bundle every queue "
+                        "worker reads (a file the rows name in several spellings, through "
+                        "links, is stored once for each); send this campaign with `smartmail "
+                        "send`, or name each file one way; nothing was queued"
+                    )
                 files[given] = encoded[real]
             data["attachments"] = files
         return cls(data)

@@ -183,6 +183,7 @@ def enqueue_campaign(
     )
     options.check()
     snap = source.snapshot()
+    attached: dict[str, Path] = {}  # what the rows attach, as pre-flight resolved it
     try:
         ledger = dstate.ledger(campaign)
         with readable(snap.name):
@@ -193,6 +194,7 @@ def enqueue_campaign(
                 allow_utf8_local=allow_utf8,
                 journal=ledger,
                 keep_rendered=options.render_cache_chars,
+                attachments=attached,
             )
         if not checked.ok:
             exc = PreflightError(checked.fatal, checked.fatal_count)
@@ -206,15 +208,15 @@ def enqueue_campaign(
         # queue it again (a second copy is harmless).
         queued_before = queued_keys(dstate, campaign) - given_back_keys(dstate, campaign)
         rows: list[tuple[Row, str]] = []
-        attached: dict[str, Path] = {}
         result = EnqueueResult(campaign, snap.name, TemplateRef(""), rows=checked.rows)
         for reason in checked.skipped.values():
             result.skip_reasons[reason] = result.skip_reasons.get(reason, 0) + 1
         for row, _ragged in snap.rows():
             if row.number in checked.skipped:
                 continue
-            # The message as pre-flight checked it (its attachments as they resolved then):
-            # rendered again only past pre-flight's keep budget, as the send pass does.
+            # The message as pre-flight checked it: rendered again only past pre-flight's
+            # keep budget (for its recipient; the bundle takes the files as pre-flight found
+            # them, `attached`).
             rendered = checked.kept.pop(row.number, None)
             if rendered is None:
                 try:
@@ -225,7 +227,6 @@ def enqueue_campaign(
                     raise ConfigError(
                         f"{exc} (it changed since pre-flight checked it); nothing was queued"
                     ) from None
-            attached.update((file.given, file.path) for file in rendered.attachments)
             key = recipient_key(rendered.recipient)
             if key in queued_before:
                 result.already_queued += 1

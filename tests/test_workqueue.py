@@ -698,13 +698,18 @@ def test_a_linked_folder_turned_outward_after_preflight_is_refused_in_one_line(
     assert "'linked/C00000.txt' leads outside" in line and "nothing was queued" in line
 
 
-def _swap_link_after_preflight(monkeypatch: pytest.MonkeyPatch, folder: Path, target: Path) -> None:
-    """Point `folder/linked` at `target` the moment pre-flight returns."""
+def _swap_link_after_preflight(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, target: Path, *, keep: bool
+) -> None:
+    """Point `folder/linked` at `target` the moment pre-flight returns; without `keep`,
+    pre-flight keeps no message (a list past its budget), so enqueue renders every row again."""
     import smartmail.engine
 
     real = smartmail.engine.preflight
 
     def preflight(*args: Any, **kwargs: Any) -> Any:
+        if not keep:
+            kwargs["keep_rendered"] = 0
         checked = real(*args, **kwargs)
         (folder / "linked").unlink()
         (folder / "linked").symlink_to(target, target_is_directory=True)
@@ -713,47 +718,55 @@ def _swap_link_after_preflight(monkeypatch: pytest.MonkeyPatch, folder: Path, ta
     monkeypatch.setattr(smartmail.engine, "preflight", preflight)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "past-the-budget"])
 @pytest.mark.parametrize("where", ["inside", "outside"])
+@pytest.mark.parametrize("attachment", ["linked/{{ code }}.txt", "linked/C00000.txt"])
 def test_a_link_turned_after_preflight_queues_nothing_pre_flight_did_not_check(
-    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+    aws: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    keep: bool,
+    attachment: str,
 ) -> None:
     # Enqueue rendered every row a second time after pre-flight and bundled what that found:
     # a link turned in between put a file pre-flight never checked in the bundle (inside the
     # folder), or stopped with a raw row error that did not say nothing was queued (outside).
-    cfg = _linked_attachments(tmp_path, "linked/{{ code }}.txt")
+    # Then only for rows pre-flight kept: one rendered again still bundled the new file.
+    cfg = _linked_attachments(tmp_path, attachment)
     folder = Path(cfg.template).parent
     target = folder / "data" / "2027" if where == "inside" else tmp_path / "secrets"
     target.mkdir()
     for i in range(2):
         write(target / f"C{i:05d}.txt", f"NOT CHECKED {i}\n")
-    _swap_link_after_preflight(monkeypatch, folder, target)
+    _swap_link_after_preflight(monkeypatch, folder, target, keep=keep)
     url = make_queue()
     with pytest.raises(ConfigError) as caught:
         enqueue_campaign(cfg, url, open_state(URL))
     (line,) = str(caught.value).splitlines()
-    assert "elsewhere than when it was checked" in line and "nothing was queued" in line
+    assert "nothing was queued" in line
+    assert "elsewhere than when it was checked" in line or "changed since pre-flight" in line
     assert depth(url) == (0, 0)
 
 
-def test_the_bundle_limit_counts_a_file_once_whatever_the_rows_call_it(
+def test_the_bundle_limit_counts_what_the_bundle_stores_and_says_what_is_too_big(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Two rows naming one file as `linked/C00000.txt` and `data/2026/C00000.txt` counted it
-    # twice against the limit, and the refusal blamed "the attachments folder".
+    # The refusal blamed "the attachments folder" (only the files rows attach are bundled);
+    # a file named in two spellings is stored, and counted, once for each.
     import smartmail.jobs
 
     cfg = _linked_attachments(tmp_path, "linked/{{ code }}.txt")
     folder = Path(cfg.template).parent
-    size = len((folder / "data" / "2026" / "C00000.txt").read_bytes())
-    monkeypatch.setattr(smartmail.jobs, "MAX_BUNDLE_BYTES", size + 1)
     one = (folder / "data" / "2026" / "C00000.txt").resolve()
+    size = len(one.read_bytes())
+    monkeypatch.setattr(smartmail.jobs, "MAX_BUNDLE_BYTES", 2 * size)
     spellings = {"linked/C00000.txt": one, "data/2026/C00000.txt": one}
-    bundle = Bundle.collect(cfg.template, None, folder, only=spellings)
-    files = bundle.data["attachments"]
-    assert sorted(files) == sorted(spellings) and len(set(files.values())) == 1
-    two = {**spellings, "linked/C00001.txt": (folder / "linked" / "C00001.txt").resolve()}
+    files = Bundle.collect(cfg.template, None, folder, only=spellings).data["attachments"]
+    assert sorted(files) == sorted(spellings)
+    three = {**spellings, "linked/C00001.txt": (folder / "linked" / "C00001.txt").resolve()}
     with pytest.raises(ConfigError) as caught:
-        Bundle.collect(cfg.template, None, folder, only=two)
+        Bundle.collect(cfg.template, None, folder, only=three)
     (line,) = str(caught.value).splitlines()
     assert "the files the rows attach come to more than" in line
     assert "nothing was queued" in line and "folder holds" not in line
