@@ -926,7 +926,7 @@ def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
     run's ledger upgrades an older schema (or makes the file) when it takes the campaign, a
     typo in the campaign's name does neither. `campaign` may be the id as `status` prints
     it (`state_store.resolve_campaign`); the record holds the real one."""
-    from .state_store import open_state, resolve_campaign
+    from .state_store import not_there, open_state, resolve_campaign
 
     state = open_state(state_path, read_only=True)
     try:
@@ -934,7 +934,9 @@ def load_record(state_path: str | os.PathLike[str] | None, campaign: str) -> Cam
     finally:
         state.close()
     if record is None:
-        raise ConfigError(f"no campaign {campaign!r} in {state}; `smartmail status` lists them")
+        raise ConfigError(
+            f"no campaign {campaign!r} in {state}{not_there(state)}; `smartmail status` lists them"
+        )
     return record
 
 

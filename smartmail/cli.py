@@ -1263,7 +1263,7 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
     from rich.table import Table as RichTable
     from rich.text import Text
 
-    from .state_store import open_state, resolve_campaign
+    from .state_store import not_there, open_state, resolve_campaign
 
     state = open_state(state_path, read_only=True)  # the old smartmail's cron job still reads it
     try:
@@ -1273,12 +1273,14 @@ def status_cmd(campaign: str | None, state_path: str | None, as_json: bool) -> N
         state.close()
     path = str(state)
     if campaign and not found:
-        raise ConfigError(f"no campaign {campaign!r} in {path}; `smartmail status` lists them")
+        raise ConfigError(
+            f"no campaign {campaign!r} in {path}{not_there(state)}; `smartmail status` lists them"
+        )
     if as_json:
         click.echo(json.dumps([c.to_dict() for c in found], indent=2))
         return
     if not found:
-        say(f"no campaigns in {path}{_not_there(state)}")
+        say(f"no campaigns in {path}{not_there(state)}")
         return
     rows = [_status_cells(c) for c in found]
     # Off a terminal (cron mail, a pipe) there is no width to respect: do not squeeze the table.
@@ -1466,13 +1468,15 @@ def suppress_list_cmd(as_json: bool, state_path: str | None) -> None:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
+    from .state_store import not_there
+
     with _open_state(state_path, read_only=True) as state:
         entries = list(state.suppressions)
     if as_json:
         click.echo(json.dumps([e._asdict() for e in entries], indent=2))
         return
-    if _not_there(state):
-        say(f"no suppressed addresses in {state}{_not_there(state)}")
+    if not_there(state):
+        say(f"no suppressed addresses in {state}{not_there(state)}")
         return
     table = RichTable(title=f"suppressed addresses: {len(entries)}", title_justify="left")
     for column in ("address", "reason", "detail"):
@@ -1606,13 +1610,6 @@ def events_cmd(
         print_table(_events_table(summary))
     if not summary.ok:
         raise SystemExit(EXIT_SOME_FAILED)
-
-
-def _not_there(state: Any) -> str:
-    """A note for a listing of a SQLite state file that does not exist: a mistyped --state
-    must not read as an empty list that is really there."""
-    path = getattr(state, "path", None)
-    return " (no such file)" if path is not None and not path.exists() else ""
 
 
 @contextlib.contextmanager

@@ -119,6 +119,13 @@ class SqliteState:
         return SqliteFeedback(self.conn())
 
 
+def not_there(state: object) -> str:
+    """ " (no such file)" for a SQLite state file that does not exist, else "": a mistyped
+    --state must not read as an empty state that is really there."""
+    path = getattr(state, "path", None)
+    return " (no such file)" if isinstance(path, Path) and not path.exists() else ""
+
+
 def resolve_campaign(state: StateStore, name: str) -> str:
     """The id of the stored campaign `name` names: `name` itself when a campaign has exactly
     that id, else the one campaign whose id `status` prints as `name` (`terminal.printable`),
