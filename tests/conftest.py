@@ -4,6 +4,7 @@ a test CA, and helpers to write CSVs and templates.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
@@ -81,6 +82,8 @@ class RecordingHandler:
     async def handle_NOOP(self, server: Any, session: Session, envelope: Envelope, arg: str) -> str:
         if not self.noop_reply:
             return "250 OK"
+        if self.noop_reply == "never":  # a server that stopped answering, without closing
+            await asyncio.sleep(30)
         if self.noop_reply.startswith("421"):
             server.transport.close()  # as a server that timed the client out does
         return self.noop_reply

@@ -542,3 +542,32 @@ def test_a_connection_dropped_while_the_prompt_waited_is_replaced_without_a_retr
     )
     assert result.summary.sent == 4 and result.summary.retries == 0
     assert smtp_server.handler.connections == 2 and len(smtp_server.handler.received) == 4
+
+
+def test_a_connection_that_stopped_answering_at_the_prompt_costs_seconds_not_the_timeout(
+    smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its NOOP is never answered: the worker waited out the whole --timeout (30 s by
+    default) before it gave the connection up."""
+    import time
+
+    from smartmail.transports.smtp import SmtpTransport
+
+    monkeypatch.setattr(SmtpTransport, "SPARE_FRESH", 0.0)
+    monkeypatch.setattr(SmtpTransport, "NOOP_TIMEOUT", 0.3)
+    smtp_server.handler.noop_reply = "never"
+    config = smtp_config(
+        smtp_server,
+        make_csv(tmp_path / "r.csv", 3),
+        template_file,
+        workers=1,
+        campaign="mute",
+        timeout=60.0,
+    )
+    began = time.monotonic()
+    result = run_campaign(
+        config, RunOptions(state_path=str(tmp_path / "s.db")), Hooks(confirm=lambda p: True)
+    )
+    assert time.monotonic() - began < 20  # not the whole --timeout (60 s here)
+    assert result.summary.sent == 3 and result.summary.retries == 0
+    assert smtp_server.handler.connections == 2

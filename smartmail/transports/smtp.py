@@ -61,6 +61,7 @@ class SmtpTransport:
     # seconds; older (the operator took a while at the prompt), a NOOP asks first whether
     # the server still holds it.
     SPARE_FRESH = 5.0
+    NOOP_TIMEOUT = 5.0
 
     def __init__(
         self,
@@ -140,7 +141,13 @@ class SmtpTransport:
         if time.monotonic() - made <= self.SPARE_FRESH:
             return conn
         try:
+            # A few seconds, not the whole --timeout: a fresh connection costs less than a
+            # worker left waiting on one the server has given up on without closing it.
+            if conn.sock is not None:
+                conn.sock.settimeout(min(self.timeout, self.NOOP_TIMEOUT))
             code, _ = conn.noop()
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
         except (OSError, smtplib.SMTPException):
             code = 0
         if code == 250:
