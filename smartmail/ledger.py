@@ -155,6 +155,19 @@ def _failure(path: Path, what: str, exc: BaseException) -> LedgerError:
     return error
 
 
+class StateFileGone(OSError):
+    """The state file was removed or replaced while a run wrote to it: its commits would go
+    to a file nobody reads any more, and the next run would send those rows again."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def recipient_key(address: str) -> str:
     """The ledger's key for an address: the suppression list's, which SES feedback uses too."""
     return suppression_key(address)
@@ -272,6 +285,8 @@ class _Writer(threading.Thread):
         # thread committing its own marks (`commit_now`), never both.
         self.commit_lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
+        self.identity: tuple[int, int] | None = None  # the file this run writes to
+        self.saved: str | None = None  # where its records went once that file was gone
         self.pid = os.getpid()  # a forked child has no such thread: see Ledger.close
         # Set when the thread ends. `join()` cannot tell: on Python 3.11 a join cut short by
         # a KeyboardInterrupt marks the thread stopped while it still runs.
@@ -301,6 +316,7 @@ class _Writer(threading.Thread):
         try:
             conn = state.connect(self.path, shared=True)
             conn.execute("PRAGMA synchronous=FULL")
+            self.identity = _identity(self.path)
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
@@ -385,6 +401,7 @@ class _Writer(threading.Thread):
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
             began = time.perf_counter()
+            self._check_file(conn)
             conn.execute("BEGIN IMMEDIATE")
             _apply(conn, batch)
             conn.execute("COMMIT")
@@ -410,6 +427,31 @@ class _Writer(threading.Thread):
             op.finished = True
             if op.done is not None:
                 op.done.release()
+
+    def _check_file(self, conn: sqlite3.Connection) -> None:
+        """Raise StateFileGone when the state file is no longer the one this run opened
+        (removed, moved, or replaced by another: a cleanup job, a restore). One stat a commit.
+        What this run recorded is first saved beside it, once, as a file of its own: the
+        operator puts it back before the next run, or those rows would be sent again."""
+        if self.identity is None or _identity(self.path) == self.identity:
+            return
+        if self.saved is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
+            try:
+                copy = sqlite3.connect(target)
+                try:
+                    conn.backup(copy)
+                finally:
+                    copy.close()
+                self.saved = f"what it recorded is saved in {target}"
+            except (sqlite3.Error, OSError) as exc:
+                self.saved = f"what it recorded could not be saved ({exc})"
+        raise StateFileGone(
+            f"the state file was removed or replaced during the run, so the run stopped; "
+            f"{self.saved}: put it back at {self.path} before the next run, or the rows this "
+            "run sent are sent again"
+        )
 
     def queue(self, op: _Op, *, urgent: bool) -> None:
         """Queue a statement; ring when someone waits for it, for a mark made ahead (the

@@ -830,3 +830,40 @@ def test_a_terminal_that_hangs_up_at_the_prompt_is_no_answer_and_nothing_is_sent
     assert "no answer: the terminal went away" in err and "nothing was sent" in err
     assert proc.returncode == 2
     assert not list((tmp_path / "outbox").glob("*.eml"))
+
+
+def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # The ledger went on writing to the unlinked file, the run ended 0, and the next run
+    # (with a new, empty state) sent every row again.
+    csv_path = make_csv(tmp_path / "r.csv", 40)
+    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
+    db = tmp_path / "state.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartmail", *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((tmp_path / "outbox").glob("*.eml"))) < 5:
+            assert time.monotonic() < deadline and proc.poll() is None, "the send never began"
+            time.sleep(0.01)
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        _, err_bytes = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err_bytes.decode()
+    assert proc.returncode == 5, err
+    assert "the state file was removed or replaced during the run" in err
+    sent = {p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")}
+    assert 5 <= len(sent) < 40  # stopped, not run to the end into a file nobody reads
+    (saved,) = tmp_path.glob("state.db.recovered-*")
+    assert str(saved.name) in err
+    saved.rename(db)  # as the error says: put it back
+    again = _smartmail(args, tmp_path, stdout=subprocess.PIPE)
+    assert again.returncode == 0
+    names = [p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")]
+    assert len(names) == len(set(names)), "a row sent twice"
+    assert len(names) > len(sent)  # and the rest went
