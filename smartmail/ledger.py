@@ -160,12 +160,13 @@ class StateFileGone(OSError):
     to a file nobody reads any more, and the next run would send those rows again."""
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """The file `path` names now (device, inode) and its permission bits."""
     try:
         found = os.stat(path)
     except OSError:
         return None
-    return found.st_dev, found.st_ino
+    return found.st_dev, found.st_ino, found.st_mode & 0o777
 
 
 def recipient_key(address: str) -> str:
@@ -285,7 +286,7 @@ class _Writer(threading.Thread):
         # thread committing its own marks (`commit_now`), never both.
         self.commit_lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
-        self.identity: tuple[int, int] | None = None  # the file this run writes to
+        self.identity: tuple[int, int, int] | None = None  # the file this run writes to
         self.saved: str | None = None  # where its records went once that file was gone
         self.pid = os.getpid()  # a forked child has no such thread: see Ledger.close
         # Set when the thread ends. `join()` cannot tell: on Python 3.11 a join cut short by
@@ -433,12 +434,17 @@ class _Writer(threading.Thread):
         (removed, moved, or replaced by another: a cleanup job, a restore). One stat a commit.
         What this run recorded is first saved beside it, once, as a file of its own: the
         operator puts it back before the next run, or those rows would be sent again."""
-        if self.identity is None or _identity(self.path) == self.identity:
+        now = _identity(self.path)
+        if self.identity is None or (now is not None and now[:2] == self.identity[:2]):
             return
         if self.saved is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             target = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
             try:
+                # Made new, with the state file's own permissions: it holds the same
+                # addresses (never world-readable when the state file was not).
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.chmod(target, self.identity[2])
                 copy = sqlite3.connect(target)
                 try:
                     conn.backup(copy)

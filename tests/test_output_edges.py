@@ -840,6 +840,7 @@ def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
     csv_path = make_csv(tmp_path / "r.csv", 40)
     args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
     db = tmp_path / "state.db"
+    db.touch(mode=0o600)  # made before the first run, for a list of addresses, not for all
     proc = subprocess.Popen(
         [sys.executable, "-m", "smartmail", *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -860,7 +861,7 @@ def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
     sent = {p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")}
     assert 5 <= len(sent) < 40  # stopped, not run to the end into a file nobody reads
     (saved,) = tmp_path.glob("state.db.recovered-*")
-    assert str(saved.name) in err
+    assert str(saved.name) in err and saved.stat().st_mode & 0o777 == 0o600
     saved.rename(db)  # as the error says: put it back
     again = _smartmail(args, tmp_path, stdout=subprocess.PIPE)
     assert again.returncode == 0
