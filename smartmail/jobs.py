@@ -167,6 +167,7 @@ class Bundle:
         attachments_dir: str | os.PathLike[str] | None,
         *,
         only: Mapping[str, Path],
+        texts: tuple[str, str | None] | None = None,
     ) -> Bundle:
         """Read the files a worker needs to render this template as pre-flight did.
 
@@ -176,16 +177,17 @@ class Bundle:
         pre-flight resolved them to. Each file is kept under the row's path, not its target's:
         the worker renders the same rows in its copy of the folder, which holds no links. A
         path that no longer leads to that file inside the folder (a link changed since) is
-        refused.
+        refused. `texts`: the template's and the HTML part's text as pre-flight loaded them
+        (else read from the files now).
         """
         t = Path(template)
-        data: dict[str, Any] = {
-            "v": BUNDLE_VERSION,
-            "template": {"name": t.name, "text": t.read_text(encoding="utf-8")},
-        }
+        text, html_text = texts if texts is not None else (t.read_text(encoding="utf-8"), None)
+        data: dict[str, Any] = {"v": BUNDLE_VERSION, "template": {"name": t.name, "text": text}}
         if html is not None:
             h = Path(html)
-            data["html"] = {"name": h.name, "text": h.read_text(encoding="utf-8")}
+            if texts is None:
+                html_text = h.read_text(encoding="utf-8")
+            data["html"] = {"name": h.name, "text": html_text}
         files: dict[str, str] = {}
         total = 0
         if attachments_dir is not None:

@@ -308,6 +308,8 @@ class MessageTemplate:
         self.base_dir = base_dir or Path.cwd()
         self.attachments_dir = Path(attachments_dir or self.base_dir).resolve()
         self.source_text = text + (html or "")  # the campaign's identity: as the operator wrote it
+        # As loaded and checked, for a queue's bundle: never the files as they are later.
+        self.text, self.html_text, self.html_name = text, html, html_name
         if html is not None:
             html = _utf8_meta(html)
         raw_headers, body = parse_header_block(text, name)

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from .engine import SendOptions
     from .sources import RecipientSource
     from .state_dynamodb import DynamoState
+    from .templates import MessageTemplate
     from .transports.base import Transport
 
 log = logging.getLogger("smartmail.workqueue")
@@ -239,7 +240,7 @@ def enqueue_campaign(
             except NothingToSendError as exc:
                 exc.args = (str(exc).replace("nothing was sent", "nothing was queued"),)
                 raise
-        bundle = _bundle(config, template.header_names, attached)
+        bundle = _bundle(config, template, attached)
         ref = _store_bundle(bundle, template_bucket, s3)
         result.template = ref
         settings = dataclasses.replace(
@@ -290,20 +291,23 @@ def given_back_keys(state: DynamoState, campaign: str) -> set[str]:
 
 
 def _bundle(
-    config: CampaignConfig, header_names: list[str], attached: Mapping[str, Path]
+    config: CampaignConfig, template: MessageTemplate, attached: Mapping[str, Path]
 ) -> Bundle:
-    """The files a worker needs: the template, its HTML part, and, when the template can name
-    attachments, the files of the attachments folder that the rows attach (`attached`: the
-    paths as the rows give them, and the files pre-flight resolved them to): never the rest
-    of a folder that may hold the list itself or a secret."""
+    """What a worker needs: the template and its HTML part as pre-flight loaded and checked
+    them (not as the files are now), and, when the template can name attachments, the files
+    of the attachments folder that the rows attach (`attached`: the paths as the rows give
+    them, and the files pre-flight resolved them to): never the rest of a folder that may
+    hold the list itself or a secret."""
     t = Path(config.template)
-    html: Path | None = Path(config.html_template) if config.html_template else None
-    if html is None and t.with_suffix(".html") != t and t.with_suffix(".html").is_file():
-        html = t.with_suffix(".html")
+    html: Path | None = None
+    if template.html_text is not None:
+        html = Path(template.html_name) if template.html_name else t.with_suffix(".html")
     attachments: str | None = config.attachments_dir
-    if attachments is None and any(h.lower() == "attachment" for h in header_names):
+    if attachments is None and any(h.lower() == "attachment" for h in template.header_names):
         attachments = str(t.parent)
-    return Bundle.collect(t, html, attachments, only=attached)
+    return Bundle.collect(
+        t, html, attachments, only=attached, texts=(template.text, template.html_text)
+    )
 
 
 def _store_bundle(bundle: Bundle, bucket: str | None, s3: Any) -> TemplateRef:

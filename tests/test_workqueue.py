@@ -749,6 +749,34 @@ def test_a_link_turned_after_preflight_queues_nothing_pre_flight_did_not_check(
     assert depth(url) == (0, 0)
 
 
+def test_the_template_is_queued_as_pre_flight_checked_it(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bundle read the template (and an HTML part beside it) from disk again after
+    # pre-flight: an edit in between reached every recipient unchecked.
+    import smartmail.engine
+
+    cfg = _linked_attachments(tmp_path, "linked/{{ code }}.txt")
+    template = Path(cfg.template)
+    real = smartmail.engine.preflight
+
+    def preflight(*args: Any, **kwargs: Any) -> Any:
+        checked = real(*args, **kwargs)
+        template.write_text(TEMPLATE.replace("Subject: Hello", "Subject: NOT CHECKED"))
+        template.with_suffix(".html").write_text("<p>NOT CHECKED {{ no_such_column }}</p>")
+        return checked
+
+    monkeypatch.setattr(smartmail.engine, "preflight", preflight)
+    url = make_queue()
+    state = open_state(URL)
+    enqueue_campaign(cfg, url, state)
+    summary = run_worker(url, state, idle_exit=0.5, wait_seconds=0)
+    assert (summary.sent, summary.failed) == (2, 0)
+    for message in ses_backend().sent_messages:
+        assert "NOT CHECKED" not in message.raw_data
+        assert "text/html" not in message.raw_data
+
+
 def test_the_bundle_limit_counts_what_the_bundle_stores_and_says_what_is_too_big(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
