@@ -269,6 +269,7 @@ class CampaignRun:
         self.hooks = hooks or Hooks()
         self.stop_event = self.hooks.stop or threading.Event()
         self.ledger: CampaignLedger | None = None
+        self.ledger_gone = False  # its state file was removed or replaced during the run
         self.state: SqliteState | DynamoState | None = None
         self.engine_run: Run | None = None
         self.campaign: str | None = config.campaign
@@ -570,7 +571,9 @@ class CampaignRun:
                 # Also on KeyboardInterrupt, and on another one in the release: every outcome
                 # known so far is committed, and the campaign unlocked.
                 closed = self._close_ledger()
-        error = error or closed
+        # The ledger's file gone under the run: its close says where the records went, which
+        # matters more than the mark it refused, which stopped the run.
+        error = closed if closed is not None and self.ledger_gone else (error or closed)
         if summary is None or error is not None:
             summary = self._summary(run, error=error)
         # Last, after the ledger is closed and the failed rows written: a report that cannot be
@@ -722,8 +725,13 @@ class CampaignRun:
         """Commit what is queued and release the lock; the problem, if any, as a line."""
         if self.ledger is None:
             return None
+        from .ledger import StateFileGoneError
+
         try:
             self.ledger.close()
+        except StateFileGoneError as exc:
+            self.ledger_gone = True
+            return str(exc)
         except SmartmailError as exc:
             return str(exc)
         finally:

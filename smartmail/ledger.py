@@ -156,8 +156,28 @@ def _failure(path: Path, what: str, exc: BaseException) -> LedgerError:
 
 
 class StateFileGone(OSError):
-    """The state file was removed or replaced while a run wrote to it: its commits would go
-    to a file nobody reads any more, and the next run would send those rows again."""
+    """The state file (or its WAL) was removed or replaced while a run wrote to it: a row
+    marked now would be recorded in a file nobody reads any more. Refuses new marks only."""
+
+
+class StateFileGoneError(LedgerError):
+    """The run's end when its state file was removed or replaced: where its records went."""
+
+
+def _gone(path: Path, writer: _Writer) -> StateFileGoneError:
+    """What to do once the run's state file was removed or replaced: its records are in the
+    copy the writer saved, and a re-run without them sends those rows again."""
+    head = f"{path}: the state file was {writer.gone}, so the run stopped"
+    if writer.saved is None:
+        return StateFileGoneError(
+            f"{head}; what it recorded could not be saved ({writer.unsaved}): a re-run sends "
+            "the rows it sent again (the summary counts them)"
+        )
+    return StateFileGoneError(
+        f"{head}; what it recorded is saved in {writer.saved}: re-run with --state "
+        f"{writer.saved} (or move it to {path} once no run uses that path, if none has made a "
+        "new file there); without it a re-run sends the rows this run sent again"
+    )
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -287,7 +307,10 @@ class _Writer(threading.Thread):
         self.commit_lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
         self.identity: tuple[int, int, int] | None = None  # the file this run writes to
-        self.saved: str | None = None  # where its records went once that file was gone
+        self.wal: tuple[int, int, int] | None = None  # and its WAL, once it has one
+        self.gone: str | None = None  # what happened to them, once it did
+        self.saved: str | None = None  # and where this run's records were saved then
+        self.unsaved: str | None = None  # or why they could not be
         self.pid = os.getpid()  # a forked child has no such thread: see Ledger.close
         # Set when the thread ends. `join()` cannot tell: on Python 3.11 a join cut short by
         # a KeyboardInterrupt marks the thread stopped while it still runs.
@@ -350,6 +373,11 @@ class _Writer(threading.Thread):
         finally:
             with self.commit_lock:
                 self.conn = None
+                if self.gone is not None:
+                    try:
+                        self.saved = self._save(conn)
+                    except StateFileGone as exc:
+                        self.unsaved = str(exc)
                 conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection) -> None:
@@ -400,9 +428,19 @@ class _Writer(threading.Thread):
                 raise
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        if self._file_gone():
+            # No new row goes out: its mark would be recorded where nobody looks. Outcomes of
+            # rows in flight, and rows put back, still go into the file this run holds open,
+            # which is saved when the run ends (`_save`).
+            refused = [op for op in batch if op.sql is _SENDING]
+            batch = [op for op in batch if op.sql is not _SENDING]
+            for op in refused:
+                op.error = StateFileGone(f"the state file was {self.gone}; the run stops")
+                op.finished = True
+                if op.done is not None:
+                    op.done.release()
         try:
             began = time.perf_counter()
-            self._check_file(conn)
             conn.execute("BEGIN IMMEDIATE")
             _apply(conn, batch)
             conn.execute("COMMIT")
@@ -429,35 +467,62 @@ class _Writer(threading.Thread):
             if op.done is not None:
                 op.done.release()
 
-    def _check_file(self, conn: sqlite3.Connection) -> None:
-        """Raise StateFileGone when the state file is no longer the one this run opened
-        (removed, moved, or replaced by another: a cleanup job, a restore). One stat a commit.
-        What this run recorded is first saved beside it, once, as a file of its own: the
-        operator puts it back before the next run, or those rows would be sent again."""
+    def _file_gone(self) -> bool:
+        """Whether the state file, or its WAL, is no longer the one this run opened (removed,
+        moved, or replaced: a cleanup job, a restore). Two stats a commit; once gone, gone."""
+        if self.gone is not None:
+            return True
+        if self.identity is None:
+            return False
         now = _identity(self.path)
-        if self.identity is None or (now is not None and now[:2] == self.identity[:2]):
+        if now is None or now[:2] != self.identity[:2]:
+            self.gone = "removed or replaced during the run"
+            return True
+        wal = _identity(Path(f"{self.path}-wal"))
+        if self.wal is None:
+            self.wal = wal  # made by the first commit
+        elif wal is None or wal[:2] != self.wal[:2]:
+            self.gone = "changed during the run (its -wal file was removed or replaced)"
+            return True
+        return False
+
+    def _drop_leftovers(self) -> None:
+        """The -wal and -shm of the removed file, left at the path when only the file went: a
+        copy moved back there would otherwise be read through that stale WAL. Only when they
+        are still this run's own (another run may have made a new file and WAL there)."""
+        wal = Path(f"{self.path}-wal")
+        found = _identity(wal)
+        if self.path.exists() or self.wal is None or found is None or found[:2] != self.wal[:2]:
             return
-        if self.saved is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            target = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
+        for leftover in (wal, Path(f"{self.path}-shm")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def _save(self, conn: sqlite3.Connection) -> str:
+        """Copy what this run's connection still sees (the file it opened, with every commit
+        of this run) to a new file beside it, else in the temporary folder; where it went."""
+        import tempfile
+
+        assert self.identity is not None
+        name = f"{self.path.name}.recovered-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        problems: list[str] = []
+        for folder in (self.path.parent, Path(tempfile.gettempdir())):
+            target = folder / name
             try:
-                # Made new, with the state file's own permissions: it holds the same
-                # addresses (never world-readable when the state file was not).
+                # Made new, with the state file's own permissions: it holds the same addresses.
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 os.chmod(target, self.identity[2])
-                copy = sqlite3.connect(target)
+                copy = sqlite3.connect(target, isolation_level=None)
                 try:
                     conn.backup(copy)
+                    copy.execute("PRAGMA journal_mode=DELETE")  # one file, no -wal beside it
                 finally:
                     copy.close()
-                self.saved = f"what it recorded is saved in {target}"
+                self._drop_leftovers()
+                return str(target)
             except (sqlite3.Error, OSError) as exc:
-                self.saved = f"what it recorded could not be saved ({exc})"
-        raise StateFileGone(
-            f"the state file was removed or replaced during the run, so the run stopped; "
-            f"{self.saved}: put it back at {self.path} before the next run, or the rows this "
-            "run sent are sent again"
-        )
+                problems.append(f"{target}: {exc}")
+        raise StateFileGone("; ".join(problems))
 
     def queue(self, op: _Op, *, urgent: bool) -> None:
         """Queue a statement; ring when someone waits for it, for a mark made ahead (the
@@ -590,6 +655,8 @@ class Ledger:
             try:
                 if writer is not None:
                     interrupted = writer.finish()
+                    if writer.gone is not None:
+                        raise _gone(self.path, writer)
                     if writer.error is not None:
                         raise _failure(self.path, "could not record outcomes", writer.error)
             finally:

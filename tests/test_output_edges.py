@@ -832,11 +832,22 @@ def test_a_terminal_that_hangs_up_at_the_prompt_is_no_answer_and_nothing_is_sent
     assert not list((tmp_path / "outbox").glob("*.eml"))
 
 
+@pytest.mark.parametrize(
+    ("removed", "then"),
+    [
+        (("state.db", "state.db-wal", "state.db-shm"), "move-back"),
+        (("state.db",), "use-the-copy"),
+        (("state.db-wal",), "use-the-copy"),
+    ],
+    ids=["all-moved-back", "file-then-the-copy", "wal-then-the-copy"],
+)
 def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
-    tmp_path: Path, template_file: Path
+    tmp_path: Path, template_file: Path, removed: tuple[str, ...], then: str
 ) -> None:
     # The ledger went on writing to the unlinked file, the run ended 0, and the next run
-    # (with a new, empty state) sent every row again.
+    # (with a new, empty state) sent every row again. Then (a review): the stop discarded the
+    # outcomes in its batch, so following its advice left rows in doubt, and a -wal removed
+    # alone went unseen.
     csv_path = make_csv(tmp_path / "r.csv", 40)
     args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
     db = tmp_path / "state.db"
@@ -850,21 +861,27 @@ def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
         while len(list((tmp_path / "outbox").glob("*.eml"))) < 5:
             assert time.monotonic() < deadline and proc.poll() is None, "the send never began"
             time.sleep(0.01)
-        for name in ("state.db", "state.db-wal", "state.db-shm"):
+        for name in removed:
             (tmp_path / name).unlink(missing_ok=True)
         _, err_bytes = proc.communicate(timeout=60)
     finally:
         proc.kill()
     err = err_bytes.decode()
     assert proc.returncode == 5, err
-    assert "the state file was removed or replaced during the run" in err
+    assert "so the run stopped" in err and "Traceback" not in err
     sent = {p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")}
     assert 5 <= len(sent) < 40  # stopped, not run to the end into a file nobody reads
-    (saved,) = tmp_path.glob("state.db.recovered-*")
-    assert str(saved.name) in err and saved.stat().st_mode & 0o777 == 0o600
-    saved.rename(db)  # as the error says: put it back
-    again = _smartmail(args, tmp_path, stdout=subprocess.PIPE)
-    assert again.returncode == 0
+    (saved,) = tmp_path.glob("state.db.recovered-*")  # one file, no -wal beside it
+    assert str(saved) in err and saved.stat().st_mode & 0o777 == 0o600
+    if "state.db" in removed:  # its stale WAL would be read into the copy moved back
+        assert not (tmp_path / "state.db-wal").exists()
+    if then == "move-back":
+        saved.rename(db)
+        again_args = args
+    else:
+        again_args = [*args[: args.index("--state")], "--state", str(saved),
+                      *args[args.index("--state") + 2 :]]  # fmt: skip
+    again = _smartmail(again_args, tmp_path, stdout=subprocess.PIPE)
+    assert again.returncode == 0, again.stderr
     names = [p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")]
-    assert len(names) == len(set(names)), "a row sent twice"
-    assert len(names) > len(sent)  # and the rest went
+    assert sorted(names) == sorted(set(names)) and len(names) == 40  # each row once, none lost
