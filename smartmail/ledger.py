@@ -341,6 +341,9 @@ class _Writer(threading.Thread):
             conn = state.connect(self.path, shared=True)
             conn.execute("PRAGMA synchronous=FULL")
             self.identity = _identity(self.path)
+            # Its -wal too, from now (opening the file made it): one removed while the prompt
+            # waits, before the first commit, counts as much as one removed later.
+            self.wal = _identity(Path(f"{self.path}-wal"))
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
@@ -428,10 +431,12 @@ class _Writer(threading.Thread):
                 raise
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        if self._file_gone():
+        if self.gone is None and self._file_gone():
+            self._secure(conn)
+        if self.gone is not None:
             # No new row goes out: its mark would be recorded where nobody looks. Outcomes of
             # rows in flight, and rows put back, still go into the file this run holds open,
-            # which is saved when the run ends (`_save`).
+            # which is saved again when the run ends (`_save`).
             refused = [op for op in batch if op.sql is _SENDING]
             batch = [op for op in batch if op.sql is not _SENDING]
             for op in refused:
@@ -498,20 +503,34 @@ class _Writer(threading.Thread):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
+    def _secure(self, conn: sqlite3.Connection) -> None:
+        """At once when the file is found gone, as a SIGKILL may come before the run's end:
+        what is in the WAL this run holds goes into the file (all of it, when only the -wal
+        was removed and the file is still at the path), and a copy is saved (`_save`)."""
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            self.saved = self._save(conn)
+        except StateFileGone as exc:
+            self.unsaved = str(exc)
+
     def _save(self, conn: sqlite3.Connection) -> str:
         """Copy what this run's connection still sees (the file it opened, with every commit
-        of this run) to a new file beside it, else in the temporary folder; where it went."""
+        of this run) to a new file beside it, else in the temporary folder, or over the copy
+        saved before; where it went."""
         import tempfile
 
         assert self.identity is not None
         name = f"{self.path.name}.recovered-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         problems: list[str] = []
-        for folder in (self.path.parent, Path(tempfile.gettempdir())):
-            target = folder / name
+        again = [Path(self.saved)] if self.saved is not None else []
+        folders = (self.path.parent, Path(tempfile.gettempdir()))
+        for target in again or [folder / name for folder in folders]:
             try:
-                # Made new, with the state file's own permissions: it holds the same addresses.
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                os.chmod(target, self.identity[2])
+                if not again:
+                    # Made new, with the state file's own permissions: the same addresses.
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    os.chmod(target, self.identity[2])
                 copy = sqlite3.connect(target, isolation_level=None)
                 try:
                     conn.backup(copy)

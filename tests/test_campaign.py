@@ -571,3 +571,26 @@ def test_a_connection_that_stopped_answering_at_the_prompt_costs_seconds_not_the
     assert time.monotonic() - began < 20  # not the whole --timeout (60 s here)
     assert result.summary.sent == 3 and result.summary.retries == 0
     assert smtp_server.handler.connections == 2
+
+
+def test_a_wal_removed_while_the_prompt_waits_stops_the_run_before_it_sends(
+    tmp_path: Path, template_file: Path
+) -> None:
+    """The -wal's identity was first taken at the first commit: one removed at the prompt
+    (a cleanup job) went unseen, and a crash later would have sent the rows again."""
+    db = tmp_path / "state.db"
+    config = CampaignConfig(
+        template=str(template_file),
+        source=str(make_csv(tmp_path / "r.csv", 6)),
+        transport=f"file://{tmp_path / 'outbox'}",
+        campaign="wal",
+    )
+
+    def remove_the_wal(plan: Plan) -> bool:
+        Path(f"{db}-wal").unlink()
+        return True
+
+    result = run_campaign(config, RunOptions(state_path=str(db)), Hooks(confirm=remove_the_wal))
+    assert result.exit_code == 2 and result.error is not None  # 2: not one was attempted
+    assert "its -wal file was removed or replaced" in result.error
+    assert result.summary.sent == 0 and not list((tmp_path / "outbox").glob("*.eml"))

@@ -885,3 +885,34 @@ def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
     assert again.returncode == 0, again.stderr
     names = [p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")]
     assert sorted(names) == sorted(set(names)) and len(names) == 40  # each row once, none lost
+
+
+def test_a_run_killed_once_its_wal_was_removed_leaves_its_records_in_the_state_file(
+    tmp_path: Path, template_file: Path
+) -> None:
+    # Its records were only in the removed -wal, which the process held open: SIGKILL after
+    # that lost them, and the next run sent those rows again. Found gone, the WAL is
+    # checkpointed into the file at once (and a copy saved), before anything else can happen.
+    csv_path = make_csv(tmp_path / "r.csv", 40)
+    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartmail", *args],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((tmp_path / "outbox").glob("*.eml"))) < 5:
+            assert time.monotonic() < deadline and proc.poll() is None, "the send never began"
+            time.sleep(0.01)
+        (tmp_path / "state.db-wal").unlink()
+        while not list(tmp_path.glob("state.db.recovered-*")):
+            assert time.monotonic() < deadline, "the removal was never noticed"
+            time.sleep(0.001)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    again = _smartmail(args, tmp_path, stdout=subprocess.PIPE)  # the same command, as cron
+    assert again.returncode == 0, again.stderr
+    names = [p.name.split("-")[1] for p in (tmp_path / "outbox").glob("*.eml")]
+    assert len(names) == len(set(names)), "a row sent twice"
