@@ -832,6 +832,21 @@ def test_a_terminal_that_hangs_up_at_the_prompt_is_no_answer_and_nothing_is_sent
     assert not list((tmp_path / "outbox").glob("*.eml"))
 
 
+def _sending(args: list[str], cwd: Path, output: int) -> subprocess.Popen[bytes]:
+    """`python -m smartmail ARGS` started, once its outbox holds 5 messages (a send under
+    way); stdout and stderr to `output`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartmail", *args], cwd=cwd, stdout=output, stderr=output
+    )
+    deadline = time.monotonic() + 60
+    while len(list((cwd / "outbox").glob("*.eml"))) < 5:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("the send never began")
+        time.sleep(0.01)
+    return proc
+
+
 @pytest.mark.parametrize(
     ("removed", "then"),
     [
@@ -852,15 +867,8 @@ def test_a_state_file_removed_during_a_send_stops_it_and_keeps_its_records(
     args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
     db = tmp_path / "state.db"
     db.touch(mode=0o600)  # made before the first run, for a list of addresses, not for all
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartmail", *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = _sending(args, tmp_path, subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while len(list((tmp_path / "outbox").glob("*.eml"))) < 5:
-            assert time.monotonic() < deadline and proc.poll() is None, "the send never began"
-            time.sleep(0.01)
         for name in removed:
             (tmp_path / name).unlink(missing_ok=True)
         _, err_bytes = proc.communicate(timeout=60)
@@ -895,15 +903,9 @@ def test_a_run_killed_once_its_wal_was_removed_leaves_its_records_in_the_state_f
     # checkpointed into the file at once (and a copy saved), before anything else can happen.
     csv_path = make_csv(tmp_path / "r.csv", 40)
     args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartmail", *args],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = _sending(args, tmp_path, subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while len(list((tmp_path / "outbox").glob("*.eml"))) < 5:
-            assert time.monotonic() < deadline and proc.poll() is None, "the send never began"
-            time.sleep(0.01)
         (tmp_path / "state.db-wal").unlink()
         while not list(tmp_path.glob("state.db.recovered-*")):
             assert time.monotonic() < deadline, "the removal was never noticed"
