@@ -474,9 +474,7 @@ class _Writer(threading.Thread):
 
     def _file_gone(self) -> bool:
         """Whether the state file, or its WAL, is no longer the one this run opened (removed,
-        moved, or replaced: a cleanup job, a restore). Two stats a commit; once gone, gone."""
-        if self.gone is not None:
-            return True
+        moved, or replaced: a cleanup job, a restore). Two stats a commit."""
         if self.identity is None:
             return False
         now = _identity(self.path)
@@ -485,7 +483,7 @@ class _Writer(threading.Thread):
             return True
         wal = _identity(Path(f"{self.path}-wal"))
         if self.wal is None:
-            self.wal = wal  # made by the first commit
+            self.wal = wal  # none when the writer opened the file: the first commit made it
         elif wal is None or wal[:2] != self.wal[:2]:
             self.gone = "changed during the run (its -wal file was removed or replaced)"
             return True
