@@ -423,6 +423,17 @@ class DynamoLedger:
             if token is not None:
                 condition += " AND claim = :token"
                 values[":token"] = s(token)
+        elif token is not None and self.resend == "in-doubt":
+            # Claimed by a `retry --in-doubt` and not attempted: in doubt again, at once, for
+            # the next one (as the SQLite ledger's `_put_back`), its own reason kept.
+            values = {**stamp, ":zero": n(0), ":token": s(token)}
+            update = f"SET lease_until = :zero, {common}"
+            condition = "claim = :token"
+        elif token is not None and self.resend == "failed":
+            # A `retry`'s row not attempted: failed again, its own error kept, for the next.
+            values = {**stamp, ":failed": s("failed"), ":token": s(token)}
+            update = f"SET st = :failed, {common} REMOVE claim, lease_until"
+            condition = "claim = :token"
         elif token is not None:
             values = {**stamp, **why, ":pending": s("pending"), ":token": s(token)}
             update = f"SET st = :pending, last_error = :why, {common} REMOVE claim, lease_until"

@@ -110,6 +110,11 @@ _BACK_TO_PENDING = f"""
 UPDATE deliveries SET status = 'pending', last_error = ?, updated_at = {NOW}
 WHERE campaign = ? AND recipient = ? AND status = 'sending'
 """
+# A `retry` of failed rows that did not get to one: failed again, with its own error kept.
+_BACK_TO_FAILED = f"""
+UPDATE deliveries SET status = 'failed', updated_at = {NOW}
+WHERE campaign = ? AND recipient = ? AND status = 'sending'
+"""
 # A lost answer after the whole message was handed over: the row stays `sending` (in doubt, as
 # a crash leaves it), with the reason kept for `status` and `retry --in-doubt`.
 _IN_DOUBT = f"""
@@ -844,7 +849,20 @@ class Ledger:
                 for key in keys:
                     self._in_flight.pop(key, None)
             for key in keys:
-                self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
+                self._put_back(key, reason)
+
+    def _put_back(self, key: str, reason: str) -> None:
+        """A row marked and then not attempted (the run stopped) goes back to what it was
+        before this run, so the same command picks it up next time: pending for a send, failed
+        (its error kept) for a `retry`, in doubt (left `sending`) for a `retry --in-doubt`.
+        Pending, a retry's row was for no later `retry`, and only a `send` of the whole list
+        would have sent it."""
+        if self.resend == "in-doubt":
+            return
+        if self.resend == "failed":
+            self._write(_BACK_TO_FAILED, (self.campaign, key), key=key)
+            return
+        self._write(_BACK_TO_PENDING, (reason, self.campaign, key), key=key)
 
     def _mark(self, message: OutgoingMessage, key: str) -> tuple[Any, ...]:
         with self._guard:
@@ -877,7 +895,7 @@ class Ledger:
                 self._write(_FAILED_MINE, (outcome.reason, self.campaign, key), key=key)
                 return
             if status == "unsent":
-                self._write(_BACK_TO_PENDING, (outcome.reason, self.campaign, key), key=key)
+                self._put_back(key, outcome.reason)
                 return
         row = outcome.row
         base = (self.campaign, key, row.number, row_json(row))

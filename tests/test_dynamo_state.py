@@ -209,6 +209,27 @@ def test_failed_rows_wait_for_retry_and_unsent_rows_go_back_to_pending(
     assert state.retry_rows("news", "failed") == []
 
 
+@pytest.mark.parametrize("resend", ["failed", "in-doubt"])
+def test_a_retry_that_stops_leaves_the_rows_it_did_not_get_to_for_the_next_retry(
+    state: DynamoState, clock: Clock, resend: str
+) -> None:
+    """They went back to `pending` (a review: Ctrl-C during `retry --in-doubt`), which no
+    later `retry` sends."""
+    first = state.ledger("news")
+    msg = message("erin@example.org", 4)
+    first.sending(msg)
+    if resend == "failed":
+        first.record(outcome(msg, "failed", reason="permanent: 550 no such user"))
+    clock.now += 61  # an in-doubt row: its lease ran out
+    assert state.retry_rows("news", resend) == [msg.row]  # type: ignore[arg-type]
+    retry = state.ledger("news", resend=resend)  # type: ignore[arg-type]
+    retry.sending(msg)
+    retry.record(outcome(msg, "unsent", reason="interrupted"))
+    assert state.retry_rows("news", resend) == [msg.row]  # type: ignore[arg-type]
+    [status] = state.statuses("news")
+    assert status.pending == 0 and not status.running
+
+
 def test_many_rows_are_checked_in_a_few_reads_with_the_answers_of_one_at_a_time(
     state: DynamoState, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1617,3 +1617,53 @@ def test_a_name_that_several_campaigns_show_as_is_refused_as_ambiguous(
     # None shows that way: the plain "no campaign" error, as before.
     code, out = run_cli(["retry", "nope", "--state", str(db)])
     assert code != 0 and "no campaign 'nope'" in out
+
+
+@pytest.mark.parametrize("resend", ["failed", "in-doubt"])
+def test_a_retry_that_stops_leaves_the_rows_it_did_not_get_to_for_the_next_retry(
+    tmp_path: Path, resend: str
+):
+    """They went back to `pending` (a review: Ctrl-C during `retry --in-doubt`): no later
+    `retry` sent them, only a `send` of the whole list would have."""
+    from smartmail.report import Outcome
+
+    db = tmp_path / "state.db"
+    first, second, third = _messages(tmp_path, 3)
+    before = Ledger(db, "c")
+    before.acquire()
+    try:  # a first run: every row failed, or every row left in doubt
+        before.mark([first, second, third])
+        for message in (first, second, third):
+            before.sending(message)
+            if resend == "failed":
+                outcome = Outcome(message.row, message.recipient, "failed", reason="550 no")
+                before.record(outcome)
+    finally:
+        before.close()
+    ledger = Ledger(db, "c", resend=resend)  # type: ignore[arg-type]
+    ledger.acquire()
+    try:
+        ledger.mark([first, second, third])
+        ledger.sending(first)
+        ledger.record(Outcome(first.row, first.recipient, "sent", message_id="p1"))
+        ledger.record(Outcome(second.row, second.recipient, "unsent", reason="interrupted"))
+        ledger.release_ahead()  # and `third`, marked ahead, never attempted either
+    finally:
+        ledger.close()
+    left = "failed" if resend == "failed" else "sending"
+    assert statuses(db) == {first.recipient: "sent", second.recipient: left, third.recipient: left}
+    if resend == "failed":
+        conn = sqlite3.connect(db)
+        try:
+            errors = dict(conn.execute("SELECT recipient, last_error FROM deliveries"))
+        finally:
+            conn.close()
+        assert errors[third.recipient] == "550 no"  # its own failure, not "interrupted"
+    from smartmail.state_store import SqliteState
+
+    state = SqliteState(db)
+    try:  # what the next `retry` (or `retry --in-doubt`) sends
+        rows = state.retry_rows("c", resend)  # type: ignore[arg-type]
+    finally:
+        state.close()
+    assert {row.number for row in rows} == {second.row.number, third.row.number}
