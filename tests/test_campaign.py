@@ -590,7 +590,8 @@ def test_a_wal_removed_while_the_prompt_waits_stops_the_run_before_it_sends(
         Path(f"{db}-wal").unlink()
         return True
 
-    result = run_campaign(config, RunOptions(state_path=str(db)), Hooks(confirm=remove_the_wal))
+    options = RunOptions(state_path=str(db), failed_csv=str(tmp_path / "f.csv"))
+    result = run_campaign(config, options, Hooks(confirm=remove_the_wal))
     assert result.exit_code == 2 and result.error is not None  # 2: not one was attempted
     assert "its -wal file was removed or replaced" in result.error
     assert result.summary.sent == 0 and not list((tmp_path / "outbox").glob("*.eml"))
