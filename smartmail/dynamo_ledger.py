@@ -110,7 +110,8 @@ class DynamoLedger:
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # The claims this ledger holds: the token, and the row it claimed for (a later row
         # with the same address, skipped as a duplicate, must not take the claim away).
-        self._claims: dict[str, tuple[str, int]] = {}
+        # key: (claim token, row number, the delivery's status before the claim; None unknown)
+        self._claims: dict[str, tuple[str, int, str | None]] = {}
         self._guard = threading.Lock()
         self._numbers = itertools.count(1)
         self._acquired = False
@@ -276,8 +277,9 @@ class DynamoLedger:
                 ":exp": self.table.expires(now),
             }
         )
+        before: str | None = None  # unknown, unless the write says
         try:
-            self.table.call(
+            answer = self.table.call(
                 "update_item",
                 Key=delivery_key(self.campaign, key),
                 UpdateExpression=(
@@ -288,8 +290,14 @@ class DynamoLedger:
                 ),
                 ConditionExpression=condition,
                 ExpressionAttributeValues=values,
+                ReturnValues="UPDATED_OLD",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
+            # What it was: a row this run then does not attempt goes back to that (`record`).
+            # No old attributes: a new row. Old ones without `st`: it did not change, so it
+            # was `sending` (an implementation may leave an unchanged attribute out).
+            old_values = answer.get("Attributes") or {}
+            before = text(old_values, "st") or ("sending" if old_values else "pending")
         except ClientError as exc:
             if code_of(exc) != "ConditionalCheckFailedException":
                 raise
@@ -303,7 +311,7 @@ class DynamoLedger:
         except SmartmailError as exc:
             raise LedgerError(str(exc)) from None
         with self._guard:
-            self._claims[key] = (token, message.row.number)
+            self._claims[key] = (token, message.row.number, before)
         self._local.held = (key, token, now)
 
     def keep_claim(self) -> None:
@@ -364,9 +372,9 @@ class DynamoLedger:
             return
         with self._guard:
             claim = self._claims.get(key)
-            token = None
+            token, before = None, None
             if claim is not None and claim[1] == outcome.row.number:
-                token = self._claims.pop(key)[0]
+                token, _number, before = self._claims.pop(key)
         held = getattr(self._local, "held", None)
         if held is not None and held[0] == key:
             self._local.held = None
@@ -423,13 +431,15 @@ class DynamoLedger:
             if token is not None:
                 condition += " AND claim = :token"
                 values[":token"] = s(token)
-        elif token is not None and self.resend == "in-doubt":
+        elif token is not None and self.resend == "in-doubt" and before in ("sending", None):
             # Claimed by a `retry --in-doubt` and not attempted: in doubt again, at once, for
-            # the next one (as the SQLite ledger's `_put_back`), its own reason kept.
+            # the next one (as the SQLite ledger's `_put_back`), its own reason kept. Only a row
+            # that was in doubt (or may have been: the write's answer was lost): a `pending`
+            # one it took (put back by another run meanwhile) goes back to pending.
             values = {**stamp, ":zero": n(0), ":token": s(token)}
             update = f"SET lease_until = :zero, {common}"
             condition = "claim = :token"
-        elif token is not None and self.resend == "failed":
+        elif token is not None and self.resend == "failed" and before == "failed":
             # A `retry`'s row not attempted: failed again, its own error kept, for the next.
             values = {**stamp, ":failed": s("failed"), ":token": s(token)}
             update = f"SET st = :failed, {common} REMOVE claim, lease_until"

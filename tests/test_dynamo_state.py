@@ -230,6 +230,25 @@ def test_a_retry_that_stops_leaves_the_rows_it_did_not_get_to_for_the_next_retry
     assert status.pending == 0 and not status.running
 
 
+def test_a_pending_row_a_stopped_retry_in_doubt_took_goes_back_to_pending(
+    state: DynamoState, clock: Clock
+) -> None:
+    """A row another run put back to `pending` while a `retry --in-doubt` ran (the shared
+    ledger lets both run), taken by the retry and not attempted: it was never sent, so it
+    is not in doubt (a review: a later `send` skipped it as "may have arrived")."""
+    send = state.ledger("news")
+    msg = message("fay@example.org", 5)
+    send.sending(msg)
+    clock.now += 61  # its claim ran out: in doubt, for the retry to list
+    assert state.retry_rows("news", "in-doubt") == [msg.row]
+    send.record(outcome(msg, "unsent", reason="interrupted"))  # a slow owner puts it back
+    retry = state.ledger("news", resend="in-doubt")
+    retry.sending(msg)  # the retry takes the row it listed: pending by now
+    retry.record(outcome(msg, "unsent", reason="interrupted"))
+    assert state.retry_rows("news", "in-doubt") == []
+    assert state.ledger("news").skip_reason("fay@example.org", msg.row) is None  # a send sends it
+
+
 def test_many_rows_are_checked_in_a_few_reads_with_the_answers_of_one_at_a_time(
     state: DynamoState, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
