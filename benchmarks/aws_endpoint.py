@@ -487,12 +487,18 @@ class Dynamo:
 
     def op_UpdateItem(self, request: dict[str, Any]) -> dict[str, Any]:
         table = self.table(request["TableName"])
-        self._returns(request, "NONE")
+        returns = self._returns(request, "NONE", "UPDATED_OLD")
         key = _key_of(request["Key"])
         old = table.get(key)
         apply, placeholders = _update(request["UpdateExpression"])
         ctx = self._check(request, old, set(placeholders))
-        table.put(apply(old or dict(key), ctx))
+        new = apply(old or dict(key), ctx)
+        table.put(new)
+        if returns == "UPDATED_OLD" and old:
+            # The attributes the update changed, as they were (as moto answers: one it set to
+            # the value it had is left out).
+            changed = {name: value for name, value in old.items() if new.get(name) != value}
+            return {"Attributes": changed} if changed else {}
         return {}
 
     def op_DeleteItem(self, request: dict[str, Any]) -> dict[str, Any]:
