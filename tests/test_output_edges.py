@@ -724,14 +724,23 @@ def test_a_send_whose_terminal_hangs_up_sends_every_row_and_says_so(
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 40
 
 
+def _paced_send(
+    tmp_path: Path, template_file: Path, rows: int, *, progress: str
+) -> tuple[Path, list[str]]:
+    """A list of `rows` and a `send` of it into ./outbox at `rows` a second (a run of about a
+    second), with `--progress` as given."""
+    csv_path = make_csv(tmp_path / "r.csv", rows)
+    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", str(rows)]
+    args[args.index("--progress") + 1] = progress
+    return csv_path, args
+
+
 def test_a_send_whose_terminal_hangs_up_with_its_live_progress_still_sends_every_row(
     tmp_path: Path, template_file: Path
 ) -> None:
     # stdout and stderr both on the terminal, the live display drawing on it: nothing is left
     # to say the output was lost on, but the run goes on to its end and its exit status.
-    csv_path = make_csv(tmp_path / "r.csv", 40)
-    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "40"]
-    args[args.index("--progress") + 1] = "live"
+    csv_path, args = _paced_send(tmp_path, template_file, 40, progress="live")
     proc, master = _on_a_terminal(args, tmp_path, stderr_too=True)
     try:
         assert _hang_up_once_written(master, proc), "the live display never drew"
@@ -751,9 +760,7 @@ def test_a_send_on_a_terminal_still_gets_its_colours_and_live_display(
 ) -> None:
     # stdout and stderr are wrapped on a terminal too (for a hang-up): rich must still see
     # one, and draw its live display and colours there.
-    csv_path = make_csv(tmp_path / "r.csv", 20)
-    args = [*_send_args(csv_path, template_file, tmp_path, "outbox"), "--rate", "20"]
-    args[args.index("--progress") + 1] = "auto"
+    _, args = _paced_send(tmp_path, template_file, 20, progress="auto")
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
     env.update(TERM="xterm-256color", COLUMNS="100", TTY_COMPATIBLE="")
     master, slave = os.openpty()
