@@ -146,6 +146,11 @@ class LedgerSource(RecipientSource):
         """The rows are already a private copy, taken from the ledger."""
         return self
 
+    @property
+    def reread_in_helper(self) -> bool:
+        """The rows are in memory, which a forked helper has a copy of."""
+        return True
+
 
 def failed_csv_name(source: str) -> str:
     """Where a re-drive export goes by default: SOURCE-STEM.failed.csv in the current folder."""

@@ -41,9 +41,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import addresses, logs
+from . import addresses, logs, prerender
 from .addresses import Mailbox
 from .errors import (
     AlreadyClaimedError,
@@ -82,6 +82,7 @@ ON_INVALID = ("skip", "abort")
 ON_MALFORMED = ("abort", "skip")
 ON_DUPLICATE = ("once", "all", "abort")
 MAX_PROBLEMS_KEPT = 1000
+_Item = TypeVar("_Item", bound=tuple[Any, ...])
 CHECK_AHEAD = 32  # rows the send pass asks the journal about at once (see Run._checked_rows)
 
 
@@ -108,6 +109,9 @@ class SendOptions(Described):
     # Pre-flight keeps built messages up to this many bytes, so the send pass neither renders
     # nor builds those rows a second time (most lists fit; a huge one is rebuilt past it).
     render_cache_chars: int = 32 * 1024 * 1024
+    # Pre-flight may render part of a long list in a forked helper process on a second CPU
+    # (`smartmail.prerender`); False keeps all of it in this process.
+    preflight_helper: bool = True
     # Consecutive sends, across workers, that could not reach the provider (or lost its answer)
     # before the run stops as an outage, leaving the rest unsent. Any answer resets the count.
     max_connect_failures: int = 5
@@ -267,6 +271,9 @@ def preflight(
     built). `attachments`, when given, gets every valid row's attachment paths as the rows
     give them and the files they resolved to as they were checked (the queue's bundle takes
     those, never a file a link turned to since).
+
+    On a second CPU a helper process renders part of a long list (`smartmail.prerender`,
+    unless `options.preflight_helper` is False); every check here is made as without it.
     """
     if options.test_to and not allow_utf8_local:
         try:  # the proof's address must be one this transport can send to, as every row's
@@ -279,102 +286,119 @@ def preflight(
     seen: set[int] = set()  # _seen_key of each recipient kept
     envelope = [options.test_to] if options.test_to else None
     asked: dict[int, tuple[str, str | None]] = {}  # row number: (key, veto), asked ahead
-    rows = source.rows()
+    rendered_rows = prerender.rendered_rows(
+        source,
+        template,
+        allow_utf8_local=allow_utf8_local,
+        helper=options.preflight_helper and prerender.usable(source),
+    )
+    rows: Iterator[tuple[Row, bool, RenderedMessage | None]] = rendered_rows
     many = getattr(journal, "skip_reasons", None) if journal is not None else None
     if many is not None:
         rows = _asking_ahead(rows, source.to_column, many, asked)
-    for row, ragged in rows:
-        result.rows += 1
-        ahead = asked.pop(row.number, None)
-        if ragged:
-            problem = RowProblem(
-                row.number, None, "wrong number of fields for the header (ragged row)", source.name
-            )
-            result.add_problem(problem, fatal=options.on_malformed == "abort")
-            result.skipped[row.number] = "malformed row"
-            continue
-        try:
-            rendered = template.render(
-                row, source.to_column, source_name=source.name, allow_utf8_local=allow_utf8_local
-            )
-        except InvalidRowError as exc:
-            result.add_invalid(_problem(exc, source.name, row), options.on_invalid == "abort")
-            continue
-        except TemplateError as exc:
-            result.add_problem(_problem(exc, source.name, row), fatal=True)
-            result.skipped[row.number] = f"template error: {exc.problem}"
-            continue
-        except UnicodeEncodeError as exc:
-            # A lone surrogate in a header (a CSV read as UTF-7 can hold one): this row's
-            # value, not a crash of the whole run.
-            problem = RowProblem(row.number, None, _build_problem(exc), source.name)
-            result.add_invalid(problem, options.on_invalid == "abort")
-            continue
-        key = addresses.normalise(rendered.recipient)
-        seen_key = _seen_key(key)
-        if seen_key in seen and options.on_duplicate != "all":
-            result.duplicates += 1
-            problem = RowProblem(
-                row.number,
-                source.to_column,
-                f"duplicate recipient {rendered.recipient} (an earlier row has it)",
-                source.name,
-            )
-            result.add_problem(problem, fatal=options.on_duplicate == "abort")
-            result.skipped[row.number] = "duplicate recipient"
-            continue
-        if journal is not None:
-            veto = (
-                ahead[1] if ahead is not None and ahead[0] == key else journal.skip_reason(key, row)
-            )
-            if veto is not None:
-                result.skipped[row.number] = veto
-                continue
-            rendered, dropped = drop_suppressed_copies(rendered, journal)
-            for header, address, why in dropped:
-                result.suppressed_copies += 1
-                note = (
-                    f"{header}: {address} is suppressed ({why}); left out of this message, "
-                    "which still goes to its other recipients"
+    with contextlib.closing(rendered_rows):  # a helper process is stopped on any error
+        for row, ragged, ready in rows:
+            result.rows += 1
+            ahead = asked.pop(row.number, None)
+            if ragged:
+                problem = RowProblem(
+                    row.number,
+                    None,
+                    "wrong number of fields for the header (ragged row)",
+                    source.name,
                 )
-                result.add_problem(RowProblem(row.number, None, note, source.name), fatal=False)
-            if not rendered.envelope_to:
-                result.skipped[row.number] = "suppressed: every address of the message"
+                result.add_problem(problem, fatal=options.on_malformed == "abort")
+                result.skipped[row.number] = "malformed row"
                 continue
-        try:
-            rendered = check_buildable(rendered, envelope)
-            preview = (
-                build(rendered, envelope_to=envelope, tags=options.tags)
-                if len(result.previews) < options.preview
-                else None
-            )
-        except (OSError, ValueError) as exc:
-            # Found now, not in the send pass: an unreadable attachment, a value that cannot
-            # be encoded. The row is invalid, under the same policy as any other.
-            problem = RowProblem(row.number, None, _build_problem(exc), source.name)
-            result.add_invalid(problem, options.on_invalid == "abort")
-            continue
-        except Exception as exc:
-            log.exception("row %s: unexpected error building the message", row.number)
-            what = f"cannot build the message: {type(exc).__name__}: {exc}"
-            result.add_problem(RowProblem(row.number, None, what, source.name), fatal=True)
-            result.skipped[row.number] = f"internal error: {what}"
-            continue
-        seen.add(seen_key)
-        result.valid += 1
-        if attachments is not None:
-            for file in rendered.attachments:
-                attachments.setdefault(file.given, file.path)
-        if rendered.empty_subject is not None:  # the row goes; the operator hears of it first
-            column, note = rendered.empty_subject
-            result.empty_subjects += 1
-            result.add_problem(RowProblem(row.number, column, note, source.name), fatal=False)
-        result.envelope_recipients += len(envelope or rendered.envelope_to)
-        if budget > 0:
-            budget -= _rendered_size(rendered, held)
-            result.kept[row.number] = rendered
-        if preview is not None:
-            result.previews.append(preview)
+            try:
+                rendered = ready
+                if rendered is None:  # not rendered by pre-flight's helper process
+                    rendered = template.render(
+                        row,
+                        source.to_column,
+                        source_name=source.name,
+                        allow_utf8_local=allow_utf8_local,
+                    )
+            except InvalidRowError as exc:
+                result.add_invalid(_problem(exc, source.name, row), options.on_invalid == "abort")
+                continue
+            except TemplateError as exc:
+                result.add_problem(_problem(exc, source.name, row), fatal=True)
+                result.skipped[row.number] = f"template error: {exc.problem}"
+                continue
+            except UnicodeEncodeError as exc:
+                # A lone surrogate in a header (a CSV read as UTF-7 can hold one): this row's
+                # value, not a crash of the whole run.
+                problem = RowProblem(row.number, None, _build_problem(exc), source.name)
+                result.add_invalid(problem, options.on_invalid == "abort")
+                continue
+            key = addresses.normalise(rendered.recipient)
+            seen_key = _seen_key(key)
+            if seen_key in seen and options.on_duplicate != "all":
+                result.duplicates += 1
+                problem = RowProblem(
+                    row.number,
+                    source.to_column,
+                    f"duplicate recipient {rendered.recipient} (an earlier row has it)",
+                    source.name,
+                )
+                result.add_problem(problem, fatal=options.on_duplicate == "abort")
+                result.skipped[row.number] = "duplicate recipient"
+                continue
+            if journal is not None:
+                veto = (
+                    ahead[1]
+                    if ahead is not None and ahead[0] == key
+                    else journal.skip_reason(key, row)
+                )
+                if veto is not None:
+                    result.skipped[row.number] = veto
+                    continue
+                rendered, dropped = drop_suppressed_copies(rendered, journal)
+                for header, address, why in dropped:
+                    result.suppressed_copies += 1
+                    note = (
+                        f"{header}: {address} is suppressed ({why}); left out of this message, "
+                        "which still goes to its other recipients"
+                    )
+                    result.add_problem(RowProblem(row.number, None, note, source.name), fatal=False)
+                if not rendered.envelope_to:
+                    result.skipped[row.number] = "suppressed: every address of the message"
+                    continue
+            try:
+                rendered = check_buildable(rendered, envelope)
+                preview = (
+                    build(rendered, envelope_to=envelope, tags=options.tags)
+                    if len(result.previews) < options.preview
+                    else None
+                )
+            except (OSError, ValueError) as exc:
+                # Found now, not in the send pass: an unreadable attachment, a value that cannot
+                # be encoded. The row is invalid, under the same policy as any other.
+                problem = RowProblem(row.number, None, _build_problem(exc), source.name)
+                result.add_invalid(problem, options.on_invalid == "abort")
+                continue
+            except Exception as exc:
+                log.exception("row %s: unexpected error building the message", row.number)
+                what = f"cannot build the message: {type(exc).__name__}: {exc}"
+                result.add_problem(RowProblem(row.number, None, what, source.name), fatal=True)
+                result.skipped[row.number] = f"internal error: {what}"
+                continue
+            seen.add(seen_key)
+            result.valid += 1
+            if attachments is not None:
+                for file in rendered.attachments:
+                    attachments.setdefault(file.given, file.path)
+            if rendered.empty_subject is not None:  # the row goes; the operator hears of it first
+                column, note = rendered.empty_subject
+                result.empty_subjects += 1
+                result.add_problem(RowProblem(row.number, column, note, source.name), fatal=False)
+            result.envelope_recipients += len(envelope or rendered.envelope_to)
+            if budget > 0:
+                budget -= _rendered_size(rendered, held)
+                result.kept[row.number] = rendered
+            if preview is not None:
+                result.previews.append(preview)
     if result.rows == 0:
         raise SourceError(source.name, "no data rows after the header; nothing to send")
     return result
@@ -397,12 +421,13 @@ def _rendered_size(rendered: RenderedMessage, held: set[int]) -> int:
 
 
 def _asking_ahead(
-    rows: Iterator[tuple[Row, bool]],
+    rows: Iterator[_Item],
     to_column: str,
     many: Callable[[Sequence[tuple[str, Row]]], list[str | None]],
     asked: dict[int, tuple[str, str | None]],
-) -> Iterator[tuple[Row, bool]]:
-    """Pass `rows` through, asking the journal about `CHECK_AHEAD` of them at a time.
+) -> Iterator[_Item]:
+    """Pass `rows` (tuples whose first item is the row) through, asking the journal about
+    `CHECK_AHEAD` of them at a time.
 
     The answers go in `asked` by row number, keyed by the raw column's normalised address;
     pre-flight uses one only when the rendered recipient has that same key, and asks again
@@ -412,7 +437,7 @@ def _asking_ahead(
         chunk = list(itertools.islice(rows, CHECK_AHEAD))
         if not chunk:
             return
-        ask = [(addresses.normalise(row.values.get(to_column, "")), row) for row, _ in chunk]
+        ask = [(addresses.normalise(item[0].values.get(to_column, "")), item[0]) for item in chunk]
         for (key, row), veto in zip(ask, many(ask), strict=True):
             asked[row.number] = (key, veto)
         yield from chunk

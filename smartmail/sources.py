@@ -105,6 +105,15 @@ class RecipientSource:
     def close(self) -> None:
         """Release what the source holds (a snapshot's private copy); nothing for a plain one."""
 
+    @property
+    def reread_in_helper(self) -> bool:
+        """Whether another process may read these rows as this one does (pre-flight's
+        helper, `smartmail.prerender`): a regular local file, yes; S3, which would be
+        fetched again, a pipe, or a subclass reading who knows what, no."""
+        if type(self) is not RecipientSource or self.spec.is_s3:
+            return False
+        return os.path.isfile(self.spec.location)  # not a pipe, which a second reader drains
+
     def snapshot(self) -> RecipientSource:
         """A private copy of the rows, read once now; pre-flight and the send pass read it.
 
@@ -321,6 +330,11 @@ class Snapshot(RecipientSource):
         self._cleanup()
         if self._unlock is not None:
             self._unlock()
+
+    @property
+    def reread_in_helper(self) -> bool:
+        """The private copy is a local file, whatever the original was."""
+        return True
 
     def _open_binary(self) -> IO[bytes]:
         if not self._cleanup.alive:
