@@ -45,8 +45,10 @@ log = logs.getLogger("smartmail")
 
 BLOCK = 256  # rows in a block: the unit handed over
 WAIT = 10.0  # seconds the parent waits at least for one block before rendering the rest itself
-BUFFER = 8 << 20  # bytes of finished blocks the parent reads ahead of its need (the pipe's
-# own buffer is small: a helper that could not hand a block over would stop rendering)
+# Bytes of finished blocks the parent reads ahead of its need, beside the pipe's own 1 MB: a
+# helper that cannot hand a block over stops rendering, but each MB read ahead stays in the
+# parent's memory (with 8 MB a million-row dry-run peaked 34 MB higher than without a helper).
+BUFFER = 1 << 20
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux's fcntl; elsewhere the pipe keeps its default size
 
