@@ -709,8 +709,13 @@ class MessageTemplate:
             raise _Refused(f"attachment {shown!r}: cannot be resolved ({exc})") from None
         if not path.is_relative_to(root):
             raise _Refused(f"attachment {shown!r} leads outside {root} (a symbolic link)")
-        if not path.is_file():
-            if path.exists():
+        try:
+            regular = path.is_file()
+            there = regular or path.exists()
+        except OSError as exc:  # a name too long for the file system (ENAMETOOLONG), ...
+            raise _Refused(f"attachment {shown!r} cannot be read: {exc.strerror}") from None
+        if not regular:
+            if there:
                 raise _Refused(f"attachment {shown!r} is not a regular file")
             raise _Refused(f"attachment not found: {shown} (in {root})")
         try:

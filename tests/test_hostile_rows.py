@@ -152,6 +152,18 @@ def test_unreadable_attachments_are_one_line_row_errors(folder: Path) -> None:
         assert "\n" not in str(err.value)
 
 
+def test_an_attachment_name_too_long_for_the_file_system_is_that_rows_error(
+    folder: Path,
+) -> None:
+    """One row's 300-character file name (ENAMETOOLONG) used to stop the whole run."""
+    template = attaching(folder)
+    for value in ("x" * 300, "invoices/" + "y" * 300 + ".pdf"):
+        with pytest.raises(InvalidRowError, match="cannot be read: File name too long") as err:
+            template.render(row(file=value), "email")
+        assert "row 7" in str(err.value) and "\n" not in str(err.value)
+    assert template.render(row(file="invoices/7.pdf"), "email").attachments  # the rest go
+
+
 def test_an_attachment_without_read_permission_is_a_row_error() -> None:
     def body(folder: Path) -> None:
         locked = folder / "locked.pdf"
