@@ -2,10 +2,10 @@
 
 Why: pre-flight renders and checks every row before the first message leaves, and while it
 runs the provider has nothing to do: on a machine with two or more CPUs, one of them idles.
-Rendering is most of pre-flight's cost (about 28 of a row's 36 µs), so a forked helper
-renders three of every five blocks of rows (after the first two, which the parent renders
-while the helper starts) and hands back what it rendered in a compact form (`marshal`:
-loading and rebuilding a message costs about a quarter of rendering it).
+Rendering is most of pre-flight's cost (about 28 of a row's 36 µs), so on a list of more than
+512 rows a forked helper renders three of every five blocks of 256 rows (from the fourth on)
+and hands back what it rendered in a compact form (`marshal`: loading and rebuilding a message
+costs about a quarter of rendering it).
 
 The parent still reads every row itself and makes every check that depends on row order, on
 the ledger or on the files (the duplicate check, suppressions, the build check with its
@@ -14,10 +14,11 @@ render is taken from the helper, and only for a row whose number and values are 
 parent's own.
 
 The helper only ever saves time. A row it could not render (any error: the parent renders
-it again and reports what it finds), a row whose values differ from the parent's (a file
-edited while read), a helper that dies, stalls or answers out of turn: the parent renders
-those rows itself, as without a helper. The helper sends nothing and writes nothing but its
-pipe; it ignores Ctrl-C (the parent stops it) and leaves with `os._exit`, so nothing it
+it again and reports what it finds), a row whose columns or values differ from the parent's
+(a file replaced while read), a row too long to be worth copying, a helper that dies, stalls
+or answers out of turn: the parent renders those rows itself, as without a helper. The
+helper sends nothing and writes nothing but its pipe; it runs none of the parent's signal
+handlers, ignores Ctrl-C (the parent stops it), and leaves with `os._exit`, so nothing it
 inherited (the ledger's SQLite connections, the terminal, buffered output, temporary files)
 is closed, flushed or removed by it.
 """
@@ -43,34 +44,95 @@ from .templates import Attachment, HeaderValue, MessageTemplate, RenderedMessage
 
 log = logs.getLogger("smartmail")
 
-BLOCK = 256  # rows in a block: the unit handed over
+# Python 3.12+ warns about forking a process with threads (the ledger's writer), as their
+# locks stay held in the child. The helper takes none of them: it renders, writes its pipe,
+# and ends with os._exit. Only the warning os.fork raises here is silenced.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"smartmail\.prerender")
+
+BLOCK = 256  # rows in a block: the unit of work
+FORK_AT = 2  # the helper is forked when this block begins: lists of more than 512 rows
 WAIT = 10.0  # seconds the parent waits at least for one block before rendering the rest itself
 # Bytes of finished blocks the parent reads ahead of its need, beside the pipe's own 1 MB: a
 # helper that cannot hand a block over stops rendering, but each MB read ahead stays in the
 # parent's memory (with 8 MB a million-row dry-run peaked 34 MB higher than without a helper).
 BUFFER = 1 << 20
+PART = 1 << 20  # the helper writes a block in parts of about this many bytes
+# A row whose values, or whose rendered text and HTML, are longer than this is left to the
+# parent: copying it back costs about what rendering it does (a 58 KB newsletter made the
+# helper slower than none), and it would swell both processes' memory.
+ROW_LIMIT = 16 * 1024
 _PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = 1031  # Linux's fcntl; elsewhere the pipe keeps its default size
+_STOP_WAIT = 5.0  # seconds to wait for a killed helper to be reaped
 
 
 def helper_renders(block: int) -> bool:
-    """Whether the helper renders this block: three of every five from block 2 on (2, 4, 6,
-    7, 9, 11, 12, ...), the parent the rest. A row of its own costs the parent a whole render
+    """Whether the helper renders this block: three of every five from block 3 on (3, 4, 6,
+    8, 9, 11, 13, ...), the parent the rest. A row of its own costs the parent a whole render
     and its checks, a row of the helper's only the checks and loading the message, so this
-    share keeps both about equally busy (measured with the benchmarks' template)."""
-    return block >= 2 and block % 5 not in (0, 3)
+    share keeps both about equally busy (measured with the benchmarks' template). Block 3 is
+    rendered while the parent renders block 2 itself."""
+    return block > FORK_AT and (block - FORK_AT - 1) % 5 in (0, 1, 3)
 
 
 def usable(source: RecipientSource) -> bool:
-    """Whether a helper may run: the platform forks, a second CPU is there to run it, and
-    the source can be read again by another process as it is by this one."""
+    """Whether a helper may run: the platform forks, a second CPU is there to run it (by
+    affinity and by the cgroup's CPU quota, as a container's `--cpus` sets), and the source
+    can be read again by another process as it is by this one."""
     if not hasattr(os, "fork") or not getattr(source, "reread_in_helper", False):
         return False
     try:
-        cpus = len(os.sched_getaffinity(0))
+        cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cpus = min(cpus, quota)
     return cpus >= 2
+
+
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup and its ancestors, in CPUs; None if none.
+
+    cgroup v2 (`cpu.max`) and v1 (`cpu.cfs_quota_us` over `cpu.cfs_period_us`)."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    root = Path("/sys/fs/cgroup")
+    found: float | None = None
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            folders = [root]
+        elif "cpu" in controllers.split(","):
+            folders = [root / controllers, root / "cpu"]
+        else:
+            continue
+        for base in folders:
+            here = base / path.strip("/")
+            for at in (here, *here.parents):
+                if at != base and base not in at.parents:
+                    break
+                cpus = _quota(at)
+                if cpus is not None:
+                    found = cpus if found is None else min(found, cpus)
+    return found
+
+
+def _quota(folder: Path) -> float | None:
+    for quota_file, period_file in (("cpu.max", None), ("cpu.cfs_quota_us", "cpu.cfs_period_us")):
+        try:
+            text = (folder / quota_file).read_text(encoding="ascii").split()
+            if period_file is not None:
+                text.append((folder / period_file).read_text(encoding="ascii").strip())
+            quota, period = text
+            if quota in ("max", "-1"):
+                return None
+            return int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def rendered_rows(
@@ -81,8 +143,9 @@ def rendered_rows(
     helper: bool,
 ) -> Generator[tuple[Row, bool, RenderedMessage | None], None, None]:
     """`source.rows()` as (row, ragged, rendered or None): None for a row the caller must
-    render itself. Without `helper` (or with fewer than two blocks of rows) every row is
-    None. Close the iterator (`contextlib.closing`) so the helper is stopped early on an error.
+    render itself. Without `helper` (or with no more than `FORK_AT` blocks of rows) every row
+    is None. Close the iterator (`contextlib.closing`) so the helper is stopped at once on an
+    error.
     """
     rows = source.rows()
     unpack = _Unpacker(source.name)
@@ -90,16 +153,21 @@ def rendered_rows(
     items: list[Any] | None = None
     slowest = 0.0  # seconds: the longest a block this process rendered itself took
     began = time.monotonic()
+    width = 0  # characters in the values of the rows before the fork
     try:
         for index, (row, ragged) in enumerate(rows):
             block, offset = divmod(index, BLOCK)
+            if helper and block < FORK_AT:
+                width += sum(map(len, row.values.values()))
             if offset == 0:
                 now = time.monotonic()
                 if items is None:
                     slowest = max(slowest, now - began)
                 began = now
                 items = None
-                if helper and block == 1:
+                # Rows this long are left to the parent anyway (ROW_LIMIT), and the helper
+                # would first read all the rows before its first block again.
+                if helper and block == FORK_AT and width < index * ROW_LIMIT // 8:
                     running = _Helper.start(source, template, allow_utf8_local)
                 if running is not None and helper_renders(block):
                     try:
@@ -113,7 +181,10 @@ def rendered_rows(
             rendered = None
             if items is not None and offset < len(items):
                 number, values, packed = items[offset]
-                ours = number == row.number and values == tuple(row.values.values())
+                # The helper's render is taken only for the very row read here: same number,
+                # same columns holding the same values (a list replaced meanwhile, even with
+                # its columns reordered, or a template that changes `row`, falls back).
+                ours = number == row.number and values == tuple(row.values.items())
                 if packed is not None and ours and not ragged:
                     rendered = unpack(packed, row)
             yield row, ragged, rendered
@@ -129,12 +200,15 @@ class _Failed(Exception):
 class _Helper:
     """The parent's end: the helper's pid and the pipe its blocks come through."""
 
-    def __init__(self, pid: int, fd: int) -> None:
+    def __init__(self, pid: int, fd: int, pidfd: int | None) -> None:
         self.pid = pid
         self.fd = fd
+        self.pidfd = pidfd  # Linux: signals the helper, never a process that took its pid
         self.buffer = bytearray()
         self.taken = 0  # where the first message not taken yet begins in `buffer`
         self.ended = False
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLIN)
 
     @classmethod
     def start(
@@ -144,54 +218,74 @@ class _Helper:
             read_end, write_end = os.pipe()
         except OSError:
             return None
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about forking a process with threads (the ledger's writer),
-            # as their locks stay held in the child. The helper takes none of them: it only
-            # renders, and ends with os._exit.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                pid = os.fork()
-            except OSError:
-                os.close(read_end)
-                os.close(write_end)
-                return None
+        # Signals wait until each side is set up: the helper must never run the parent's
+        # handlers (a worker's SIGTERM, an event loop's wakeup), and a Ctrl-C landing between
+        # the fork and the return must not lose the helper.
+        handled = [s for s in signal.valid_signals() if callable(_handler(s))]
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *handled})
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            os.close(read_end)
+            os.close(write_end)
+            return None
         if pid == 0:  # the helper
             try:
                 os.close(read_end)
+                signal.set_wakeup_fd(-1)
+                for number in handled:
+                    signal.signal(number, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 _serve(source, template, allow_utf8_local, write_end)
             finally:
                 os._exit(0)
         os.close(write_end)
-        os.set_blocking(read_end, False)
-        with contextlib.suppress(OSError, AttributeError):
-            import fcntl
+        pidfd = None
+        with contextlib.suppress(AttributeError, OSError):
+            pidfd = os.pidfd_open(pid)
+        helper = cls(pid, read_end, pidfd)
+        try:
+            os.set_blocking(read_end, False)
+            with contextlib.suppress(OSError, AttributeError, ImportError):
+                import fcntl
 
-            fcntl.fcntl(read_end, _F_SETPIPE_SZ, _PIPE_SIZE)
-        return cls(pid, read_end)
+                fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C held lands here
+        except BaseException:
+            helper.stop()
+            raise
+        return helper
 
     def take(self, block: int, patience: float) -> list[Any]:
         """The rows of `block` as the helper rendered them, waiting up to `patience` seconds;
         raises _Failed if it cannot."""
-        self._read_ahead()
+        self._read(ahead=True)
         deadline = time.monotonic() + patience
+        items: list[Any] = []
         while True:
             message = self._next()
             if message is not None:
-                got, items = message
-                if got == block:
+                got, last, part = message
+                if got != block:
+                    raise _Failed(f"it sent block {got} where block {block} was due")
+                items += part
+                if last:
                     return items
-                raise _Failed(f"it sent block {got} where block {block} was due")
+                continue
             if self.ended:
                 raise _Failed("it ended early")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _Failed(f"no block in {patience:.1f} s")
-            select.select([self.fd], [], [], left)
-            self._read_ahead()
+            self.poll.poll(max(1, int(left * 1000)))
+            self._read(ahead=False)
 
-    def _read_ahead(self) -> None:
-        """Read what the helper has written, up to `BUFFER` bytes not yet taken."""
-        while not self.ended and len(self.buffer) - self.taken < BUFFER:
+    def _read(self, *, ahead: bool) -> None:
+        """Read what the helper has written: when reading ahead, up to `BUFFER` bytes not
+        yet taken; else (a part is due) all there is."""
+        while not self.ended and (not ahead or len(self.buffer) - self.taken < BUFFER):
             try:
                 data = os.read(self.fd, _PIPE_SIZE)
             except BlockingIOError:
@@ -203,7 +297,7 @@ class _Helper:
                 return
             self.buffer += data
 
-    def _next(self) -> tuple[int, list[Any]] | None:
+    def _next(self) -> tuple[int, bool, list[Any]] | None:
         """The next whole message in the buffer, or None while it is incomplete."""
         buffer, start = self.buffer, self.taken
         if len(buffer) - start < 8:
@@ -213,7 +307,7 @@ class _Helper:
         if len(buffer) < end:
             return None
         try:
-            block, items = marshal.loads(buffer[start + 8 : end])
+            block, last, items = marshal.loads(buffer[start + 8 : end])
         except (ValueError, EOFError, TypeError) as exc:
             raise _Failed(f"an unreadable block: {exc}") from None
         if end * 2 > len(buffer):  # keep the buffer short: drop what was taken
@@ -221,23 +315,49 @@ class _Helper:
             self.taken = 0
         else:
             self.taken = end
-        return block, items
+        return block, last, items
 
     def stop(self) -> None:
-        """End the helper (finished or not) and reap it."""
+        """End the helper (finished or not) and reap it, waiting at most `_STOP_WAIT`."""
         with contextlib.suppress(OSError):
             os.close(self.fd)
         with contextlib.suppress(OSError):
-            os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.waitpid(self.pid, 0)
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + _STOP_WAIT
+        while True:
+            try:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped already (SIGCHLD ignored by the host)
+                break
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _handler(number: int) -> Any:
+    try:
+        return signal.getsignal(number)
+    except (OSError, ValueError):
+        return None
 
 
 def _serve(
     source: RecipientSource, template: MessageTemplate, allow_utf8_local: bool, fd: int
 ) -> None:
-    """The helper's work: read every row, render the rows of its blocks, write each block."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The helper's work: read every row, render the rows of its blocks, write them in parts.
+
+    It stops by itself when most rows of a block are past `ROW_LIMIT` (the parent would
+    render them anyway)."""
+    import gc
+
+    gc.freeze()  # what the parent left for the collector is never finalised here
     rows = source.rows()
     for block in itertools.count():
         chunk = list(itertools.islice(rows, BLOCK))
@@ -245,10 +365,14 @@ def _serve(
             return
         if not helper_renders(block):
             continue
-        items = []
+        items: list[tuple[int, Any, Any]] = []
+        size = 0
+        large = 0
         for row, ragged in chunk:
+            width = sum(map(len, row.values.values()))
+            too_long = width > ROW_LIMIT
             packed = None
-            if not ragged:
+            if not ragged and not too_long:
                 try:
                     packed = _pack(
                         template.render(
@@ -260,11 +384,29 @@ def _serve(
                     )
                 except Exception:  # the parent renders it again and reports what it finds
                     packed = None
-            items.append((row.number, tuple(row.values.values()), packed))
-        data = marshal.dumps((block, items))
-        view = memoryview(len(data).to_bytes(8, "little") + data)
-        while view:
-            view = view[os.write(fd, view) :]
+                if packed is not None and len(packed[4]) + len(packed[5] or "") > ROW_LIMIT:
+                    packed, too_long = None, True
+            if packed is None:
+                large += too_long
+                items.append((row.number, None, None))
+                continue
+            # The values as they are after the render: a template that changed `row`
+            # makes them differ from the parent's, which then renders the row itself.
+            items.append((row.number, tuple(row.values.items()), packed))
+            size += width + len(packed[4]) + len(packed[5] or "") + 500
+            if size >= PART:
+                _write(fd, (block, False, items))
+                items, size = [], 0
+        _write(fd, (block, True, items))
+        if large * 2 > len(chunk):
+            return
+
+
+def _write(fd: int, message: tuple[int, bool, list[Any]]) -> None:
+    data = marshal.dumps(message)
+    view = memoryview(len(data).to_bytes(8, "little") + data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _pack(rendered: RenderedMessage) -> tuple[Any, ...]:

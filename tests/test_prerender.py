@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from smartmail import MessageTemplate, RecipientSource, SendOptions, SourceSpec, prerender
+from smartmail.cli import _SignalThread
 from smartmail.engine import PreflightResult, preflight
 from smartmail.ledger import Ledger
 from smartmail.state import connect
@@ -247,21 +248,36 @@ def test_a_helper_that_stalls_is_given_up_after_its_wait(
     assert spy.all_reaped()
 
 
+def other_people(csv_path: Path) -> list[str]:
+    return ["email,name,code"] + [f"other{i}@evil.example,X,Z{i}" for i in range(1300)]
+
+
+def columns_swapped(csv_path: Path) -> list[str]:
+    """The very same data lines under a header naming the columns in another order."""
+    lines = csv_path.read_text().splitlines()
+    return ["code,name,email", *lines[1:]]
+
+
 @needs_two
+@pytest.mark.parametrize("replacement", [other_people, columns_swapped])
 def test_a_list_edited_while_a_dry_run_reads_it_is_judged_as_this_process_read_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replacement: Any
 ) -> None:
     """A dry-run reads the file in place (no private copy). If it is replaced after this
     process opened it, the helper reads the new one: its renders must not be taken for the
-    rows this process read (every message would go to someone else's address)."""
-    csv_path = make_csv(tmp_path / "r.csv", 1300)
+    rows this process read (every message would go to someone else's address), not even
+    when only the header changed and every value is where it was."""
+    csv_path = write(
+        tmp_path / "r.csv",
+        "email,name,code\n" + "".join(f"user{i}@example.org,User {i},C{i}\n" for i in range(1300)),
+    )
     template = write(
         tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: {{ code }}\n\n.\n"
     )
     start = prerender._Helper.start.__func__  # type: ignore[attr-defined]
 
     def replaced_first(cls: Any, *args: Any) -> Any:
-        lines = ["email,name,code"] + [f"other{i}@evil.example,X,Z{i}" for i in range(1300)]
+        lines = replacement(csv_path)
         write(tmp_path / "new.csv", "\n".join(lines) + "\n").replace(csv_path)
         return start(cls, *args)
 
@@ -358,3 +374,152 @@ def test_a_long_send_through_the_cli_sends_each_row_its_own_message_once(
     assert code == 0, err
     assert "already sent" in out + err
     assert len(received) == 1300
+
+
+@needs_two
+def test_blocks_larger_than_the_read_ahead_are_taken_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """12 KB messages make a block of 3 MB, past the 1 MB the parent reads ahead: it must
+    still read the whole block due (it once spun for 10 s and gave the helper up)."""
+    csv_path = make_csv(tmp_path / "r.csv", 1300)
+    body = ("{{ name }} " + "x" * 88 + "\n") * 120
+    template = write(
+        tmp_path / "t.txt", f"From: a@acme.example\nTo: {{{{ email }}}}\nSubject: s\n\n{body}"
+    )
+    alone, _ = check(csv_path, template, None, helper=False)
+    monkeypatch.setattr(prerender, "BUFFER", 4096)  # any part is then past it
+    monkeypatch.setattr(prerender, "WAIT", 3.0)
+    spy = Spy(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="smartmail"):
+        helped, _ = check(csv_path, template, None, helper=True)
+    assert verdicts(helped) == verdicts(alone)
+    assert "helper process stopped" not in caplog.text
+    assert spy.renders == 1300 - 2 * 256  # blocks 3 and 4 came from it
+
+
+@needs_two
+def test_rows_too_long_to_be_worth_copying_are_rendered_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few rows with 20 KB values among short ones are rendered by this process alone (and
+    judged the same); a list of long rows gets no helper at all."""
+    lines = ["email,name,code"]
+    for i in range(1300):
+        lines.append(f"user{i}@example.org,User {i},{'Z' * 20000 if i % 50 == 7 else i}")
+    csv_path = write(tmp_path / "r.csv", "\n".join(lines) + "\n")
+    template = write(
+        tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: s\n\n{{ code }}\n"
+    )
+    alone, _ = check(csv_path, template, None, helper=False)
+    spy = Spy(monkeypatch)
+    helped, _ = check(csv_path, template, None, helper=True)
+    assert verdicts(helped) == verdicts(alone)
+    assert len(spy.pids) == 1 and spy.renders < 1300 - 450  # blocks 3 and 4, less long rows
+
+    wide = ["email,name,code"] + [f"u{i}@example.org,U,{'Z' * 3000}" for i in range(1300)]
+    write(tmp_path / "wide.csv", "\n".join(wide) + "\n")
+    check(tmp_path / "wide.csv", template, None, helper=True)
+    assert len(spy.pids) == 1  # no second helper for the list of long rows
+
+
+@needs_two
+def test_only_a_list_of_more_than_512_rows_gets_a_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = write(tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: s\n\n.\n")
+    spy = Spy(monkeypatch)
+    check(make_csv(tmp_path / "a.csv", 512), template, None, helper=True)
+    assert spy.pids == []  # it would have rendered nothing
+    check(make_csv(tmp_path / "b.csv", 513), template, None, helper=True)
+    assert len(spy.pids) == 1 and spy.all_reaped()
+
+
+@needs_two
+def test_the_helper_runs_none_of_the_parents_signal_handlers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue worker stops gracefully on SIGTERM, and a second one aborts the job: a SIGTERM
+    that reaches the helper (a process-group kill) must not count in the parent."""
+    csv_path, template = hostile_campaign(tmp_path)
+    alone, _ = check(csv_path, template, None, helper=False)
+    spy = Spy(monkeypatch)
+    heard: list[int] = []
+    monkeypatch.setattr(_SignalThread, "began", False)  # install() sets it; put back after
+    handlers = _SignalThread(heard.append)  # its handler writes to a pipe a thread reads
+    handlers.install()  # as `smartmail worker` does before it runs any job
+
+    class Signalling:
+        def skip_reason(self, recipient: str, row: Any) -> str | None:
+            if row.number == 900:
+                os.kill(spy.pids[0], signal.SIGTERM)
+            return None
+
+        def sending(self, message: Any) -> None:
+            return None
+
+        def record(self, outcome: Any) -> None:
+            return None
+
+    try:
+        helped, _ = check(csv_path, template, Signalling(), helper=True)
+        time.sleep(0.3)  # what the pipe holds, the thread has acted on by now
+    finally:
+        handlers.close()
+    assert heard == []
+    assert verdicts(helped) == verdicts(alone)  # the helper died of it; this process went on
+    assert spy.all_reaped()
+
+
+@needs_two
+def test_a_helper_works_beside_more_than_1024_open_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-running process may hold many files: the pipe's number is then past what
+    select() takes (it crashed pre-flight)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("this machine allows fewer than 1,200 open files")
+        monkeypatch.setattr(resource, "_restore", (soft, hard), raising=False)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        csv_path = make_csv(tmp_path / "r.csv", 1300)
+        template = write(
+            tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: s\n\n.\n"
+        )
+        spy = Spy(monkeypatch)
+        result, _ = check(csv_path, template, None, helper=True)
+        assert result.valid == 1300 and len(spy.pids) == 1 and spy.renders < 1300 - 500
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_container_cpu_quota_of_one_cpu_means_no_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run --cpus=1` leaves two CPUs in the affinity mask but one CPU of time: a helper
+    would only take turns with the parent."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    write(v2 / "cpu.max", "100000 100000\n")
+    assert prerender._quota(v2) == 1.0
+    write(v2 / "cpu.max", "max 100000\n")
+    assert prerender._quota(v2) is None
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    write(v1 / "cpu.cfs_quota_us", "250000\n")
+    write(v1 / "cpu.cfs_period_us", "100000\n")
+    assert prerender._quota(v1) == 2.5
+    snap = RecipientSource(SourceSpec(str(make_csv(tmp_path / "r.csv", 2)))).snapshot()
+    with snap:
+        monkeypatch.setattr(prerender, "_cgroup_cpus", lambda: 1.0)
+        assert not prerender.usable(snap)
+        monkeypatch.setattr(prerender, "_cgroup_cpus", lambda: 2.5)
+        assert prerender.usable(snap) == TWO_CPUS
