@@ -686,18 +686,39 @@ def _confirm(plan: Plan) -> bool:
         extra = f" ({plan.recipients} envelope recipients)"
     question = printable(f"Send {plan.messages} message(s){extra} {target} via {plan.transport}?")
     # Nothing is in flight at the prompt: Ctrl-C or Ctrl-D there means "no" (exit 2).
+    from .campaign import DeclinedError
+
     try:
         return click.confirm(question, default=False, err=True)
     except click.exceptions.Abort:
+        # A terminal that hung up (SIGHUP ignored) before the read began reads as end of
+        # input, not EIO: it is no answer all the same, which its ioctls still tell.
+        if _terminal_hung_up():
+            raise DeclinedError(
+                "no answer: the terminal went away (Input/output error); nothing was sent"
+            ) from None
         click.echo("", err=True)
         return False
     except OSError as exc:  # the terminal hung up (EIO) with SIGHUP ignored: no answer
-        from .campaign import DeclinedError
-
         reason = exc.strerror or type(exc).__name__
         raise DeclinedError(
             f"no answer: the terminal went away ({reason}); nothing was sent"
         ) from None
+
+
+def _terminal_hung_up() -> bool:
+    """Whether standard input is a terminal that hung up: Linux then fails its ioctls with
+    EIO, while a live one (Ctrl-D, Ctrl-C at the prompt) answers them."""
+    import errno
+    import termios
+
+    try:
+        termios.tcgetattr(sys.stdin.fileno())
+    except termios.error as exc:
+        return bool(exc.args) and exc.args[0] == errno.EIO
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
 
 
 def _signal_name(signum: int) -> str:

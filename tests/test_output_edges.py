@@ -794,6 +794,36 @@ def test_a_send_on_a_terminal_still_gets_its_colours_and_live_display(
     assert "┌" in text and "sent" in text  # the summary's box, as on any terminal
 
 
+@pytest.mark.parametrize("hang_up", [True, False])
+def test_end_of_input_at_the_prompt_is_no_answer_only_if_the_terminal_hung_up(
+    monkeypatch: pytest.MonkeyPatch, hang_up: bool
+) -> None:
+    """A terminal that hung up before the prompt's read began reads as end of input, not EIO
+    (the race made the test below fail once in a CI run): still "no answer". Ctrl-D on a
+    live terminal stays "not confirmed"."""
+    from smartmail.campaign import DeclinedError, Plan
+    from smartmail.cli import _confirm
+
+    master, slave = os.openpty()
+    stdin = open(slave, encoding="utf-8", closefd=True)  # noqa: SIM115
+    try:
+        if hang_up:
+            os.close(master)
+        else:
+            os.write(master, b"\x04")  # Ctrl-D
+        monkeypatch.setattr(sys, "stdin", stdin)
+        plan = Plan("c", "file://outbox", "r.csv", 3, 3, 0, 3, 3)
+        if hang_up:
+            with pytest.raises(DeclinedError, match="no answer: the terminal went away"):
+                _confirm(plan)
+        else:
+            assert _confirm(plan) is False
+    finally:
+        stdin.close()
+        if not hang_up:
+            os.close(master)
+
+
 def test_a_terminal_that_hangs_up_at_the_prompt_is_no_answer_and_nothing_is_sent(
     tmp_path: Path, template_file: Path
 ) -> None:
