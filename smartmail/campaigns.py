@@ -151,6 +151,11 @@ class LedgerSource(RecipientSource):
         """The rows are in memory, which a forked helper has a copy of."""
         return True
 
+    @property
+    def row_count(self) -> int:
+        """How many rows there are (pre-flight's helper is worth it only for many)."""
+        return len(self._rows)
+
 
 def failed_csv_name(source: str) -> str:
     """Where a re-drive export goes by default: SOURCE-STEM.failed.csv in the current folder."""

@@ -2,10 +2,10 @@
 
 Why: pre-flight renders and checks every row before the first message leaves, and while it
 runs the provider has nothing to do: on a machine with two or more CPUs, one of them idles.
-Rendering is most of pre-flight's cost (about 28 of a row's 36 µs), so on a list of more than
-512 rows a forked helper renders three of every five blocks of 256 rows (from the fourth on)
-and hands back what it rendered in a compact form (`marshal`: loading and rebuilding a message
-costs about a quarter of rendering it).
+Rendering is most of pre-flight's cost (about 28 of a row's 36 µs), so on a list of about
+2,000 rows or more a forked helper renders three of every five blocks of 256 rows (from the
+fourth on) and hands back what it rendered in a compact form (`marshal`: loading, checking and
+rebuilding a message here costs a quarter to two thirds of rendering it, by template).
 
 The parent still reads every row itself and makes every check that depends on row order, on
 the ledger or on the files (the duplicate check, suppressions, the build check with its
@@ -13,10 +13,12 @@ attachments, previews, the cache budget), in row order, exactly as it would alon
 render is taken from the helper, and only for a row whose number and values are the
 parent's own.
 
-The helper only ever saves time. A row it could not render (any error: the parent renders
+The helper must never cost time. A row it could not render (any error: the parent renders
 it again and reports what it finds), a row whose columns or values differ from the parent's
-(a file replaced while read), a row too long to be worth copying, a helper that dies, stalls
-or answers out of turn: the parent renders those rows itself, as without a helper. The
+(a file replaced while read), a row too long to be worth copying, a block it has not finished
+soon after the parent needs it (it may be on a busy CPU: it is told to skip that block), a
+helper that dies, falls behind again and again, or answers out of turn: the parent renders
+those rows itself, as without a helper. The
 helper sends nothing and writes nothing but its pipe; it runs none of the parent's signal
 handlers, ignores Ctrl-C (the parent stops it), and leaves with `os._exit`, so nothing it
 inherited (the ledger's SQLite connections, the terminal, buffered output, temporary files)
@@ -50,8 +52,13 @@ log = logs.getLogger("smartmail")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"smartmail\.prerender")
 
 BLOCK = 256  # rows in a block: the unit of work
-FORK_AT = 2  # the helper is forked when this block begins: lists of more than 512 rows
-WAIT = 10.0  # seconds the parent waits at least for one block before rendering the rest itself
+FORK_AT = 2  # the helper is forked when this block begins,
+MIN_ROWS = 2048  # if the list holds about this many rows (it renders from block 3 on)
+# A helper's block not there yet is rendered here after waiting this share of the time one of
+# this process's own blocks took: the helper may be on a busy CPU, and must never make
+# pre-flight slower than rendering alone (it is told, and skips that block).
+GRACE = 0.25
+GIVE_UP = 3  # helper blocks in a row rendered here: the helper is stopped
 # Bytes of finished blocks the parent reads ahead of its need, beside the pipe's own 1 MB: a
 # helper that cannot hand a block over stops rendering, but each MB read ahead stays in the
 # parent's memory (with 8 MB a million-row dry-run peaked 34 MB higher than without a helper).
@@ -80,14 +87,27 @@ def usable(source: RecipientSource) -> bool:
     can be read again by another process as it is by this one."""
     if not hasattr(os, "fork") or not getattr(source, "reread_in_helper", False):
         return False
+    if os.environ.get("SMARTMAIL_PREFLIGHT_HELPER", "").strip().lower() in ("0", "no", "off"):
+        return False
     try:
         cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = _cgroup_cpus()
+    try:
+        quota = _cgroup_cpus()
+    except Exception:  # an odd /proc or /sys: no quota known
+        quota = None
     if quota is not None:
         cpus = min(cpus, quota)
+    # AWS Lambda shows its vCPUs but gives one CPU's time per 1,769 MB of memory.
+    lambda_memory = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "")
+    if lambda_memory.isdigit():
+        cpus = min(cpus, int(lambda_memory) / 1769)
     return cpus >= 2
+
+
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def _cgroup_cpus() -> float | None:
@@ -95,11 +115,11 @@ def _cgroup_cpus() -> float | None:
 
     cgroup v2 (`cpu.max`) and v1 (`cpu.cfs_quota_us` over `cpu.cfs_period_us`)."""
     try:
-        with open("/proc/self/cgroup", encoding="utf-8") as fh:
+        with open(_PROC_CGROUP, encoding="utf-8", errors="surrogateescape") as fh:
             lines = fh.read().splitlines()
     except OSError:
         return None
-    root = Path("/sys/fs/cgroup")
+    root = Path(_CGROUP_ROOT)
     found: float | None = None
     for line in lines:
         _, controllers, path = [*line.split(":", 2), "", ""][:3]
@@ -130,7 +150,7 @@ def _quota(folder: Path) -> float | None:
             if quota in ("max", "-1"):
                 return None
             return int(quota) / int(period)
-        except (OSError, ValueError):
+        except (OSError, ValueError, ArithmeticError):
             continue
     return None
 
@@ -143,7 +163,7 @@ def rendered_rows(
     helper: bool,
 ) -> Generator[tuple[Row, bool, RenderedMessage | None], None, None]:
     """`source.rows()` as (row, ragged, rendered or None): None for a row the caller must
-    render itself. Without `helper` (or with no more than `FORK_AT` blocks of rows) every row
+    render itself. Without `helper` (or on a list too short to be worth a helper) every row
     is None. Close the iterator (`contextlib.closing`) so the helper is stopped at once on an
     error.
     """
@@ -151,9 +171,10 @@ def rendered_rows(
     unpack = _Unpacker(source.name)
     running: _Helper | None = None
     items: list[Any] | None = None
-    slowest = 0.0  # seconds: the longest a block this process rendered itself took
+    own = 0.0  # seconds the last block this process rendered itself took
     began = time.monotonic()
     width = 0  # characters in the values of the rows before the fork
+    missed = 0  # helper blocks in a row rendered here instead
     try:
         for index, (row, ragged) in enumerate(rows):
             block, offset = divmod(index, BLOCK)
@@ -162,35 +183,60 @@ def rendered_rows(
             if offset == 0:
                 now = time.monotonic()
                 if items is None:
-                    slowest = max(slowest, now - began)
+                    own = now - began
                 began = now
                 items = None
-                # Rows this long are left to the parent anyway (ROW_LIMIT), and the helper
-                # would first read all the rows before its first block again.
-                if helper and block == FORK_AT and width < index * ROW_LIMIT // 8:
+                if helper and block == FORK_AT and _worth_it(source, index, width):
                     running = _Helper.start(source, template, allow_utf8_local)
                 if running is not None and helper_renders(block):
                     try:
-                        # A heavy template takes long for the helper too: wait for it as long
-                        # as a few blocks take here, and never less than WAIT.
-                        items = running.take(block, max(WAIT, 4 * slowest))
+                        items = running.take(block, GRACE * own)
                     except _Failed as exc:
                         log.debug("pre-flight's helper process stopped (%s); rendering here", exc)
                         running.stop()
                         running = None
+                    else:
+                        missed = 0 if items is not None else missed + 1
+                        if missed >= GIVE_UP:
+                            log.debug("pre-flight's helper process is too slow; rendering here")
+                            running.stop()
+                            running = None
             rendered = None
             if items is not None and offset < len(items):
-                number, values, packed = items[offset]
-                # The helper's render is taken only for the very row read here: same number,
-                # same columns holding the same values (a list replaced meanwhile, even with
-                # its columns reordered, or a template that changes `row`, falls back).
-                ours = number == row.number and values == tuple(row.values.items())
-                if packed is not None and ours and not ragged:
-                    rendered = unpack(packed, row)
+                try:
+                    number, values, packed = items[offset]
+                    # The helper's render is taken only for the very row read here: same
+                    # number, same columns holding the same values (a list replaced meanwhile,
+                    # even with its columns reordered, or a template that changes `row`, falls
+                    # back).
+                    ours = number == row.number and values == tuple(row.values.items())
+                    if packed is not None and ours and not ragged:
+                        rendered = unpack(packed, row)
+                except Exception:  # not what a helper sends: this process renders the row
+                    rendered = None
             yield row, ragged, rendered
     finally:
         if running is not None:
             running.stop()
+
+
+def _worth_it(source: RecipientSource, index: int, width: int) -> bool:
+    """Whether a helper is worth forking after the first `index` rows: the list holds about
+    `MIN_ROWS` rows or more (by its size and what the rows so far took), and its rows are
+    not so long that they would be left to this process anyway (`ROW_LIMIT`)."""
+    if width >= index * ROW_LIMIT // 8:
+        return False
+    count = getattr(source, "row_count", None)
+    if isinstance(count, int):
+        return count >= MIN_ROWS
+    size = getattr(source, "size", None)
+    if not isinstance(size, int):
+        try:
+            size = os.stat(source.spec.location).st_size
+        except (OSError, AttributeError, ValueError):
+            return False
+    per_row = (width + index * max(1, len(source.columns))) / max(1, index)
+    return size >= MIN_ROWS * per_row
 
 
 class _Failed(Exception):
@@ -198,11 +244,13 @@ class _Failed(Exception):
 
 
 class _Helper:
-    """The parent's end: the helper's pid and the pipe its blocks come through."""
+    """The parent's end: the helper's pid, the pipe its blocks come through, and the pipe
+    that tells it which of its blocks the parent rendered itself."""
 
-    def __init__(self, pid: int, fd: int, pidfd: int | None) -> None:
+    def __init__(self, pid: int, fd: int, told: int, pidfd: int | None) -> None:
         self.pid = pid
         self.fd = fd
+        self.told = told
         self.pidfd = pidfd  # Linux: signals the helper, never a process that took its pid
         self.buffer = bytearray()
         self.taken = 0  # where the first message not taken yet begins in `buffer`
@@ -218,56 +266,76 @@ class _Helper:
             read_end, write_end = os.pipe()
         except OSError:
             return None
+        try:
+            told_read, told_write = os.pipe()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            return None
         # Signals wait until each side is set up: the helper must never run the parent's
         # handlers (a worker's SIGTERM, an event loop's wakeup), and a Ctrl-C landing between
         # the fork and the return must not lose the helper.
         handled = [s for s in signal.valid_signals() if callable(_handler(s))]
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *handled})
+        helper: _Helper | None = None
         try:
-            pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            os.close(read_end)
-            os.close(write_end)
-            return None
-        if pid == 0:  # the helper
             try:
-                os.close(read_end)
-                signal.set_wakeup_fd(-1)
-                for number in handled:
-                    signal.signal(number, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                _serve(source, template, allow_utf8_local, write_end)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        pidfd = None
-        with contextlib.suppress(AttributeError, OSError):
-            pidfd = os.pidfd_open(pid)
-        helper = cls(pid, read_end, pidfd)
-        try:
+                pid = os.fork()
+            except OSError:
+                for fd in (read_end, write_end, told_read, told_write):
+                    os.close(fd)
+                return None
+            if pid == 0:  # the helper
+                try:
+                    os.close(read_end)
+                    os.close(told_write)
+                    signal.set_wakeup_fd(-1)
+                    for number in handled:
+                        signal.signal(number, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                    os.set_blocking(told_read, False)
+                    _serve(source, template, allow_utf8_local, write_end, told_read)
+                finally:
+                    os._exit(0)
+            os.close(write_end)
+            os.close(told_read)
+            pidfd = None
+            with contextlib.suppress(AttributeError, OSError):
+                pidfd = os.pidfd_open(pid)
+            helper = cls(pid, read_end, told_write, pidfd)
             os.set_blocking(read_end, False)
+            os.set_blocking(told_write, False)
             with contextlib.suppress(OSError, AttributeError, ImportError):
                 import fcntl
 
                 fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C held lands here
         except BaseException:
-            helper.stop()
+            if helper is not None:
+                helper.stop()
             raise
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C held lands here
+            except BaseException:
+                if helper is not None:
+                    helper.stop()
+                raise
         return helper
 
-    def take(self, block: int, patience: float) -> list[Any]:
-        """The rows of `block` as the helper rendered them, waiting up to `patience` seconds;
-        raises _Failed if it cannot."""
+    def take(self, block: int, grace: float) -> list[Any] | None:
+        """The rows of `block` as the helper rendered them; None if they are not all there
+        within `grace` seconds, and the helper is told to skip the block (the caller renders
+        it). Raises _Failed if the helper cannot be used any more."""
         self._read(ahead=True)
-        deadline = time.monotonic() + patience
+        deadline = time.monotonic() + grace
         items: list[Any] = []
         while True:
             message = self._next()
             if message is not None:
                 got, last, part = message
+                if got < block:  # a block this process took from it: late, not needed
+                    continue
                 if got != block:
                     raise _Failed(f"it sent block {got} where block {block} was due")
                 items += part
@@ -278,7 +346,10 @@ class _Helper:
                 raise _Failed("it ended early")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _Failed(f"no block in {patience:.1f} s")
+                # Parts of it already here are dropped with the rest as they come.
+                with contextlib.suppress(OSError):
+                    os.write(self.told, block.to_bytes(8, "little"))
+                return None
             self.poll.poll(max(1, int(left * 1000)))
             self._read(ahead=False)
 
@@ -310,17 +381,20 @@ class _Helper:
             block, last, items = marshal.loads(buffer[start + 8 : end])
         except (ValueError, EOFError, TypeError) as exc:
             raise _Failed(f"an unreadable block: {exc}") from None
+        if type(block) is not int or type(items) is not list:
+            raise _Failed("a block of the wrong shape")
         if end * 2 > len(buffer):  # keep the buffer short: drop what was taken
             del buffer[:end]
             self.taken = 0
         else:
             self.taken = end
-        return block, last, items
+        return block, bool(last), items
 
     def stop(self) -> None:
         """End the helper (finished or not) and reap it, waiting at most `_STOP_WAIT`."""
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        for fd in (self.fd, self.told):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(OSError):
             if self.pidfd is not None:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -349,9 +423,15 @@ def _handler(number: int) -> Any:
 
 
 def _serve(
-    source: RecipientSource, template: MessageTemplate, allow_utf8_local: bool, fd: int
+    source: RecipientSource,
+    template: MessageTemplate,
+    allow_utf8_local: bool,
+    fd: int,
+    told: int,
 ) -> None:
-    """The helper's work: read every row, render the rows of its blocks, write them in parts.
+    """The helper's work: read every row, render the rows of its blocks (but those the
+    parent said it rendered itself), write them in parts. One row at a time: it never holds
+    more than a part.
 
     It stops by itself when most rows of a block are past `ROW_LIMIT` (the parent would
     render them anyway)."""
@@ -359,16 +439,23 @@ def _serve(
 
     gc.freeze()  # what the parent left for the collector is never finalised here
     rows = source.rows()
+    skip: set[int] = set()
+    pending = b""
     for block in itertools.count():
-        chunk = list(itertools.islice(rows, BLOCK))
-        if not chunk:
-            return
-        if not helper_renders(block):
+        with contextlib.suppress(BlockingIOError):
+            pending += os.read(told, 1 << 16)
+        while len(pending) >= 8:
+            skip.add(int.from_bytes(pending[:8], "little"))
+            pending = pending[8:]
+        chunk = itertools.islice(rows, BLOCK)
+        if not helper_renders(block) or block in skip:
+            if sum(1 for _ in chunk) < BLOCK:
+                return
             continue
         items: list[tuple[int, Any, Any]] = []
-        size = 0
-        large = 0
+        size = count = large = 0
         for row, ragged in chunk:
+            count += 1
             width = sum(map(len, row.values.values()))
             too_long = width > ROW_LIMIT
             packed = None
@@ -397,8 +484,10 @@ def _serve(
             if size >= PART:
                 _write(fd, (block, False, items))
                 items, size = [], 0
+        if count == 0:
+            return
         _write(fd, (block, True, items))
-        if large * 2 > len(chunk):
+        if large * 2 > count or count < BLOCK:
             return
 
 
