@@ -55,10 +55,13 @@ BLOCK = 256  # rows in a block: the unit of work
 FORK_AT = 2  # the helper is forked when this block begins,
 MIN_ROWS = 2048  # if the list holds about this many rows (it renders from block 3 on)
 # A helper's block not there yet is rendered here after waiting this share of the time one of
-# this process's own blocks took: the helper may be on a busy CPU, and must never make
-# pre-flight slower than rendering alone (it is told, and skips that block).
-GRACE = 0.25
+# this process's own blocks took (it is told, and skips that block): the helper may be on a
+# busy CPU. Waiting about a block is what a helper a little late on a noisy machine needs (at
+# a quarter of one, such a helper was given up in most runs); what waiting can cost in all is
+# bounded by GIVE_UP and MAX_MISSES such waits.
+GRACE = 1.0
 GIVE_UP = 3  # helper blocks in a row rendered here: the helper is stopped
+MAX_MISSES = 8  # helper blocks in all rendered here: the helper is stopped
 # Bytes of finished blocks the parent reads ahead of its need, beside the pipe's own 1 MB: a
 # helper that cannot hand a block over stops rendering, but each MB read ahead stays in the
 # parent's memory (with 8 MB a million-row dry-run peaked 34 MB higher than without a helper).
@@ -175,6 +178,7 @@ def rendered_rows(
     began = time.monotonic()
     width = 0  # characters in the values of the rows before the fork
     missed = 0  # helper blocks in a row rendered here instead
+    misses = 0  # and in all
     try:
         for index, (row, ragged) in enumerate(rows):
             block, offset = divmod(index, BLOCK)
@@ -197,7 +201,8 @@ def rendered_rows(
                         running = None
                     else:
                         missed = 0 if items is not None else missed + 1
-                        if missed >= GIVE_UP:
+                        misses += items is None
+                        if missed >= GIVE_UP or misses >= MAX_MISSES:
                             log.debug("pre-flight's helper process is too slow; rendering here")
                             running.stop()
                             running = None

@@ -249,7 +249,7 @@ def test_a_slow_helper_never_holds_preflight_up(
     rendered here after a short grace, and after three of them it is stopped."""
     csv_path, template = hostile_campaign(tmp_path)
     alone, _ = check(csv_path, template, None, helper=False)
-    monkeypatch.setattr(prerender, "GRACE", 0.25)
+    monkeypatch.setattr(prerender, "GRACE", 1.0)
     monkeypatch.setattr(prerender, "_serve", lambda *args: time.sleep(60))
     spy = Spy(monkeypatch)
     started = time.monotonic()
