@@ -405,13 +405,15 @@ def preflight(
 
 
 def _rendered_size(rendered: RenderedMessage, held: set[int]) -> int:
-    """About the bytes keeping a message adds: its text and the objects around it (row,
-    headers, mailboxes: ~300 bytes a header, measured with tracemalloc), and each encoded
+    """About the bytes keeping a message adds: its text, its row's values (a 100 KB note
+    column is held with it) and the objects around it (row, headers, mailboxes: ~300 bytes
+    a header, measured with tracemalloc), and each encoded
     attachment not yet held by a message kept before (a file attached to every row is encoded
     once and shared; an invoice per row is not, and must count). `held` has the ids of those
     already counted: each stays alive, so its id stays its own, while the messages are kept."""
     head = rendered.head or ()
     text = len(rendered.text) + len(rendered.html or "") + sum(map(len, head))
+    text += sum(map(len, rendered.row.values.values()))  # the row is kept with it
     size = text + 300 * len(rendered.headers) + 500
     for part in rendered.attachment_parts or ():
         if id(part) not in held:

@@ -419,6 +419,26 @@ def test_kept_messages_count_their_own_attachments_against_the_budget(tmp_path: 
     assert len(checked.kept) == 20
 
 
+def test_kept_messages_count_their_rows_values_against_the_budget(tmp_path: Path) -> None:
+    """A kept message holds its row: 2,000 rows with a 100 KB column the template never uses
+    were all kept against a 32 MB budget (a 216 MB pre-flight)."""
+    path = write(
+        tmp_path / "r.csv",
+        "email,note\n" + "".join(f"user{i}@example.org,{'n' * 100_000}\n" for i in range(200)),
+    )
+    template = MessageTemplate.load(
+        write(tmp_path / "t.txt", "From: a@acme.example\nTo: {{ email }}\nSubject: s\n\nHi\n")
+    )
+    budget = 2_000_000
+    checked = preflight(
+        RecipientSource(SourceSpec(str(path))), template, SendOptions(), keep_rendered=budget
+    )
+    assert checked.valid == 200
+    held = sum(len(v) for r in checked.kept.values() for v in r.row.values.values())
+    assert 0 < len(checked.kept) < 200
+    assert held <= budget + 101_000  # at most one message over
+
+
 def test_unexpected_error_in_the_send_pass_fails_that_row_and_the_run_goes_on(
     smtp_server: SmtpServer, tmp_path: Path, template_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
